@@ -1,0 +1,61 @@
+"""Kept widths per layer and the uniform allocation.
+
+Attention keeps ``kv_heads`` groups of ``per_group`` query heads (the same count in
+every kept group, so the layer stays a valid GQA layer); heads are coarse, so the MLP
+absorbs the remainder of each layer's budget and the achieved sparsity lands on target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..adapters.base import AttentionShape, MLPShape
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    kv_heads: int
+    per_group: int
+    channels: int
+
+    @property
+    def heads(self) -> int:
+        return self.kv_heads * self.per_group
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_cost(attn: AttentionShape, mlp: MLPShape, w: LayerWidths) -> int:
+    return attn.cost(w.kv_heads, w.per_group) + mlp.cost(w.channels)
+
+
+def nearest_attention_option(attn: AttentionShape, target_cost: float) -> tuple[int, int]:
+    """The legal ``(kv_heads, per_group)`` whose cost is nearest ``target_cost``.
+
+    Ties go to more KV groups (grouped heads share K/V, so dropping query heads first
+    loses less capacity per parameter)."""
+    return min(attn.options(), key=lambda o: (abs(attn.cost(*o) - target_cost), -o[0]))
+
+
+def round_channels(c: float, n: int, multiple: int) -> int:
+    c = int(round(c / multiple)) * multiple if multiple > 1 else int(round(c))
+    return max(min(c, n), min(multiple, n), 1)
+
+
+def widths_for_budget(attn: AttentionShape, mlp: MLPShape, attn_keep_frac: float, budget: float,
+                      multiple: int = 1) -> LayerWidths:
+    """Widths of one layer: attention nearest ``attn_keep_frac`` of its cost, MLP fills ``budget``."""
+    g, m = nearest_attention_option(attn, attn_keep_frac * attn.cost(attn.num_kv_heads, attn.group_size))
+    rest = budget - attn.cost(g, m)
+    return LayerWidths(g, m, round_channels(rest / mlp.cost_per_channel, mlp.channels, multiple))
+
+
+def uniform_widths(shapes: list[tuple[AttentionShape, MLPShape]], sparsity: float,
+                   multiple: int = 1) -> list[LayerWidths]:
+    """Every layer removes ``sparsity`` of its prunable parameters (attention and MLP alike)."""
+    out = []
+    for attn, mlp in shapes:
+        full = attn.cost(attn.num_kv_heads, attn.group_size) + mlp.cost(mlp.channels)
+        out.append(widths_for_budget(attn, mlp, 1 - sparsity, (1 - sparsity) * full, multiple))
+    return out

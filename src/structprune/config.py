@@ -1,0 +1,79 @@
+"""The pruning configuration: one frozen dataclass, validated on construction, JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .errors import StructPruneError
+
+DTYPES = ("float32", "float16", "bfloat16")
+ALLOCATIONS = ("uniform", "owl", "threshold", "softmax")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    ``sparsity`` is the fraction of prunable decoder parameters (q, k, v, o and MLP
+    projections of every layer) to remove; embeddings and the LM head are never pruned.
+    """
+
+    method: str = "wanda-sp"
+    sparsity: float = 0.3
+    allocation: str = "uniform"
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 1  # calibration windows per chunk streamed through a layer
+    mlp_multiple: int = 1  # round kept MLP widths to a multiple (8 suits fast kernels)
+    uniform_widths: bool = False  # same kept widths in every layer (stock-config export)
+    # Allocation and solver knobs (used by the methods that read them).
+    temperature: float = 1.0
+    r_min: float = 0.05
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    iterations: int = 3
+    rho: float = 1.0
+    damp: float = 0.01
+    refit_bias: bool = True
+    swap_layers: bool = False  # keep released layers' tensors outside the modules (memory tests)
+
+    def __post_init__(self):
+        from .solvers import METHODS  # late import: solvers import this module
+
+        if self.method not in METHODS:
+            raise StructPruneError(f"unknown method {self.method!r}: choose one of {', '.join(sorted(METHODS))}")
+        if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
+            raise StructPruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.allocation not in ALLOCATIONS:
+            raise StructPruneError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations"):
+            if int(getattr(self, name)) < 1:
+                raise StructPruneError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not (self.temperature >= 0 or math.isinf(self.temperature)):
+            raise StructPruneError(f"temperature must be >= 0 (inf allowed), got {self.temperature}")
+        if not 0 <= self.r_min < 1:
+            raise StructPruneError(f"r_min must be in [0, 1), got {self.r_min}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if math.isinf(d["temperature"]):
+            d["temperature"] = "inf"
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise StructPruneError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if d.get("temperature") == "inf":
+            d["temperature"] = math.inf
+        return cls(**d)

@@ -1,0 +1,81 @@
+"""The layer-streaming loop: one decoder layer on the compute device at a time.
+
+    for ctx in LayerStream(model, adapter, calib, device):
+        stats = ctx.collect()          # statistics of this layer on the pruned model's inputs
+        ...decide and cut ctx.layer... # solver's business
+    # leaving the body: ctx.layer's outputs become the next layer's inputs
+
+Inputs live on CPU (``LayerInputs``) and stream through the layer in chunks.
+With ``track_dense=True`` the dense model's trajectory is streamed alongside
+(``ctx.dense_inputs`` / ``ctx.dense_outputs``), computed before the solver changes the layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import Adapter
+from .capture import LayerInputs, capture_first_layer_inputs, run_layer
+from .residency import LayerStore, SwapLayerStore
+from .stats import MODULES, collect_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerContext:
+    index: int
+    layer: torch.nn.Module
+    inputs: LayerInputs
+    device: torch.device
+    adapter: Adapter
+    dense_inputs: LayerInputs | None = None
+    dense_outputs: LayerInputs | None = None
+    outputs: LayerInputs | None = None  # set by the solver to skip the final forward pass
+
+    def collect(self, modules=MODULES, gram: bool = True, return_outputs: bool = False):
+        """Statistics of ``modules`` of this layer, on the (pruned) model's own inputs."""
+        return collect_stats(self.adapter, self.layer, self.inputs, self.device, modules,
+                             gram=gram, where=f"layer {self.index}", return_outputs=return_outputs)
+
+
+class LayerStream:
+    """Iterate over decoder layers with calibration activations flowing through them."""
+
+    def __init__(self, model, adapter: Adapter, calib: torch.Tensor, device, batch_size: int = 1,
+                 track_dense: bool = False, swap: bool = False, progress: bool = True,
+                 desc: str = "layers", inputs: LayerInputs | None = None):
+        self.model, self.adapter, self.calib = model, adapter, calib
+        self.device = torch.device(device)
+        self.batch_size, self.track_dense = batch_size, track_dense
+        self.swap, self.progress, self.desc = swap, progress, desc
+        self.inputs = inputs
+
+    def first_inputs(self) -> LayerInputs:
+        if self.inputs is None:
+            self.inputs = capture_first_layer_inputs(self.model, self.adapter, self.calib, self.device,
+                                                     self.batch_size)
+        return self.inputs
+
+    def __iter__(self):
+        inputs = self.first_inputs()
+        dense = inputs.clone() if self.track_dense else None
+        layers = self.adapter.layers()
+        store_cls = SwapLayerStore if self.swap else LayerStore
+        store = store_cls(layers, self.device)
+        try:
+            for i in tqdm(range(len(layers)), desc=self.desc, disable=not self.progress):
+                layer = store.fetch(i)
+                ctx = LayerContext(i, layer, inputs, self.device, self.adapter, dense_inputs=dense)
+                if self.track_dense:
+                    ctx.dense_outputs = run_layer(layer, dense, self.device)
+                yield ctx
+                inputs = ctx.outputs if ctx.outputs is not None else run_layer(layer, inputs, self.device)
+                dense = ctx.dense_outputs
+                store.release(i)
+        finally:
+            store.finish()

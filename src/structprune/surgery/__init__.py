@@ -1,0 +1,5 @@
+"""Structured surgery: the only code that changes a layer's shapes."""
+
+from .slicing import apply_layer_plan, head_rows, mask_layer_plan, set_output_projection, slice_linear
+
+__all__ = ["apply_layer_plan", "head_rows", "mask_layer_plan", "set_output_projection", "slice_linear"]

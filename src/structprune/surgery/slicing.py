@@ -1,0 +1,115 @@
+"""Cut heads and channels out of a decoder layer, in place.
+
+``slice_linear`` keeps given rows (outputs, ``dim=0``) or columns (inputs, ``dim=1``)
+of an ``nn.Linear``. ``apply_layer_plan`` cuts every projection of a layer to a
+:class:`~structprune.adapters.LayerPlan` and updates the attention bookkeeping.
+``mask_layer_plan`` is the reference used by tests: it zeroes the removed structures'
+output-projection columns instead of removing them, which must give the same logits.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..adapters.base import Adapter, LayerPlan
+
+
+def _index(keep: Sequence[int], device) -> torch.Tensor:
+    return torch.as_tensor(list(keep), dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def slice_linear(linear: nn.Linear, keep: Sequence[int] | torch.Tensor, dim: int) -> None:
+    """Keep rows (``dim=0``) or columns (``dim=1``) ``keep`` of ``linear``, in place."""
+    idx = keep if isinstance(keep, torch.Tensor) else _index(keep, linear.weight.device)
+    idx = idx.to(linear.weight.device)
+    w = linear.weight.index_select(dim, idx).contiguous()
+    linear.weight = nn.Parameter(w, requires_grad=linear.weight.requires_grad)
+    if dim == 0:
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.index_select(0, idx).contiguous(), requires_grad=False)
+        linear.out_features = w.shape[0]
+    else:
+        linear.in_features = w.shape[1]
+
+
+def head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
+    """Row indices of the given heads in a ``[num_heads * head_dim, ...]`` projection."""
+    h = torch.as_tensor(list(heads), dtype=torch.long)
+    return (h[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def validate_plan(adapter: Adapter, layer: nn.Module, plan: LayerPlan) -> None:
+    """Raise ``ValueError`` if ``plan`` is not a legal cut of ``layer``."""
+    shape = adapter.attention_shape(layer)
+    g = shape.group_size
+    heads, kv = sorted(plan.heads), sorted(plan.kv_heads)
+    if not heads or not kv:
+        raise ValueError("a layer must keep at least one head and one KV group")
+    if len(set(heads)) != len(heads) or not all(0 <= h < shape.num_heads for h in heads):
+        raise ValueError(f"bad head indices {heads}")
+    per_group = {k: 0 for k in kv}
+    for h in heads:
+        if h // g not in per_group:
+            raise ValueError(f"head {h} kept but its KV group {h // g} is removed")
+        per_group[h // g] += 1
+    if len(set(per_group.values())) != 1:
+        raise ValueError(f"kept KV groups must keep the same number of heads, got {per_group}")
+    n = adapter.mlp_shape(layer).channels
+    if not plan.channels or len(set(plan.channels)) != len(plan.channels) or not all(0 <= c < n for c in plan.channels):
+        raise ValueError("MLP channel indices must be distinct, within range, and at least one")
+
+
+@torch.no_grad()
+def apply_layer_plan(adapter: Adapter, layer: nn.Module, plan: LayerPlan) -> None:
+    """Physically remove every head, KV group and MLP channel not kept by ``plan``."""
+    validate_plan(adapter, layer, plan)
+    shape = adapter.attention_shape(layer)
+    heads, kv = sorted(plan.heads), sorted(plan.kv_heads)
+    (q, k, v), o = adapter.attn_linears(layer)
+    q_rows = head_rows(heads, shape.head_dim)
+    kv_rows = head_rows(kv, shape.head_dim)
+    slice_linear(q, q_rows, 0)
+    slice_linear(k, kv_rows, 0)
+    slice_linear(v, kv_rows, 0)
+    slice_linear(o, q_rows, 1)
+    adapter.set_attention_heads(layer, len(heads), len(kv))
+
+    ins, out = adapter.mlp_linears(layer)
+    ch = _index(sorted(plan.channels), out.weight.device)
+    for lin in ins:
+        slice_linear(lin, ch, 0)
+    slice_linear(out, ch, 1)
+
+
+@torch.no_grad()
+def mask_layer_plan(adapter: Adapter, layer: nn.Module, plan: LayerPlan) -> None:
+    """Zero the output-projection columns of every removed structure (reference for tests)."""
+    shape = adapter.attention_shape(layer)
+    _, o = adapter.attn_linears(layer)
+    keep = torch.zeros(o.in_features, dtype=torch.bool)
+    keep[head_rows(plan.heads, shape.head_dim)] = True
+    o.weight[:, ~keep.to(o.weight.device)] = 0
+    _, out = adapter.mlp_linears(layer)
+    keep = torch.zeros(out.in_features, dtype=torch.bool)
+    keep[list(plan.channels)] = True
+    out.weight[:, ~keep.to(out.weight.device)] = 0
+
+
+@torch.no_grad()
+def set_output_projection(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Replace an output projection's weight (and bias) with refitted values.
+
+    A bias is created if the layer had none: refitting with a constant input row
+    absorbs the mean contribution of removed structures (FLAP's bias compensation).
+    """
+    assert weight.shape == linear.weight.shape, (weight.shape, linear.weight.shape)
+    linear.weight.copy_(weight.to(linear.weight.dtype))
+    if bias is not None:
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                   device=linear.weight.device), requires_grad=False)
+        linear.bias.copy_(bias.to(linear.bias.dtype))
