@@ -1,3 +1,31 @@
-"""StructPrune: structured global pruning of LLMs with one decoder layer on the GPU."""
+"""StructPrune: structured global pruning of LLMs with one decoder layer on the GPU.
+
+    from structprune import load_model, prune, perplexity
+    model, tok = load_model("smollm2-135m")
+    result = prune(model, tokenizer=tok, method="wanda-sp", sparsity=0.3, nsamples=16, seqlen=512)
+    print(result.report["sparsity_achieved"], perplexity(model, tok, "wikitext2", limit=8).ppl)
+"""
+
+from .api import PruneResult, prune
+from .config import PruneConfig
+from .errors import CalibrationError, StructPruneError, UnsupportedArchitectureError
 
 __version__ = "0.1.0"
+
+
+def load_model(*args, **kwargs):
+    """Load ``(model, tokenizer)`` from a folder, .gguf file, hub name or ``smollm2-135m``."""
+    from .models.loading import load_model as _load
+
+    return _load(*args, **kwargs)
+
+
+def perplexity(*args, **kwargs):
+    """Perplexity under the project's protocol (see :mod:`structprune.eval.perplexity`)."""
+    from .eval.perplexity import perplexity as _ppl
+
+    return _ppl(*args, **kwargs)
+
+
+__all__ = ["PruneConfig", "PruneResult", "prune", "load_model", "perplexity", "StructPruneError",
+           "CalibrationError", "UnsupportedArchitectureError", "__version__"]

@@ -1,0 +1,189 @@
+"""Command line: ``structprune prune``, ``structprune eval``.
+
+Errors a user can fix (bad sparsity, missing model, unsupported architecture, short
+calibration text, NaNs) are printed as one line and exit with status 2; the output
+folder is written elsewhere and moved into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import torch
+
+from .errors import StructPruneError
+
+log = logging.getLogger("structprune")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# CPU-sized defaults: the protocol's 128x2048 calibration takes hours on a 2-core CPU.
+CPU_DEFAULTS = {"nsamples": 16, "seqlen": 512, "eval_limit": 8}
+GPU_DEFAULTS = {"nsamples": 128, "seqlen": 2048, "eval_limit": None}
+
+
+def _datasets(s: str) -> list[str]:
+    return [d.strip() for d in s.split(",") if d.strip()] if s else []
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local HF folder, .gguf file, hub name, or smollm2-135m")
+    p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights dtype (default: float16 on GPU, float32 on CPU)")
+    p.add_argument("--eval-limit", type=int, default=-1,
+                   help="score only the first N windows of each dataset (default: all on GPU, 8 on CPU)")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (protocol: 2048)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .solvers import METHODS
+
+    parser = argparse.ArgumentParser(prog="structprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and evaluate it")
+    add_common(p)
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable decoder parameters to remove")
+    p.add_argument("--method", default="wanda-sp", choices=sorted(METHODS))
+    p.add_argument("--allocation", default="uniform", help="uniform | owl | threshold | softmax")
+    p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text/json(l) file")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128 GPU, 16 CPU)")
+    p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: 2048 GPU, 512 CPU)")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration windows per chunk through a layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", default="wikitext2", help="comma-separated: wikitext2,ptb,c4 (empty: none)")
+    p.add_argument("--mlp-multiple", type=int, default=1, help="round kept MLP widths to this multiple")
+    p.add_argument("--uniform-widths", action="store_true", help="same kept widths in every layer")
+    p.add_argument("--temperature", type=float, default=None, help="softmax allocation temperature (inf: uniform)")
+    p.add_argument("--iterations", type=int, default=None, help="StructPrune ADMM iterations")
+    p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    e = sub.add_parser("eval", help="perplexity of a model (dense or pruned)")
+    add_common(e)
+    e.add_argument("--datasets", default="wikitext2", help="comma-separated: wikitext2,ptb,c4")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+def resolve_runtime(args) -> tuple[torch.device, torch.dtype, dict]:
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StructPruneError("--device cuda requested but no CUDA GPU is available")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    return device, dtype, defaults
+
+
+def _eval(model, tok, datasets, args, limit, device) -> dict:
+    from .eval.perplexity import evaluate_datasets
+
+    res = evaluate_datasets(model, tok, datasets, seqlen=args.eval_seqlen, limit=limit, device=device,
+                            progress=not args.quiet)
+    return {k: v.to_dict() for k, v in res.items()}
+
+
+def cmd_prune(args) -> dict:
+    from .api import prune
+    from .config import PruneConfig
+    from .export import atomic_output_dir, save_pruned
+    from .models.loading import load_model
+
+    device, dtype, defaults = resolve_runtime(args)
+    nsamples = args.nsamples or defaults["nsamples"]
+    seqlen = args.seqlen or defaults["seqlen"]
+    limit = defaults["eval_limit"] if args.eval_limit == -1 else (args.eval_limit or None)
+    overrides = {k: getattr(args, k) for k in ("temperature", "iterations") if getattr(args, k) is not None}
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
+                         nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,
+                         mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths, **overrides)
+    datasets = _datasets(args.eval)
+    if device.type == "cpu" and (args.nsamples is None or args.seqlen is None or args.eval_limit == -1):
+        print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "
+              f"first {limit or 'all'} windows of {args.eval_seqlen} (protocol: 128x2048 and all windows; "
+              "pass --nsamples/--seqlen/--eval-limit 0 to change)", file=sys.stderr)
+
+    with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
+        t0 = time.perf_counter()
+        model, tok = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
+        log.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
+        dense_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
+        model.to("cpu")  # pruning streams one layer at a time to the device
+        result = prune(model, config=config, tokenizer=tok, device=device, progress=not args.quiet)
+        pruned_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
+        model.to("cpu")
+        report = result.report
+        report["model"] = args.model
+        report["ppl"] = {d: {"dense": dense_ppl[d]["ppl"], "pruned": pruned_ppl[d]["ppl"],
+                             "nwindows": pruned_ppl[d]["nwindows"], "seqlen": pruned_ppl[d]["seqlen"]}
+                         for d in datasets}
+        report["command"] = "structprune " + " ".join(sys.argv[1:])
+        report["versions"] = _versions()
+        save_pruned(model, tok, tmp, report=report, plans=result.plans)
+    print_summary(report, args.output)
+    return report
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+    return {"structprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def print_summary(r: dict, out: str) -> None:
+    lines = [
+        f"method              {r['method']} (allocation {r['allocation']})",
+        f"sparsity            target {r['sparsity_target']:.4f}  achieved {r['sparsity_achieved']:.4f} "
+        "(of prunable decoder parameters)",
+        f"parameters          {r['params_before']:,} -> {r['params_after']:,} "
+        f"(prunable {r['prunable_params_before']:,} -> {r['prunable_params_after']:,})",
+        f"calibration         {r['calibration']['source']} {r['calibration']['nsamples']}x{r['calibration']['seqlen']}"
+        f" seed {r['calibration']['seed']}",
+        f"prune time          {r['prune_seconds']:.1f}s on {r['device']} ({r['dtype']})",
+        "peak GPU memory     " + (f"{r['peak_gpu_mem_bytes'] / 2**20:.1f} MiB" if r["peak_gpu_mem_bytes"] else "n/a (no GPU)"),
+    ]
+    for d, p in r.get("ppl", {}).items():
+        lines.append(f"ppl {d:<15} dense {p['dense']:.3f} -> pruned {p['pruned']:.3f} "
+                     f"({p['nwindows']} windows of {p['seqlen']})")
+    lines.append("layer widths        " + " ".join(f"{i}:{l['heads']}h/{l['kv_heads']}kv/{l['mlp']}"
+                                                  for i, l in enumerate(r["layers"])))
+    lines.append(f"saved to            {out}")
+    print("\n".join(lines))
+
+
+def cmd_eval(args) -> dict:
+    from .models.loading import load_model
+
+    device, dtype, defaults = resolve_runtime(args)
+    limit = defaults["eval_limit"] if args.eval_limit == -1 else (args.eval_limit or None)
+    model, tok = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+    res = _eval(model, tok, _datasets(args.datasets), args, limit, device)
+    for d, v in res.items():
+        print(f"ppl {d:<10} {v['ppl']:.4f} ({v['nwindows']} windows of {v['seqlen']}, {v['ntokens']} tokens)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "ppl": res, "versions": _versions()}, f, indent=2)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="[%(name)s] %(message)s")
+    try:
+        {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+    except StructPruneError as e:
+        print(f"structprune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
