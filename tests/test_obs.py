@@ -1,0 +1,69 @@
+"""The closed form of method.md equals brute-force least squares."""
+
+import torch
+
+from structprune.adapters.base import AttentionShape
+from structprune.solvers.obs import ModuleProblem, channel_path, obs_prune_attention, obs_prune_mlp, refit
+
+
+def _data(seed=0, d=20, n=30, T=500):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(T, n, generator=g) @ torch.randn(n, n, generator=g) * 0.3 + 0.5
+    W, b = torch.randn(d, n, generator=g), torch.randn(d, generator=g)
+    return Z, W, b
+
+
+def _lstsq(Z, cols, Y):
+    A = torch.cat([Z[:, cols], torch.ones(Z.shape[0], 1)], 1).double()
+    sol = torch.linalg.lstsq(A, Y.double()).solution
+    return sol[:-1].T, sol[-1], ((Y.double() - A @ sol) ** 2).sum()
+
+
+def test_mlp_refit_equals_lstsq_and_error_is_tracked():
+    Z, W, b = _data()
+    Y = Z @ W.T + b
+    H, zs, T = Z.T @ Z, Z.sum(0), Z.shape[0]
+    kept, WK, bK = obs_prune_mlp(W, H, zs, T, 12, bias=b, damp=1e-9)
+    Wl, bl, err = _lstsq(Z, kept, Y)
+    assert (Wl - WK).abs().max() < 1e-4 and (bl - bK).abs().max() < 1e-4
+    path = channel_path(ModuleProblem.build(H, zs, T, W=W, bias=b, damp=1e-9), 12, 1.0, block=1)
+    removed = {c for s in path.steps for c in s}
+    _, _, true_err = _lstsq(Z, [c for c in range(30) if c not in removed], Y)
+    assert abs(sum(path.errors) - true_err) / true_err < 1e-5
+
+
+def test_greedy_beats_random_subset():
+    Z, W, b = _data(1)
+    Y = Z @ W.T + b
+    kept, _, _ = obs_prune_mlp(W, Z.T @ Z, Z.sum(0), Z.shape[0], 10, bias=b, damp=1e-9)
+    _, _, err = _lstsq(Z, kept, Y)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        _, _, err_rand = _lstsq(Z, torch.randperm(30, generator=g)[:10].tolist(), Y)
+        assert err <= err_rand
+
+
+def test_attention_state_is_legal_and_refit_exact():
+    Z, W, b = _data(2)
+    Y = Z @ W.T + b
+    shape = AttentionShape(num_heads=6, num_kv_heads=2, head_dim=5, hidden_size=20, qkv_bias=False)
+    for kv, m in [(2, 2), (1, 3), (1, 1)]:
+        heads, groups, WK, bK = obs_prune_attention(W, Z.T @ Z, Z.sum(0), Z.shape[0], shape, kv, m,
+                                                    bias=b, damp=1e-9)
+        assert len(groups) == kv and len(heads) == kv * m
+        assert all(sum(h // 3 == g for h in heads) == m for g in groups)
+        cols = [h * 5 + i for h in heads for i in range(5)]
+        Wl, bl, _ = _lstsq(Z, cols, Y)
+        assert (Wl - WK).abs().max() < 1e-4
+
+
+def test_external_target_refit():
+    Z, W, b = _data(4)
+    Yt = Z @ W.T + b + torch.randn(500, 20, generator=torch.Generator().manual_seed(5)) * 0.5
+    Za = torch.cat([Z, torch.ones(500, 1)], 1).double()
+    C = Yt.double().T @ Za
+    kept, WK, bK = obs_prune_mlp(None, Z.T @ Z, Z.sum(0), 500, 12, C=C, damp=1e-9, yy=float((Yt.double() ** 2).sum()))
+    Wl, bl, _ = _lstsq(Z, kept, Yt)
+    assert (Wl - WK).abs().max() < 1e-4
+    W2, b2 = refit(Z.T @ Z, Z.sum(0), 500, torch.tensor(kept), C=C, damp=1e-9)
+    assert (W2 - WK).abs().max() < 1e-8 and (b2 - bK).abs().max() < 1e-8
