@@ -20,6 +20,13 @@ def load_model(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
+def load_pruned(*args, **kwargs):
+    """Load a folder written by ``structprune prune --output`` (verified; see :mod:`structprune.export.loader`)."""
+    from .export.loader import load_pruned as _load
+
+    return _load(*args, **kwargs)
+
+
 def perplexity(*args, **kwargs):
     """Perplexity under the project's protocol (see :mod:`structprune.eval.perplexity`)."""
     from .eval.perplexity import perplexity as _ppl
@@ -27,5 +34,5 @@ def perplexity(*args, **kwargs):
     return _ppl(*args, **kwargs)
 
 
-__all__ = ["PruneConfig", "PruneResult", "prune", "load_model", "perplexity", "StructPruneError",
+__all__ = ["PruneConfig", "PruneResult", "prune", "load_model", "load_pruned", "perplexity", "StructPruneError",
            "CalibrationError", "UnsupportedArchitectureError", "__version__"]

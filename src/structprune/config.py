@@ -57,6 +57,10 @@ class PruneConfig:
             raise StructPruneError(f"temperature must be >= 0 (inf allowed), got {self.temperature}")
         if not 0 <= self.r_min < 1:
             raise StructPruneError(f"r_min must be in [0, 1), got {self.r_min}")
+        if self.uniform_widths and self.allocation != "uniform":
+            # Same kept widths in every layer is what the uniform allocation does (and what a stock export needs).
+            raise StructPruneError(f"uniform_widths needs allocation 'uniform', got {self.allocation!r}; "
+                                   "drop --uniform-widths or use --allocation uniform")
 
     def to_dict(self) -> dict:
         d = asdict(self)

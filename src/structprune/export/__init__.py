@@ -1,5 +1,7 @@
-"""Writing pruned models (and reading them back)."""
+"""Writing pruned models as Hugging Face folders, and reading them back (verified)."""
 
-from .writer import atomic_output_dir, save_pruned
+from .loader import is_structprune_export, load_pruned, verify_weights, weight_shapes
+from .writer import ExportConfig, atomic_output_dir, export_config, save_pruned
 
-__all__ = ["atomic_output_dir", "save_pruned"]
+__all__ = ["ExportConfig", "atomic_output_dir", "export_config", "is_structprune_export", "load_pruned",
+           "save_pruned", "verify_weights", "weight_shapes"]

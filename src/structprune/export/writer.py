@@ -1,15 +1,49 @@
-"""Write a pruned model folder atomically: nothing half-written is ever left at the output path."""
+"""Write a pruned model as a Hugging Face folder that loads anywhere.
+
+Two formats, chosen from the model itself (:func:`export_config`):
+
+- **stock**: every layer has the same kept widths and a bias layout the family's own
+  config can express, so ``config.json`` is a plain ``llama`` / ``qwen2`` /
+  ``mistral`` / ``opt`` config (``num_attention_heads``, ``num_key_value_heads``,
+  ``intermediate_size`` or ``ffn_dim``, ``head_dim``) that loads with no custom code.
+  Missing biases the stock layout implies (LLaMA's ``attention_bias`` covers q, k, v
+  and o) are written as zeros.
+- **custom**: per-layer widths, recorded as lists in a ``structprune_<family>``
+  config, with ``modeling_structprune.py`` copied into the folder and named in
+  ``auto_map``; ``trust_remote_code=True`` loads it with plain transformers.
+
+Either way the folder also holds the tokenizer, ``report.json`` and ``plan.json``, and
+``config.json`` carries a ``structprune`` record (method, sparsity, per-layer widths)
+by which :func:`structprune.load_pruned` recognises an export.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from ..adapters import get_adapter
 from ..errors import StructPruneError
+from .modeling import modeling_structprune as modeling
+
+log = logging.getLogger(__name__)
+
+MODELING_FILE = Path(modeling.__file__)
+EXPORT_FORMAT_VERSION = 1
+# Config keys that describe the in-memory object, not the exported model.
+_DROP_KEYS = ("architectures", "auto_map", "transformers_version", "model_type", "structprune",
+              "structprune_base_model_type", "_name_or_path", *modeling.PER_LAYER_KEYS)
+# Qwen2 / Mistral keys that only matter with sliding-window attention (dropped when
+# such a model is written as a stock LLaMA config, which it then equals exactly).
+_SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 
 
 @contextlib.contextmanager
@@ -36,15 +70,235 @@ def write_json(path: Path, obj) -> None:
         f.write("\n")
 
 
-def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report: dict | None = None,
-                plans=None) -> None:
-    """Save weights (safetensors), config, tokenizer, ``report.json`` and ``plan.json`` to ``out_dir``."""
+@dataclass
+class ExportConfig:
+    """What :func:`save_pruned` writes: the config, its format, and zero biases to add."""
+
+    config: object  # a transformers PreTrainedConfig
+    format: str  # "stock" or "custom"
+    reason: str  # why this format (logged and recorded in report.json)
+    zero_biases: dict[str, int] = field(default_factory=dict)  # state-dict key -> bias length
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "model_type": self.config.model_type, "reason": self.reason,
+                "zero_biases_added": sorted(self.zero_biases)}
+
+
+def layer_layouts(model) -> list[dict]:
+    """Per decoder layer: kept heads, KV heads, MLP width, head_dim and which projections have biases."""
+    adapter = get_adapter(model)
+    out = []
+    for layer in adapter.layers():
+        (q, _, _), o = adapter.attn_linears(layer)
+        ins, down = adapter.mlp_linears(layer)
+        w = adapter.layer_widths(layer)
+        out.append({**w, "head_dim": adapter.attention_shape(layer).head_dim, "qkv_bias": q.bias is not None,
+                    "o_bias": o.bias is not None, "mlp_in_bias": ins[0].bias is not None,
+                    "mlp_out_bias": down.bias is not None})
+    return out
+
+
+def base_model_type(model) -> str:
+    config = model.config
+    return getattr(config, "structprune_base_model_type", None) or config.model_type
+
+
+def _base_dict(model) -> dict:
+    d = model.config.to_dict()
+    for k in _DROP_KEYS:
+        d.pop(k, None)
+    d["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    return d
+
+
+def _layer_prefixes(model) -> list[str]:
+    adapter = get_adapter(model)
+    layers = adapter.layers()
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(l)] + "." for l in layers]
+
+
+def _llama_zero_biases(model, lay: list[dict], attention_bias: bool, mlp_bias: bool) -> dict[str, int]:
+    """Zero biases a stock LLaMA layout needs but the model lacks (e.g. q/k/v when only o has one)."""
+    fills = {}
+    hidden = model.config.hidden_size
+    for prefix, l in zip(_layer_prefixes(model), lay):
+        dh = l["head_dim"]
+        if attention_bias:
+            if not l["qkv_bias"]:
+                fills.update({f"{prefix}self_attn.q_proj.bias": l["heads"] * dh,
+                              f"{prefix}self_attn.k_proj.bias": l["kv_heads"] * dh,
+                              f"{prefix}self_attn.v_proj.bias": l["kv_heads"] * dh})
+            if not l["o_bias"]:
+                fills[f"{prefix}self_attn.o_proj.bias"] = hidden
+        if mlp_bias:
+            if not l["mlp_in_bias"]:
+                fills.update({f"{prefix}mlp.gate_proj.bias": l["mlp"], f"{prefix}mlp.up_proj.bias": l["mlp"]})
+            if not l["mlp_out_bias"]:
+                fills[f"{prefix}mlp.down_proj.bias"] = hidden
+    return fills
+
+
+def _opt_zero_biases(model, lay: list[dict]) -> dict[str, int]:
+    fills = {}
+    hidden = model.config.hidden_size
+    for prefix, l in zip(_layer_prefixes(model), lay):
+        n = l["heads"] * l["head_dim"]
+        if not l["qkv_bias"]:
+            fills.update({f"{prefix}self_attn.{p}.bias": n for p in ("q_proj", "k_proj", "v_proj")})
+        if not l["o_bias"]:
+            fills[f"{prefix}self_attn.out_proj.bias"] = hidden
+        if not l["mlp_in_bias"]:
+            fills[f"{prefix}fc1.bias"] = l["mlp"]
+        if not l["mlp_out_bias"]:
+            fills[f"{prefix}fc2.bias"] = hidden
+    return fills
+
+
+def _make_config(model_type: str, d: dict):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **d)
+
+
+def _stock_config(model, lay: list[dict]) -> tuple[ExportConfig | None, str]:
+    """A stock config equal to the model, or ``(None, why not)``."""
+    first = lay[0]
+    if any(l != first for l in lay[1:]):
+        return None, "layers have different widths or bias layouts"
+    base = base_model_type(model)
+    d = _base_dict(model)
+    heads, kv, inter, dh = first["heads"], first["kv_heads"], first["mlp"], first["head_dim"]
+    if base == "opt":
+        if heads * dh != model.config.hidden_size:
+            # Stock OPT sizes q/k/v to hidden_size: it cannot express removed heads.
+            return None, "stock OPT cannot express removed attention heads"
+        biases = [first[k] for k in ("qkv_bias", "o_bias", "mlp_in_bias", "mlp_out_bias")]
+        d.update(num_attention_heads=heads, ffn_dim=inter, enable_bias=any(biases))
+        fills = _opt_zero_biases(model, lay) if any(biases) and not all(biases) else {}
+        return ExportConfig(_make_config("opt", d), "stock", "uniform widths", fills), ""
+
+    d.update(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter, head_dim=dh)
+    target = base
+    stock_layout = {"llama": None, "mistral": (False, False, False, False), "qwen2": (True, False, False, False)}
+    layout = tuple(first[k] for k in ("qkv_bias", "o_bias", "mlp_in_bias", "mlp_out_bias"))
+    if base in ("mistral", "qwen2") and layout != stock_layout[base]:
+        # A refit added an o/down bias that Qwen2/Mistral cannot hold; without sliding
+        # windows these families are LLaMA with different bias flags, so write LLaMA.
+        sliding = d.get("use_sliding_window", False) if base == "qwen2" else d.get("sliding_window") is not None
+        if sliding:
+            return None, f"{base} with sliding windows cannot hold the refitted biases"
+        for k in _SLIDING_KEYS:
+            d.pop(k, None)
+        target = "llama"
+    fills = {}
+    if target == "llama":
+        attention_bias = first["qkv_bias"] or first["o_bias"]
+        mlp_bias = first["mlp_in_bias"] or first["mlp_out_bias"]
+        d.update(attention_bias=attention_bias, mlp_bias=mlp_bias)
+        fills = _llama_zero_biases(model, lay, attention_bias, mlp_bias)
+    try:
+        config = _make_config(target, d)
+    except Exception as exc:  # transformers' config validation (e.g. hidden not divisible by heads)
+        return None, f"stock {target} config rejects these widths ({str(exc).strip().splitlines()[-1].strip()})"
+    reason = "uniform widths" + (f" ({base} written as llama to hold its biases)" if target != base else "")
+    return ExportConfig(config, "stock", reason, fills), ""
+
+
+def _custom_config(model, lay: list[dict], reason: str) -> ExportConfig:
+    base = base_model_type(model)
+    if base not in modeling.CLASSES:
+        raise StructPruneError(f"cannot export model type {base!r}: supported {', '.join(sorted(modeling.CLASSES))}")
+    config_cls, model_cls = modeling.CLASSES[base]
+    d = _base_dict(model)
+    dh = {l["head_dim"] for l in lay}
+    if len(dh) != 1:
+        raise StructPruneError(f"layers have different head dimensions {sorted(dh)}; cannot export")
+    dh = dh.pop()
+    if base == "opt":
+        if model.config.hidden_size // model.config.num_attention_heads != dh:
+            raise StructPruneError("OPT config's num_attention_heads no longer matches the head dimension")
+    else:
+        d["head_dim"] = dh  # explicit: the dense head count no longer describes the layers
+    # The family's own layout must hold the q/k/v and MLP-input biases (slicing never adds them);
+    # only the output projections' biases vary per layer.
+    if base == "llama":
+        d["attention_bias"] = lay[0]["qkv_bias"]
+        d["mlp_bias"] = lay[0]["mlp_in_bias"]
+    if base == "opt":
+        d["enable_bias"] = lay[0]["qkv_bias"]
+    for i, l in enumerate(lay):
+        if l["qkv_bias"] != lay[0]["qkv_bias"] or l["mlp_in_bias"] != lay[0]["mlp_in_bias"] or (
+                base == "opt" and l["mlp_in_bias"] != l["qkv_bias"]):
+            raise StructPruneError(f"layer {i} has a q/k/v or MLP-input bias layout the {base} family cannot hold")
+    d.update(
+        layer_num_heads=[l["heads"] for l in lay],
+        layer_num_kv_heads=[l["kv_heads"] for l in lay],
+        layer_intermediate_size=[l["mlp"] for l in lay],
+        layer_o_bias=[l["o_bias"] for l in lay],
+        layer_mlp_out_bias=[l["mlp_out_bias"] for l in lay],
+        structprune_base_model_type=base,
+    )
+    config = config_cls(**d)
+    config.auto_map = {"AutoConfig": f"{MODELING_FILE.stem}.{config_cls.__name__}",
+                       "AutoModelForCausalLM": f"{MODELING_FILE.stem}.{model_cls.__name__}"}
+    config.architectures = [model_cls.__name__]
+    return ExportConfig(config, "custom", reason)
+
+
+def export_config(model) -> ExportConfig:
+    """The config a pruned ``model`` is exported with: stock if it can be, else per-layer (custom)."""
+    lay = layer_layouts(model)
+    stock, why_not = _stock_config(model, lay)
+    export = stock or _custom_config(model, lay, why_not)
+    record = dict(getattr(model.config, "structprune", None) or {})
+    record.update(format_version=EXPORT_FORMAT_VERSION, format=export.format,
+                  layers=[{k: l[k] for k in ("heads", "kv_heads", "mlp", "o_bias", "mlp_out_bias")} for l in lay])
+    export.config.structprune = record
+    if export.format == "stock":
+        export.config.architectures = [_stock_architecture(export.config.model_type)]
+    return export
+
+
+def _stock_architecture(model_type: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+
+
+def _state_dict(model, zero_biases: dict[str, int]) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    ref = next(model.parameters())
+    for key, n in zero_biases.items():
+        sd[key] = torch.zeros(n, dtype=ref.dtype)
+    return sd
+
+
+def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report: dict | None = None, plans=None,
+                max_shard_size: int | str = "2GB") -> ExportConfig:
+    """Write ``model`` (pruned in place) as a Hugging Face folder that loads with plain transformers.
+
+    Weights go to safetensors, sharded above ``max_shard_size``; ``config.json`` is
+    stock when every layer has the same widths (see :func:`export_config`), else a
+    per-layer ``structprune_<family>`` config whose modeling code is copied alongside.
+    The tokenizer, ``report.json`` (with an ``export`` entry) and ``plan.json`` (kept
+    indices per layer) are written when given. Returns what was written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    export = export_config(model)
+    log.info("exporting a %s %s config (%s)", export.format, export.config.model_type, export.reason)
+    model.save_pretrained(out, state_dict=_state_dict(model, export.zero_biases), max_shard_size=max_shard_size)
+    # save_pretrained wrote the in-memory (dense-shaped) config; replace it with the export config.
+    export.config.save_pretrained(out)
+    if export.format == "custom":
+        shutil.copyfile(MODELING_FILE, out / MODELING_FILE.name)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if report is not None:
+        report = dict(report)
+        report["export"] = export.to_dict()
         write_json(out / "report.json", report)
     if plans is not None:
         write_json(out / "plan.json", [p.to_dict() for p in plans])
+    return export

@@ -188,6 +188,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..export.loader import is_structprune_export, load_pruned
+
     resolved = resolve_model(spec)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     tok_kwargs = {"trust_remote_code": trust_remote_code}
@@ -195,7 +197,11 @@ def load_model(
         kwargs["gguf_file"] = tok_kwargs["gguf_file"] = resolved.gguf_file
     source = resolved.path if resolved.kind != "hub" else spec
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if resolved.kind == "hf-folder" and is_structprune_export(resolved.path):
+            # A StructPrune export: packaged modeling code (no --trust-remote-code needed), weights verified.
+            model = load_pruned(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
     except (OSError, ValueError) as exc:
         if resolved.kind == "hub":

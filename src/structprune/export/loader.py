@@ -1,0 +1,155 @@
+"""Load a pruned model folder and prove every weight arrived with the right shape.
+
+transformers reports (and, depending on the version and flags, re-initialises)
+weights whose shapes disagree with the config; a pruned model with one layer
+silently re-initialised still runs and produces plausible text. So
+:func:`load_pruned` reads the safetensors headers first (a truncated file fails
+there), loads, and then compares every tensor of the model with the file: any
+missing, unexpected or differently shaped weight is a :class:`StructPruneError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import StructPruneError
+from .modeling import modeling_structprune as modeling
+
+log = logging.getLogger(__name__)
+
+CUSTOM_PREFIX = "structprune_"
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise StructPruneError(f"{path} is not a folder; pass a folder written by `structprune prune --output`")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise StructPruneError(f"{path} is not a model folder (no config.json)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StructPruneError(f"{cfg_file} is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise StructPruneError(f"{cfg_file} has no model_type: not a Hugging Face model folder")
+    return cfg
+
+
+def is_structprune_export(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder written by :func:`~structprune.export.save_pruned`."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ("structprune" in cfg or str(cfg.get("model_type", "")).startswith(CUSTOM_PREFIX))
+
+
+def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a folder's safetensors file(s), read from the headers only."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise StructPruneError(f"{index} is not a valid safetensors index ({exc})") from exc
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise StructPruneError(f"{path} has no safetensors weights (model.safetensors or its index)")
+    shapes = {}
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise StructPruneError(f"weights shard {f} is missing")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    shapes[key] = tuple(st.get_slice(key).get_shape())
+        except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+            raise StructPruneError(f"weights file {f} is truncated or corrupt ({exc})".splitlines()[0]) from exc
+    return shapes
+
+
+def verify_weights(model, shapes: dict[str, tuple[int, ...]], path: str | os.PathLike = "the folder") -> None:
+    """Raise unless every tensor of ``model`` was in the file with the same shape, and nothing else was."""
+    sd = model.state_dict()
+    mismatched = [f"{k}: file {list(s)} vs model {list(sd[k].shape)}" for k, s in shapes.items()
+                  if k in sd and tuple(sd[k].shape) != s]
+    unexpected = sorted(k for k in shapes if k not in sd)
+    # Tied weights (lm_head = embeddings) are stored once: a key absent from the file is
+    # fine only if it is the very same tensor as one that was loaded.
+    loaded_ptrs = {sd[k].data_ptr() for k in shapes if k in sd}
+    missing = sorted(k for k in sd if k not in shapes and sd[k].data_ptr() not in loaded_ptrs)
+    if mismatched:
+        raise StructPruneError(f"config.json's widths disagree with the weights in {path}: {mismatched[0]}"
+                               + (f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
+    if missing or unexpected:
+        what = (f"missing {missing[:3]}" if missing else "") + (" " if missing and unexpected else "") + (
+            f"unexpected {unexpected[:3]}" if unexpected else "")
+        raise StructPruneError(f"weights in {path} do not match its config.json: {what}")
+
+
+def _model_classes(cfg: dict, trust_remote_code: bool):
+    """``(config class, model class)`` to load with, or ``(None, None)`` for transformers' Auto classes."""
+    model_type = cfg["model_type"]
+    if model_type.startswith(CUSTOM_PREFIX):
+        base = cfg.get("structprune_base_model_type") or model_type[len(CUSTOM_PREFIX):]
+        if base not in modeling.CLASSES:
+            raise StructPruneError(f"unknown StructPrune model type {model_type!r}; was it written by a newer version?")
+        if trust_remote_code:
+            return None, None  # the folder's own modeling_structprune.py, through auto_map
+        return modeling.CLASSES[base]
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise StructPruneError(f"unknown model_type {model_type!r} in config.json: not a StructPrune or "
+                               "transformers model folder")
+    return None, None
+
+
+def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                trust_remote_code: bool = False):
+    """Load a pruned model exported by StructPrune (or any safetensors causal-LM folder), verified.
+
+    Per-layer (``structprune_*``) exports are built with StructPrune's packaged copy of
+    the modeling code, so ``trust_remote_code`` is not needed; with
+    ``trust_remote_code=True`` the folder's own copy is used instead (what plain
+    transformers does). ``dtype`` defaults to the dtype the weights were saved in.
+    Every weight is checked against the file (see :func:`verify_weights`). Returns the
+    model in eval mode on ``device``; load the tokenizer with ``AutoTokenizer``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    cfg = _read_config(path)
+    shapes = weight_shapes(path)  # before loading: a truncated file fails here, clearly
+    config_cls, model_cls = _model_classes(cfg, trust_remote_code)
+    kwargs = {"dtype": dtype if dtype is not None else "auto", "output_loading_info": True}
+    try:
+        if model_cls is not None:
+            model, info = model_cls.from_pretrained(path, config=config_cls.from_pretrained(path), **kwargs)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except StructPruneError:
+        raise
+    except Exception as exc:  # transformers raises ValueError/RuntimeError/OSError for bad folders
+        msg = " ".join(str(exc).split())[:300]
+        if "mismatch" in msg.lower():
+            raise StructPruneError(f"config.json's widths disagree with the weights in {path} ({msg})") from exc
+        raise StructPruneError(f"could not load {path}: {msg}") from exc
+    problems = {k: sorted(v) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if (v := info.get(k))}
+    if problems or info.get("error_msgs"):
+        raise StructPruneError(f"weights in {path} do not match its config.json: {problems or info['error_msgs']}"[:400])
+    verify_weights(model, shapes, path)
+    log.info("loaded %s (%s, %d parameters)", path, cfg["model_type"], sum(p.numel() for p in model.parameters()))
+    return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Modeling code shipped inside exported folders (imports only torch and transformers)."""

@@ -1,0 +1,181 @@
+"""Structurally pruned LLaMA / Mistral / Qwen2 / OPT models with per-layer widths.
+
+This file is copied next to the weights of every model StructPrune exports with
+non-uniform widths, and ``config.json`` points at it through ``auto_map``, so
+
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+works where StructPrune is not installed. It must therefore import only torch and
+transformers.
+
+Each model is the stock transformers model, built at the dense width and then
+resized layer by layer to the widths in the config (``layer_num_heads``,
+``layer_num_kv_heads``, ``layer_intermediate_size``, and whether each layer's
+attention and MLP output projections have a bias, ``layer_o_bias`` and
+``layer_mlp_out_bias``: refitting with bias compensation adds one). Reusing the
+stock forward (instead of a copy of it) keeps this file small and lets it follow
+transformers' attention kernels and caches; the stock forward reads every width
+from the projections' shapes except the attention bookkeeping set in ``_resize``.
+Under ``from_pretrained`` the model is built on the meta device, so the dense
+build costs no memory.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+PER_LAYER_KEYS = ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_o_bias",
+                  "layer_mlp_out_bias")
+
+
+def _new_linear(in_features: int, out_features: int, bias: bool, like: nn.Linear) -> nn.Linear:
+    # Same device and dtype as the module it replaces (meta under from_pretrained).
+    return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
+
+
+def _per_layer(config, num_layers: int) -> list[tuple[int, int, int, bool, bool]]:
+    """The per-layer widths of ``config``, checked (ValueError says what is wrong)."""
+    lists = []
+    for key in PER_LAYER_KEYS:
+        value = getattr(config, key, None)
+        if not isinstance(value, (list, tuple)) or len(value) != num_layers:
+            raise ValueError(f"config.{key} must list one value per decoder layer ({num_layers}), got {value!r}")
+        lists.append(list(value))
+    rows = list(zip(*lists))
+    for i, (heads, kv, inter, _, _) in enumerate(rows):
+        if not (isinstance(heads, int) and isinstance(kv, int) and isinstance(inter, int)):
+            raise ValueError(f"layer {i}: widths must be integers, got {heads!r}, {kv!r}, {inter!r}")
+        if heads < 1 or kv < 1 or inter < 1 or heads % kv:
+            raise ValueError(f"layer {i}: {heads} heads / {kv} KV heads / {inter} MLP channels is not a valid layer")
+    return rows
+
+
+def _resize_llama_layers(model) -> None:
+    """Resize every decoder layer of a LLaMA-family model (LLaMA, Mistral, Qwen2) to its config widths."""
+    config = model.config
+    hidden = config.hidden_size
+    for layer, (heads, kv, inter, o_bias, out_bias) in zip(model.model.layers,
+                                                           _per_layer(config, len(model.model.layers))):
+        attn = layer.self_attn
+        dh = attn.head_dim
+        qkv_bias = attn.q_proj.bias is not None  # the family's own layout (Qwen2: q/k/v biases)
+        attn.q_proj = _new_linear(hidden, heads * dh, qkv_bias, attn.q_proj)
+        attn.k_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.k_proj)
+        attn.v_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.v_proj)
+        attn.o_proj = _new_linear(heads * dh, hidden, bool(o_bias), attn.o_proj)
+        # eager and sdpa attention repeat K/V by this factor; nothing else reads the head counts.
+        attn.num_key_value_groups = heads // kv
+        mlp = layer.mlp
+        in_bias = mlp.gate_proj.bias is not None
+        mlp.gate_proj = _new_linear(hidden, inter, in_bias, mlp.gate_proj)
+        mlp.up_proj = _new_linear(hidden, inter, in_bias, mlp.up_proj)
+        mlp.down_proj = _new_linear(inter, hidden, bool(out_bias), mlp.down_proj)
+        mlp.intermediate_size = inter
+
+
+def _resize_opt_layers(model) -> None:
+    """Resize every OPT decoder layer to its config widths (OPT has no grouped-query attention)."""
+    config = model.config
+    hidden = config.hidden_size
+    layers = model.model.decoder.layers
+    for layer, (heads, kv, inter, o_bias, out_bias) in zip(layers, _per_layer(config, len(layers))):
+        if heads != kv:
+            raise ValueError(f"OPT layers have as many KV heads as heads, got {heads} and {kv}")
+        attn = layer.self_attn
+        dh = attn.head_dim
+        qkv_bias = attn.q_proj.bias is not None
+        attn.q_proj = _new_linear(hidden, heads * dh, qkv_bias, attn.q_proj)
+        attn.k_proj = _new_linear(hidden, heads * dh, qkv_bias, attn.k_proj)
+        attn.v_proj = _new_linear(hidden, heads * dh, qkv_bias, attn.v_proj)
+        attn.out_proj = _new_linear(heads * dh, hidden, bool(o_bias), attn.out_proj)
+        # OPT's attention reshapes with num_heads: without this the logits are silently wrong.
+        attn.num_heads = heads
+        attn.embed_dim = heads * dh
+        in_bias = layer.fc1.bias is not None
+        layer.fc1 = _new_linear(hidden, inter, in_bias, layer.fc1)
+        layer.fc2 = _new_linear(inter, hidden, bool(out_bias), layer.fc2)
+
+
+# Config classes: the stock ones plus the per-layer lists (stored as ordinary extra
+# attributes, which every transformers 5.x config serialises, so no fields are declared).
+class StructPruneLlamaConfig(LlamaConfig):
+    """LLaMA config with per-layer widths (``layer_num_heads`` ... see the module docstring)."""
+
+    model_type = "structprune_llama"
+
+
+class StructPruneMistralConfig(MistralConfig):
+    """Mistral config with per-layer widths."""
+
+    model_type = "structprune_mistral"
+
+
+class StructPruneQwen2Config(Qwen2Config):
+    """Qwen2 config with per-layer widths."""
+
+    model_type = "structprune_qwen2"
+
+
+class StructPruneOPTConfig(OPTConfig):
+    """OPT config with per-layer widths."""
+
+    model_type = "structprune_opt"
+
+
+class StructPruneLlamaForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM whose decoder layers have the widths listed in the config."""
+
+    config_class = StructPruneLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_llama_layers(self)
+
+
+class StructPruneMistralForCausalLM(MistralForCausalLM):
+    """MistralForCausalLM whose decoder layers have the widths listed in the config."""
+
+    config_class = StructPruneMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_llama_layers(self)
+
+
+class StructPruneQwen2ForCausalLM(Qwen2ForCausalLM):
+    """Qwen2ForCausalLM whose decoder layers have the widths listed in the config."""
+
+    config_class = StructPruneQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_llama_layers(self)
+
+
+class StructPruneOPTForCausalLM(OPTForCausalLM):
+    """OPTForCausalLM whose decoder layers have the widths listed in the config."""
+
+    config_class = StructPruneOPTConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_opt_layers(self)
+
+
+# base model_type -> (config class, model class); used by StructPrune's writer and loader.
+CLASSES = {
+    "llama": (StructPruneLlamaConfig, StructPruneLlamaForCausalLM),
+    "mistral": (StructPruneMistralConfig, StructPruneMistralForCausalLM),
+    "qwen2": (StructPruneQwen2Config, StructPruneQwen2ForCausalLM),
+    "opt": (StructPruneOPTConfig, StructPruneOPTForCausalLM),
+}
