@@ -93,10 +93,13 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     """Prune ``model`` in place to ``config.sparsity`` with ``config.method``.
 
     ``calib`` is ``[nsamples, seqlen]`` token ids; if omitted it is drawn from
-    ``config.calib`` with ``tokenizer``. Keyword ``overrides`` replace config fields.
+    ``config.calib`` with ``tokenizer``. Keyword ``overrides`` replace config fields
+    (overriding ``method`` alone also resets ``allocation`` to that method's default).
     Only one decoder layer is on ``device`` at a time; the rest of the model stays
     where it is (normally CPU).
     """
+    if "method" in overrides and "allocation" not in overrides:
+        overrides["allocation"] = "auto"  # a new method brings its own default allocation
     config = replace(config or PruneConfig(), **overrides) if overrides else (config or PruneConfig())
     ctx = model_context_length(model)
     if ctx is not None and config.seqlen > ctx:

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable decoder parameters to remove")
     p.add_argument("--method", default="wanda-sp", choices=sorted(METHODS))
-    p.add_argument("--allocation", default="uniform", help="uniform | owl | threshold | softmax")
+    p.add_argument("--allocation", default="auto",
+                   help="auto (the method's default) | uniform | owl | threshold | softmax")
     p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text/json(l) file")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128 GPU, 16 CPU)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: 2048 GPU, 512 CPU)")

@@ -10,6 +10,9 @@ from .errors import StructPruneError
 
 DTYPES = ("float32", "float16", "bfloat16")
 ALLOCATIONS = ("uniform", "owl", "threshold", "softmax")
+# What allocation "auto" means per method (methods not listed: uniform).
+DEFAULT_ALLOCATION = {"structprune": "softmax", "flap": "threshold", "global": "threshold"}
+GLOBAL_SCORES = ("taylor", "fisher")
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class PruneConfig:
 
     method: str = "wanda-sp"
     sparsity: float = 0.3
-    allocation: str = "uniform"
+    allocation: str = "auto"  # auto: the method's own default (softmax for structprune, else uniform)
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -39,6 +42,8 @@ class PruneConfig:
     rho: float = 1.0
     damp: float = 0.01
     refit_bias: bool = True
+    global_score: str = "taylor"  # method global: taylor |sum g*W| or fisher sum (g*W)^2 per window
+    sens_nsamples: int = 16  # calibration windows used for the streamed-backward sensitivities (0: all)
     swap_layers: bool = False  # keep released layers' tensors outside the modules (memory tests)
 
     def __post_init__(self):
@@ -48,6 +53,8 @@ class PruneConfig:
             raise StructPruneError(f"unknown method {self.method!r}: choose one of {', '.join(sorted(METHODS))}")
         if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
             raise StructPruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.allocation == "auto":
+            object.__setattr__(self, "allocation", DEFAULT_ALLOCATION.get(self.method, "uniform"))
         if self.allocation not in ALLOCATIONS:
             raise StructPruneError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations"):
@@ -55,6 +62,8 @@ class PruneConfig:
                 raise StructPruneError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not (self.temperature >= 0 or math.isinf(self.temperature)):
             raise StructPruneError(f"temperature must be >= 0 (inf allowed), got {self.temperature}")
+        if self.global_score not in GLOBAL_SCORES:
+            raise StructPruneError(f"unknown global_score {self.global_score!r}: choose one of {', '.join(GLOBAL_SCORES)}")
         if not 0 <= self.r_min < 1:
             raise StructPruneError(f"r_min must be in [0, 1), got {self.r_min}")
         if self.uniform_widths and self.allocation != "uniform":

@@ -107,6 +107,10 @@ class Adapter:
         """Modules that run before the first decoder layer (embeddings, rotary, ...)."""
         raise NotImplementedError
 
+    def head_modules(self) -> list[nn.Module]:
+        """Modules after the last decoder layer, applied in order to get logits (final norm, LM head)."""
+        raise NotImplementedError
+
     def attn_linears(self, layer: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
         """``([q, k, v], o)`` of a layer's attention."""
         raise NotImplementedError

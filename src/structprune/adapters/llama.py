@@ -24,6 +24,9 @@ class LlamaAdapter(Adapter):
         inner = self.model.model
         return [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
 
+    def head_modules(self) -> list[nn.Module]:
+        return [self.model.model.norm, self.model.lm_head]
+
     def attn_linears(self, layer):
         a = layer.self_attn
         return [a.q_proj, a.k_proj, a.v_proj], a.o_proj

@@ -24,6 +24,10 @@ class OPTAdapter(Adapter):
         dec = self.model.model.decoder
         return [m for m in (dec.embed_tokens, dec.embed_positions, dec.project_in) if m is not None]
 
+    def head_modules(self) -> list[nn.Module]:
+        dec = self.model.model.decoder
+        return [m for m in (dec.final_layer_norm, dec.project_out, self.model.lm_head) if m is not None]
+
     def attn_linears(self, layer):
         a = layer.self_attn
         return [a.q_proj, a.k_proj, a.v_proj], a.out_proj

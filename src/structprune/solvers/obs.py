@@ -77,9 +77,9 @@ class ModuleProblem:
         damp_(Hd, damp)
         Hinv = _inverse(Hd)
         if C is None:
-            Wd = W.double()
+            Wd = W.detach().double()
             if fit_bias:
-                b = bias.double() if bias is not None else Wd.new_zeros(Wd.shape[0])
+                b = bias.detach().double() if bias is not None else Wd.new_zeros(Wd.shape[0])
                 Wd = torch.cat([Wd, b[:, None]], 1)
             base = 0.0
         else:
@@ -225,9 +225,9 @@ def refit(H: torch.Tensor, zsum: torch.Tensor, count: int, keep: torch.Tensor, *
         Hd = augmented_gram(Hd, zsum.double(), count)
     damp_(Hd, damp)
     if C is None:
-        Wd = W.double()
+        Wd = W.detach().double()
         if fit_bias:
-            b = bias.double() if bias is not None else Wd.new_zeros(Wd.shape[0])
+            b = bias.detach().double() if bias is not None else Wd.new_zeros(Wd.shape[0])
             Wd = torch.cat([Wd, b[:, None]], 1)
         C = Wd @ Hd  # own-output target: C = W H
     C = C.double()

@@ -1,0 +1,116 @@
+"""Energy-based (mean-field, Stirling) allocation with a temperature (method.md).
+
+Each module offers a greedy removal path (``solvers.obs``): step ``s`` removes ``c_s``
+parameters at a sensitivity-weighted error ``e_s``. A step's energy is
+``eps_s = log(e_s / c_s)`` (importance per parameter), standardised over all steps of
+the model so the temperature ``T`` is dimensionless. Minimising the free energy
+``sum (1 - r) eps - T H(r) + lambda (cost - budget)`` gives the logistic occupation
+
+    r_s = sigmoid((eps_s - lambda) / T)
+
+(a softmax ``r ~ exp(eps / T)`` when retention is small), and a module keeps
+``sum_s c_s r_s`` of its removable cost. ``lambda`` is found by bisection so the
+budget holds; ``T = inf`` is uniform sparsity, ``T = 0`` the hard global threshold
+``e_s > exp(lambda) c_s`` of the closed form. Kept costs are then rounded to points of
+each module's path: attention first (coarse: whole heads), then the MLP paths with
+the remaining budget, so the achieved sparsity lands within one MLP step of target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Menu:
+    """A module's removal path: kept cost after removing the first ``k`` steps is ``kept[k]``."""
+
+    layer: int
+    module: str  # "attn" | "mlp"
+    full_cost: float
+    step_costs: list[float]
+    step_errors: list[float]  # sensitivity-weighted
+
+    @property
+    def kept(self) -> list[float]:
+        out = [self.full_cost]
+        for c in self.step_costs:
+            out.append(out[-1] - c)
+        return out
+
+    def nearest_prefix(self, target_kept: float) -> int:
+        k = self.kept
+        return min(range(len(k)), key=lambda i: abs(k[i] - target_kept))
+
+
+def _energies(menus: list[Menu]) -> list[torch.Tensor]:
+    eps = [torch.tensor([math.log(max(e, 1e-30) / c) for e, c in zip(m.step_errors, m.step_costs)],
+                        dtype=torch.float64) for m in menus]
+    flat = torch.cat([e for e in eps if e.numel()]) if any(e.numel() for e in eps) else torch.zeros(1)
+    mu, sd = flat.median(), flat.std().clamp_min(1e-12) if flat.numel() > 1 else torch.tensor(1.0)
+    return [(e - mu) / sd for e in eps]
+
+
+def _expected_kept(menus, eps, lam: float, T: float) -> list[float]:
+    out = []
+    for m, e in zip(menus, eps):
+        c = torch.tensor(m.step_costs, dtype=torch.float64)
+        if not c.numel():
+            out.append(m.full_cost)
+            continue
+        r = (e > lam).double() if T == 0 else torch.sigmoid((e - lam) / T)
+        out.append(float(m.full_cost - (c * (1 - r)).sum()))
+    return out
+
+
+def _uniform_kept(menus, frac: float) -> list[float]:
+    return [max(m.kept[-1], frac * m.full_cost) for m in menus]
+
+
+def _bisect(fn, budget: float, lo: float, hi: float, decreasing: bool, iters: int = 100) -> float:
+    """Root of ``sum(fn(x)) = budget`` for a monotone ``fn``."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        total = sum(fn(mid))
+        if (total > budget) == decreasing:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def allocate_kept(menus: list[Menu], budget: float, temperature: float) -> tuple[list[float], float]:
+    """Continuous kept cost per module meeting ``budget``; returns ``(kept, lambda)``."""
+    if math.isinf(temperature):
+        frac = _bisect(lambda f: _uniform_kept(menus, f), budget, 0.0, 1.0, decreasing=False)
+        return _uniform_kept(menus, frac), frac
+    eps = _energies(menus)
+    span = 50.0 * max(temperature, 1e-3) + 50.0
+    lam = _bisect(lambda x: _expected_kept(menus, eps, x, temperature), budget, -span, span, decreasing=True)
+    return _expected_kept(menus, eps, lam, temperature), lam
+
+
+def allocate_prefixes(menus: list[Menu], budget: float, temperature: float) -> tuple[list[int], float]:
+    """Number of path steps each module removes so that total kept cost ~= ``budget``.
+
+    Attention paths move in whole heads; they are rounded first, then the MLP paths
+    share the remaining budget (re-solved with the same rule) and are rounded.
+    """
+    kept, lam = allocate_kept(menus, budget, temperature)
+    prefixes = [0] * len(menus)
+    attn = [i for i, m in enumerate(menus) if m.module == "attn"]
+    mlp = [i for i, m in enumerate(menus) if m.module != "attn"]
+    for i in attn:
+        prefixes[i] = menus[i].nearest_prefix(kept[i])
+    rest = budget - sum(menus[i].kept[prefixes[i]] for i in attn)
+    if mlp:
+        sub = [menus[i] for i in mlp]
+        sub_kept, _ = allocate_kept(sub, rest, temperature)
+        carry = 0.0  # keep the running total on budget while rounding
+        for i, k in zip(mlp, sub_kept):
+            prefixes[i] = menus[i].nearest_prefix(k + carry)
+            carry += k - menus[i].kept[prefixes[i]]
+    return prefixes, lam
