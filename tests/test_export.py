@@ -379,3 +379,33 @@ def test_export_config_of_an_unpruned_model_is_stock():
     model = FACTORIES["qwen2"]()
     export = export_config(model)
     assert export.format == "stock" and export.config.model_type == "qwen2"
+
+
+# -- the real model -----------------------------------------------------------------------
+
+
+def test_sliced_smollm2_roundtrip(smollm2_path, tmp_path):
+    """Real SmolLM2 weights (first 2 layers, tied embeddings), pruned non-uniformly and uniformly."""
+    from structprune import load_model
+
+    model, tok = load_model(str(smollm2_path))
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    prune(model, ids, device="cpu", progress=False, method="wanda-sp", allocation="uniform", sparsity=0.3,
+          seqlen=16, nsamples=2, mlp_multiple=8)
+    uniform = tmp_path / "uniform"
+    assert save_pruned(model, tok, uniform).format == "stock"
+    loaded = AutoModelForCausalLM.from_pretrained(uniform).eval()
+    assert loaded.config.model_type == "llama" and loaded.config.tie_word_embeddings
+    assert_same_model(model, loaded, ids[:, :10])
+
+    # One more cut of layer 1 only: the widths now differ, so the custom format.
+    adapter = get_adapter(model)
+    layer = adapter.layers()[1]
+    apply_layer_plan(adapter, layer, random_plan(adapter, layer, random.Random(0)))
+    add_refit_bias(adapter, layer, 0)
+    custom = tmp_path / "custom"
+    assert save_pruned(model, tok, custom).format == "custom"
+    for reloaded in reload_all_ways(custom):
+        assert_same_model(model, reloaded, ids[:, :10])

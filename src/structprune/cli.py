@@ -1,4 +1,4 @@
-"""Command line: ``structprune prune``, ``structprune eval``.
+"""Command line: ``structprune prune``, ``structprune eval``, ``structprune bench``.
 
 Errors a user can fix (bad sparsity, missing model, unsupported architecture, short
 calibration text, NaNs) are printed as one line and exit with status 2; the output
@@ -59,17 +59,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per chunk through a layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default="wikitext2", help="comma-separated: wikitext2,ptb,c4 (empty: none)")
-    p.add_argument("--mlp-multiple", type=int, default=1, help="round kept MLP widths to this multiple")
+    p.add_argument("--mlp-multiple", type=int, default=8,
+                   help="round kept MLP widths to this multiple (default 8 for MLP channels; 1: no rounding)")
     p.add_argument("--uniform-widths", action="store_true", help="same kept widths in every layer")
     p.add_argument("--temperature", type=float, default=None, help="softmax allocation temperature (inf: uniform)")
     p.add_argument("--iterations", type=int, default=None, help="StructPrune ADMM iterations")
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-shard-size", default="2GB", help="split safetensors weights above this size (e.g. 500MB)")
 
     e = sub.add_parser("eval", help="perplexity of a model (dense or pruned)")
     add_common(e)
-    e.add_argument("--datasets", default="wikitext2", help="comma-separated: wikitext2,ptb,c4")
+    e.add_argument("--datasets", default=None,
+                   help="comma-separated: wikitext2,ptb,c4 (default: wikitext2, or none with --zero-shot)")
+    e.add_argument("--zero-shot", default=None,
+                   help="comma-separated lm-eval tasks, e.g. boolq,piqa,hellaswag,winogrande,arc_easy,"
+                        "arc_challenge,openbookqa (needs lm-eval and its task data)")
+    e.add_argument("--zero-shot-limit", type=int, default=None, help="examples per task (smoke tests)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    b = sub.add_parser("bench", help="prefill/decode tokens/s and peak memory (dense vs pruned)")
+    b.add_argument("model", help="model spec or exported folder")
+    b.add_argument("--compare", default=None, help="a second model to measure side by side (e.g. the pruned one)")
+    b.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes (protocol: 1,16)")
+    b.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens (protocol: 2048)")
+    b.add_argument("--new-tokens", type=int, default=128, help="generated tokens (protocol: 128)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    b.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    b.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    b.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights dtype (default: float16 on GPU, float32 on CPU)")
+    b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    b.add_argument("--trust-remote-code", action="store_true")
+    b.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
@@ -126,7 +148,7 @@ def cmd_prune(args) -> dict:
                          for d in datasets}
         report["command"] = "structprune " + " ".join(sys.argv[1:])
         report["versions"] = _versions()
-        save_pruned(model, tok, tmp, report=report, plans=result.plans)
+        save_pruned(model, tok, tmp, report=report, plans=result.plans, max_shard_size=args.max_shard_size)
     print_summary(report, args.output)
     return report
 
@@ -164,14 +186,38 @@ def cmd_eval(args) -> dict:
 
     device, dtype, defaults = resolve_runtime(args)
     limit = defaults["eval_limit"] if args.eval_limit == -1 else (args.eval_limit or None)
+    if args.zero_shot:  # fail before loading the model if lm-eval is missing
+        from .eval.zeroshot import _import_lm_eval
+
+        _import_lm_eval()
     model, tok = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    res = _eval(model, tok, _datasets(args.datasets), args, limit, device)
+    datasets = _datasets(args.datasets if args.datasets is not None else ("" if args.zero_shot else "wikitext2"))
+    res = _eval(model, tok, datasets, args, limit, device)
     for d, v in res.items():
         print(f"ppl {d:<10} {v['ppl']:.4f} ({v['nwindows']} windows of {v['seqlen']}, {v['ntokens']} tokens)")
+    out = {"model": args.model, "ppl": res, "versions": _versions()}
+    if args.zero_shot:
+        from .eval.zeroshot import format_zero_shot, zero_shot
+
+        out["zero_shot"] = zero_shot(model, tok, _datasets(args.zero_shot), limit=args.zero_shot_limit)
+        print("\n".join(format_zero_shot(out["zero_shot"])))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "ppl": res, "versions": _versions()}, f, indent=2)
+            json.dump(out, f, indent=2)
     return res
+
+
+def cmd_bench(args) -> dict:
+    from .bench import run_bench
+
+    device, dtype, _ = resolve_runtime(args)
+    try:
+        batch_sizes = [int(b) for b in _datasets(args.batch_sizes)]
+    except ValueError:
+        raise StructPruneError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    return run_bench(args.model, args.compare, device=device, dtype=dtype, batch_sizes=batch_sizes,
+                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                     warmup=args.warmup, json_path=args.json, trust_remote_code=args.trust_remote_code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[%(name)s] %(message)s")
     try:
-        {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+        {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
     except StructPruneError as e:
         print(f"structprune: error: {e}", file=sys.stderr)
         return 2
