@@ -226,6 +226,30 @@ def test_tied_embeddings_roundtrip(tmp_path):
     assert_same_model(model, loaded)
 
 
+def test_reexport_of_a_loaded_export(tmp_path):
+    """A loaded per-layer export can be saved again (e.g. after further pruning) and still round-trips."""
+    model = FACTORIES["qwen2"]()
+    cut_nonuniform(model, seed=11)
+    save_pruned(model, None, tmp_path / "a")
+    loaded = load_pruned(tmp_path / "a")
+    assert save_pruned(loaded, None, tmp_path / "b").format == "custom"
+    assert_same_model(model, load_pruned(tmp_path / "b"))
+
+
+def test_half_precision_export_keeps_its_dtype(tmp_path):
+    model = FACTORIES["llama-gqa"]()
+    cut_nonuniform(model, seed=2)
+    model.to(torch.bfloat16)
+    save_pruned(model, None, tmp_path)
+    loaded = load_pruned(tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    # Weights compare exactly; logits would not (model.to(bf16) also rounds the rotary
+    # inv_freq buffer, which a freshly loaded model keeps in float32).
+    ref = model.state_dict()
+    assert all(torch.equal(t, ref[k]) for k, t in loaded.state_dict().items())
+    assert load_pruned(tmp_path, dtype=torch.float32).dtype == torch.float32
+
+
 def test_modeling_file_needs_only_torch_and_transformers():
     tree = ast.parse(MODELING_FILE.read_text())
     roots = set()
