@@ -70,8 +70,11 @@ def test_eval_cli_loads_an_export_without_trust_remote_code(tmp_path, byte_token
     model.resize_token_embeddings(len(byte_tokenizer))
     cut_nonuniform(model)
     save_pruned(model, byte_tokenizer, tmp_path / "m")
+    capsys.readouterr()
     loaded, tok = load_model(str(tmp_path / "m"))
     assert loaded.config.model_type == "structprune_llama" and len(tok) == len(byte_tokenizer)
+    captured = capsys.readouterr()
+    assert "custom code" not in captured.out + captured.err  # the tokenizer must not ask to run the folder's code
     try:
         from structprune.data.corpora import find_assets_dir
         has_text = find_assets_dir() is not None

@@ -200,6 +200,9 @@ def load_model(
         if resolved.kind == "hf-folder" and is_structprune_export(resolved.path):
             # A StructPrune export: packaged modeling code (no --trust-remote-code needed), weights verified.
             model = load_pruned(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code)
+            # Hand over the loaded config: otherwise AutoTokenizer resolves the custom config's
+            # auto_map itself and asks whether to run the folder's code.
+            tok_kwargs["config"] = model.config
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
