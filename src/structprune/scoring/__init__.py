@@ -4,6 +4,11 @@ Every scorer has the signature ``score(adapter, layer, stats) -> {"attn": [H], "
 where ``stats`` are the layer's :class:`~structprune.engine.ModuleStats`.
 """
 
-from .basic import SCORERS, magnitude_sp, per_head, wanda_sp
+from .basic import SCORERS as _BASIC
+from .basic import magnitude_sp, per_head, wanda_sp
+from .flap import flap_keys, fluctuation, fluctuation_channels, standardise
 
-__all__ = ["SCORERS", "magnitude_sp", "per_head", "wanda_sp"]
+SCORERS = {**_BASIC, "flap": fluctuation}
+
+__all__ = ["SCORERS", "magnitude_sp", "per_head", "wanda_sp", "flap_keys", "fluctuation", "fluctuation_channels",
+           "standardise"]

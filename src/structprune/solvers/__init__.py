@@ -4,11 +4,18 @@
 device) and ``run.stream()`` gives the layer-streaming loop.
 """
 
-from .local import prune_local
+from .flap import prune_flap
+from .global_ref import prune_global
+from .local import prune_local, prune_obs_local
+from .structprune import prune_structprune
 
 METHODS = {
     "magnitude-sp": prune_local,
     "wanda-sp": prune_local,
+    "flap": prune_flap,
+    "obs-local": prune_obs_local,
+    "global": prune_global,
+    "structprune": prune_structprune,
 }
 
 __all__ = ["METHODS"]

@@ -1,0 +1,116 @@
+"""``global``: the O(N)-memory reference StructPrune must match.
+
+The whole model is put on the compute device and the LM loss is back-propagated
+over every calibration window. Removing a structure is exactly zeroing its columns
+of the output projection (o_proj / down_proj / fc2), so the first-order change of the
+loss when structure ``s`` goes is ``-sum_{j in s} sum_i g_ij W_ij`` over those columns
+(the gradient w.r.t. a mask on the structure's output). Per window this is
+accumulated as
+
+* ``taylor`` (default): ``|sum g*W|`` summed over windows (LLM-Pruner's first-order term,
+  with the absolute value taken per window so opposite-signed windows do not cancel);
+* ``fisher``: ``(sum g*W)^2`` summed over windows (the empirical Fisher of the mask,
+  Kwon et al. 2022).
+
+Only the output projections' weights require gradients (nothing else is needed for
+these scores); every ``requires_grad`` flag is restored afterwards and no ``.grad`` is
+left behind. One global ranking of all heads and channels by score per parameter
+(the ``threshold`` allocation with GQA-legal widths) sets the widths; then a streamed
+pass cuts each layer to its best structures and refits each output projection by least
+squares on the pruned model's inputs (solvers/obs.py's ``refit``), attention first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters.base import LayerPlan
+from ..allocation import cost_normalised, threshold_widths
+from ..errors import StructPruneError
+from ..scoring import per_head
+from .local import layer_shapes, refit_layer
+from .select import select_plan
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def grads_only_for(model: torch.nn.Module, params: list[torch.nn.Parameter]):
+    """Inside the block only ``params`` require grad; flags restored and ``.grad`` cleared after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, f in flags:
+            p.grad = None
+            p.requires_grad_(f)
+
+
+def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "taylor",
+                    progress: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Per layer ``{"attn": [H], "mlp": [n]}`` mask-gradient scores from full back-propagation.
+
+    The model is moved whole to ``device`` (this is the O(N) memory) and back afterwards.
+    """
+    if kind not in ("taylor", "fisher"):
+        raise StructPruneError(f"unknown global score {kind!r}: use taylor or fisher")
+    home = next(model.parameters()).device
+    layers = list(adapter.layers())
+    outs = [(adapter.attn_linears(l)[1], adapter.mlp_linears(l)[1]) for l in layers]
+    dh = [adapter.attention_shape(l).head_dim for l in layers]
+    acc = [{"attn": torch.zeros(o.in_features // h, dtype=torch.float64),
+            "mlp": torch.zeros(d.in_features, dtype=torch.float64)} for (o, d), h in zip(outs, dh)]
+    model.to(device)
+    try:
+        with grads_only_for(model, [lin.weight for pair in outs for lin in pair]), torch.enable_grad():
+            for i in tqdm(range(calib.shape[0]), desc="global backprop", disable=not progress):
+                ids = calib[i:i + 1].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise StructPruneError(f"non-finite loss on calibration window {i}: check the model weights; "
+                                           "in float16 try bfloat16 or float32")
+                loss.backward()
+                with torch.no_grad():
+                    _accumulate(acc, outs, dh, kind)
+    finally:
+        model.to(home)
+    return [{"attn": a["attn"].float(), "mlp": a["mlp"].float()} for a in acc]
+
+
+def _accumulate(acc, outs, dh, kind: str) -> None:
+    """Add this window's per-structure mask gradients ``sum g*W`` (|.| or squared) and drop the grads."""
+    for a, pair, h in zip(acc, outs, dh):
+        for name, lin in zip(("attn", "mlp"), pair):
+            g = (lin.weight.grad.float() * lin.weight.float()).sum(0).double().cpu()  # [n] columns
+            g = per_head(g, h) if name == "attn" else g  # a head's mask covers all its columns
+            lin.weight.grad = None
+            a[name] += g.abs() if kind == "taylor" else g * g
+
+
+def prune_global(run) -> list[LayerPlan]:
+    cfg = run.config
+    if cfg.allocation != "threshold":
+        raise StructPruneError(f"global ranks every structure jointly (allocation 'threshold'), not {cfg.allocation!r}")
+    if cfg.uniform_widths:
+        raise StructPruneError("global gives per-layer widths; drop uniform_widths")
+    scores = gradient_scores(run.model, run.adapter, run.calib, run.device, cfg.global_score, run.progress)
+    shapes = layer_shapes(run.adapter)
+    keys = [cost_normalised(s, a, m) for s, (a, m) in zip(scores, shapes)]
+    widths = threshold_widths(shapes, keys, cfg.sparsity, cfg.mlp_multiple)
+    log.info("global widths: %s", " ".join(f"{w.heads}h/{w.kv_heads}kv/{w.channels}" for w in widths))
+    run.log.append({"stage": "allocation", "allocation": f"global-{cfg.global_score}",
+                    "widths": [w.to_dict() for w in widths]})
+    plans = []
+    for ctx in run.stream(desc="global refit"):
+        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores[ctx.index], widths[ctx.index])
+        refit_layer(run, ctx, plan)
+        plans.append(plan)
+    return plans
