@@ -189,6 +189,22 @@ def test_uniform_widths_with_refit_biases_stay_stock(make, tmp_path):
     assert_same_model(model, load_pruned(tmp_path))
 
 
+def test_uniform_widths_a_stock_config_rejects_fall_back_to_custom(tmp_path):
+    """transformers' LlamaConfig demands hidden % heads == 0 even with head_dim set: 5 heads of 48 fails."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = _init(LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=6, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False)))
+    adapter = get_adapter(model)
+    for layer in adapter.layers():
+        apply_layer_plan(adapter, layer, LayerPlan([0, 1, 2, 4, 5], [0, 1, 2, 4, 5], list(range(30))))
+    export = save_pruned(model, None, tmp_path)
+    assert export.format == "custom" and "rejects" in export.reason
+    assert_same_model(model, load_pruned(tmp_path))
+
+
 def test_opt_with_all_heads_kept_is_stock(tmp_path):
     model = FACTORIES["opt"]()
     adapter = get_adapter(model)

@@ -149,7 +149,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     problems = {k: sorted(v) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
                 if (v := info.get(k))}
     if problems or info.get("error_msgs"):
-        raise StructPruneError(f"weights in {path} do not match its config.json: {problems or info['error_msgs']}"[:400])
+        what = problems or info["error_msgs"]
+        raise StructPruneError(f"weights in {path} do not match its config.json: {what}"[:400])
     verify_weights(model, shapes, path)
     log.info("loaded %s (%s, %d parameters)", path, cfg["model_type"], sum(p.numel() for p in model.parameters()))
     return model.to(device).eval()
