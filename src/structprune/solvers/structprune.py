@@ -135,9 +135,10 @@ def _target_stats(adapter, layer, module: str, pruned: LayerInputs, dense: Layer
 def _problem(st_or_stats, W=None, bias=None, cfg=None, target=True) -> ModuleProblem:
     if target:
         return ModuleProblem.build(st_or_stats.H, st_or_stats.zsum, st_or_stats.count, C=st_or_stats.C,
-                                   fit_bias=cfg.refit_bias, damp=cfg.damp, yy=st_or_stats.yy)
+                                   fit_bias=cfg.refit_bias, damp=cfg.damp, yy=st_or_stats.yy, dtype=torch.float32)
     s = st_or_stats
-    return ModuleProblem.build(s.gram, s.zsum, s.count, W=W, bias=bias, fit_bias=cfg.refit_bias, damp=cfg.damp)
+    return ModuleProblem.build(s.gram, s.zsum, s.count, W=W, bias=bias, fit_bias=cfg.refit_bias, damp=cfg.damp,
+                               dtype=torch.float32)
 
 
 def _paths(adapter, layer, prob_attn, prob_mlp, cfg):
@@ -154,9 +155,13 @@ def _min_keep(n: int, cfg) -> int:
 
 
 def _block(n: int, cfg) -> int:
-    """Channels removed per path step: ``n // 256`` (speed), or the rounding multiple so every
-    point of the path is a multiple of it (requires ``n`` divisible by it)."""
-    return cfg.mlp_multiple if cfg.mlp_multiple > 1 and n % cfg.mlp_multiple == 0 else max(1, n // 256)
+    """Channels removed per path step: ``n // 64`` (64 steps per module), rounded to a multiple of
+    ``mlp_multiple`` so that every point of the path is a multiple of it when ``n`` is."""
+    block = max(1, n // 64)
+    m = cfg.mlp_multiple
+    if m > 1 and n % m == 0:
+        block = max(m, block // m * m)
+    return block
 
 
 def _menu(layer_idx, module, full_cost, path, weight) -> Menu:
