@@ -28,7 +28,11 @@ def byte_tokenizer():
 
 @pytest.fixture
 def make_tiny_llama():
-    """Factory for a tiny random LlamaForCausalLM (GQA: 4 query heads, 2 KV heads)."""
+    """Factory for a tiny random LlamaForCausalLM (GQA: 4 query heads, 2 KV heads).
+
+    Runs the test on one torch thread: tiny models gain nothing from more, and on a
+    busy 2-core machine thread hand-offs made these tests 100x slower.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def make(vocab_size: int = 257, max_position_embeddings: int = 256, seed: int = 0, **overrides):
@@ -46,7 +50,10 @@ def make_tiny_llama():
         )
         return LlamaForCausalLM(config).eval()
 
-    return make
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield make
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
