@@ -145,3 +145,18 @@ def test_structprune_keeps_one_layer_resident():
     for h in hooks:
         h.remove()
     assert seen and max(seen) == 1
+
+
+def test_profile_cache_gives_identical_results():
+    base = tiny_llama(layers=3)
+    ids = calib_ids(4, 16)
+    cache = {}
+    outs = []
+    for _ in range(2):
+        m = copy.deepcopy(base)
+        api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=16,
+                  iterations=1, cache=cache)
+        with torch.no_grad():
+            outs.append(m(ids).logits)
+    assert len(cache) == 1
+    assert torch.equal(outs[0], outs[1])

@@ -51,6 +51,7 @@ class PruneRun:
     device: torch.device
     progress: bool = True
     log: list[dict] = field(default_factory=list)  # solver iterations, for the report
+    cache: dict | None = None  # dense-model computations reusable across runs (see prune())
     _inputs: object = None  # first-layer inputs, captured once and shared by every pass
 
     def stream(self, desc: str = "layers", track_dense: bool = False) -> LayerStream:
@@ -89,7 +90,7 @@ def build_calibration(tokenizer, config: PruneConfig) -> torch.Tensor:
 
 
 def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None = None, *, tokenizer=None,
-          device=None, progress: bool = True, **overrides) -> PruneResult:
+          device=None, progress: bool = True, cache: dict | None = None, **overrides) -> PruneResult:
     """Prune ``model`` in place to ``config.sparsity`` with ``config.method``.
 
     ``calib`` is ``[nsamples, seqlen]`` token ids; if omitted it is drawn from
@@ -97,6 +98,10 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     (overriding ``method`` alone also resets ``allocation`` to that method's default).
     Only one decoder layer is on ``device`` at a time; the rest of the model stays
     where it is (normally CPU).
+
+    ``cache``: pass the same dict to several runs on copies of the *same dense model* with
+    the same calibration windows (sweeps, benchmark tables) and solvers reuse what depends
+    only on those (StructPrune: sensitivities and dense removal paths).
     """
     if "method" in overrides and "allocation" not in overrides:
         overrides["allocation"] = "auto"  # a new method brings its own default allocation
@@ -122,7 +127,7 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
 
-    run = PruneRun(model, adapter, calib, config, device, progress=progress)
+    run = PruneRun(model, adapter, calib, config, device, progress=progress, cache=cache)
     plans = METHODS[config.method](run)
 
     if device.type == "cuda":

@@ -281,13 +281,20 @@ def prune_structprune(run) -> list[LayerPlan]:
     inputs = run.stream().first_inputs()
 
     t0 = time.perf_counter()
-    nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
-    sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
-    ncal = sum(h.shape[0] for h in sub.hidden)
-    sens = module_sensitivities(run.model, adapter, sub, run.calib[:ncal], run.device, swap=cfg.swap_layers,
-                                progress=run.progress)
+    key = ("structprune-profile", cfg.sens_nsamples, cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple,
+           cfg.batch_size, tuple(run.calib.shape), int(run.calib.sum()), int((run.calib * run.calib).sum()))
+    if run.cache is not None and key in run.cache:
+        sens, menus = copy.deepcopy(run.cache[key])
+    else:
+        nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
+        sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
+        ncal = sum(h.shape[0] for h in sub.hidden)
+        sens = module_sensitivities(run.model, adapter, sub, run.calib[:ncal], run.device, swap=cfg.swap_layers,
+                                    progress=run.progress)
+        menus = profile_menus(run, sens)
+        if run.cache is not None:
+            run.cache[key] = copy.deepcopy((sens, menus))
     t_sens = time.perf_counter() - t0
-    menus = profile_menus(run, sens)
 
     full = sum(m.full_cost for m in menus)
     budget = full - cfg.sparsity * _prunable_total(adapter)
@@ -320,7 +327,7 @@ def prune_structprune(run) -> list[LayerPlan]:
             best = (objective, plans, _snapshot(layers) if cfg.iterations > 1 else None, it + 1)
     if best[2] is not None and best[3] != cfg.iterations:
         _restore(layers, best[2])
-    run.log.append({"chosen_iteration": best[3], "sensitivity_seconds": t_sens,
+    run.log.append({"chosen_iteration": best[3], "profile_seconds": t_sens,
                     "sensitivities": sens})
     return best[1]
 
