@@ -46,25 +46,29 @@ def main(argv=None):
     p.add_argument("--heldout", type=int, default=8, help="held-out windows (of --seqlen tokens)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--out", required=True, help="output path prefix (.md and .json are added)")
     a = p.parse_args(argv)
 
     name, values = a.sweep.split("=")
     values = [_value(v) for v in values.split(",")]
     fixed = {k: _value(v) for k, v in (kv.split("=") for kv in a.fixed.split(";") if kv)}
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     calib = get_calibration(tok, "c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)
     held = get_heldout_calibration(tok, "c4", nsamples=a.heldout, seqlen=a.seqlen, seed=1).reshape(1, -1)
     dense = perplexity_from_ids(model.to(a.device), held, a.seqlen, device=a.device, progress=False).ppl
     model.to("cpu")
     rows = []
+    cache: dict = {}  # sensitivities and dense paths are shared by every setting (same model, same windows)
     for s in [float(x) for x in a.sparsity.split(",")]:
         for v in values:
             m = copy.deepcopy(model)
             cfg = PruneConfig(method="structprune", sparsity=s, nsamples=a.nsamples, seqlen=a.seqlen,
                               **{**fixed, name: v})
             t = time.perf_counter()
-            r = prune(m, calib, cfg, device=a.device, progress=False)
+            r = prune(m, calib, cfg, device=a.device, progress=False, cache=cache)
             ppl = perplexity_from_ids(m.to(a.device), held, a.seqlen, device=a.device, progress=False).ppl
             iters = [e for e in r.report["solver_log"] if "iteration" in e]
             rows.append({"sparsity": s, name: v if not (isinstance(v, float) and math.isinf(v)) else "inf",

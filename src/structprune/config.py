@@ -38,7 +38,7 @@ class PruneConfig:
     r_min: float = 0.05
     owl_lambda: float = 0.08
     owl_m: float = 5.0
-    iterations: int = 3
+    iterations: int = 1  # StructPrune outer iterations (docs/structprune.md: how chosen)
     rho: float = 1.0
     damp: float = 0.01
     refit_bias: bool = True
