@@ -21,7 +21,7 @@ log = logging.getLogger("structprune")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # CPU-sized defaults: the protocol's 128x2048 calibration takes hours on a 2-core CPU.
-CPU_DEFAULTS = {"nsamples": 16, "seqlen": 512, "eval_limit": 8}
+CPU_DEFAULTS = {"nsamples": 8, "seqlen": 512, "eval_limit": 4}
 GPU_DEFAULTS = {"nsamples": 128, "seqlen": 2048, "eval_limit": None}
 
 
@@ -35,7 +35,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--eval-limit", type=int, default=-1,
-                   help="score only the first N windows of each dataset (default: all on GPU, 8 on CPU)")
+                   help="score only the first N windows of each dataset (default: all on GPU, 4 on CPU)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (protocol: 2048)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="auto",
                    help="auto (the method's default) | uniform | owl | threshold | softmax")
     p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text/json(l) file")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128 GPU, 16 CPU)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128 GPU, 8 CPU)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: 2048 GPU, 512 CPU)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per chunk through a layer")
     p.add_argument("--seed", type=int, default=0)
