@@ -42,7 +42,7 @@ class PruneConfig:
     rho: float = 1.0
     damp: float = 0.01
     refit_bias: bool = True
-    global_score: str = "taylor"  # method global: taylor |sum g*W| or fisher sum (g*W)^2 per window
+    global_score: str = "fisher"  # method global: fisher sum (g*W)^2, or taylor |sum g*W|, per window
     sens_nsamples: int = 16  # calibration windows used for the streamed-backward sensitivities (0: all)
     swap_layers: bool = False  # keep released layers' tensors outside the modules (memory tests)
 
