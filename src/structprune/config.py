@@ -54,7 +54,9 @@ class PruneConfig:
         if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
             raise StructPruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.allocation == "auto":
-            object.__setattr__(self, "allocation", DEFAULT_ALLOCATION.get(self.method, "uniform"))
+            # Uniform widths mean the uniform allocation; otherwise the method's own default.
+            default = "uniform" if self.uniform_widths else DEFAULT_ALLOCATION.get(self.method, "uniform")
+            object.__setattr__(self, "allocation", default)
         if self.allocation not in ALLOCATIONS:
             raise StructPruneError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations"):
