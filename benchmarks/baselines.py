@@ -136,7 +136,7 @@ def markdown(record: dict) -> str:
               f"- kept MLP widths rounded to multiples of {p['mlp_multiple']}",
               f"- device: {record['device_name']} ({p['device']}), {p['dtype']}, torch {record['versions']['torch']}, "
               f"transformers {record['versions']['transformers']}",
-              f"- command: `{record['command']}`", ""]
+              *[f"- command: `{c}`" for c in record["commands"]], ""]
     if dense is not None:
         lines += [f"Dense: {dense['params']:,} parameters, {dense['prunable_params']:,} prunable.", ""]
     ds = p["datasets"]
@@ -252,7 +252,7 @@ def run(a, specs, sparsities, out: Path, argv) -> int:
     protocol = {"model": a.model, "dtype": a.dtype, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
                 "eval_seqlen": a.eval_seqlen, "eval_limit": a.eval_limit, "datasets": a.datasets,
                 "mlp_multiple": a.mlp_multiple, "device": a.device}
-    rows = []
+    rows, commands = [], []
     if a.resume and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
         diff = [k for k in PROTOCOL_KEYS if old["protocol"].get(k) != protocol[k]]
@@ -260,6 +260,7 @@ def run(a, specs, sparsities, out: Path, argv) -> int:
             raise StructPruneError(f"--resume: {out}.json was measured with other settings ({', '.join(diff)}); "
                                    "use the same settings or another --out")
         rows = old["rows"]
+        commands = old.get("commands", [])
     done = {(r["label"], r["sparsity_target"]) for r in rows}
     command = shlex.join(["python", "benchmarks/baselines.py", *(argv if argv is not None else sys.argv[1:])])
     record = {"protocol": protocol, "reduced": reduced_protocol(protocol), "rows": rows,
@@ -267,7 +268,7 @@ def run(a, specs, sparsities, out: Path, argv) -> int:
               else (platform.processor() or platform.machine()) + f", {torch.get_num_threads()} threads",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
-              "command": command if not a.resume or not rows else command + " (resumed)"}
+              "commands": commands + [command]}  # a resumed table lists every command that added rows
 
     base, tok = load_model(a.model, dtype=DTYPES[a.dtype], device="cpu")
     from structprune.adapters import get_adapter

@@ -104,7 +104,7 @@ def test_unsupported_combinations_are_user_errors():
     with pytest.raises(StructPruneError, match="threshold"):
         _prune(FACTORIES["llama-gqa"](), "global", "uniform", 0.3, ids)
     with pytest.raises(StructPruneError, match="uniform_widths"):
-        _prune(FACTORIES["llama-gqa"](), "flap", "auto", 0.3, ids, uniform_widths=True)
+        _prune(FACTORIES["llama-gqa"](), "flap", "threshold", 0.3, ids, uniform_widths=True)
     with pytest.raises(StructPruneError, match="global_score"):
         _prune(FACTORIES["llama-gqa"](), "global", "auto", 0.3, ids, global_score="hessian")
 
@@ -252,3 +252,18 @@ def test_obs_local_distorts_less_than_wanda_sp():
             h = model(ids, output_hidden_states=True).hidden_states[-1]
         errs[method] = ((h - ref).norm() / ref.norm()).item()
     assert errs["obs-local"] < errs["wanda-sp"], errs
+
+
+def test_benchmark_method_specs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
+    spec = importlib.util.spec_from_file_location("bench_baselines", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_spec("wanda-sp:owl") == ("wanda-sp", "owl", {})
+    assert bench.parse_spec("structprune+temperature=inf+iterations=2") == (
+        "structprune", "auto", {"temperature": float("inf"), "iterations": 2})
+    with pytest.raises(StructPruneError):
+        bench.parse_spec("global+global_score")

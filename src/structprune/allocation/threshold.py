@@ -83,7 +83,10 @@ def fit_budget(shapes: Shapes, widths: list[LayerWidths], budget: float, multipl
     moves by more than a few channels.
     """
     ws = list(widths)
-    step = lambda i: min(multiple, shapes[i][1].channels)  # noqa: E731
+
+    def step(i: int) -> int:
+        return min(multiple, shapes[i][1].channels)
+
     total = sum(layer_cost(a, m, w) for (a, m), w in zip(shapes, ws))
     i, stuck = 0, 0
     while stuck < len(ws):

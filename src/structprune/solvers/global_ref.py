@@ -7,10 +7,14 @@ loss when structure ``s`` goes is ``-sum_{j in s} sum_i g_ij W_ij`` over those c
 (the gradient w.r.t. a mask on the structure's output). Per window this is
 accumulated as
 
-* ``taylor`` (default): ``|sum g*W|`` summed over windows (LLM-Pruner's first-order term,
-  with the absolute value taken per window so opposite-signed windows do not cancel);
-* ``fisher``: ``(sum g*W)^2`` summed over windows (the empirical Fisher of the mask,
-  Kwon et al. 2022).
+* ``fisher`` (default): ``(sum g*W)^2`` summed over windows (the empirical Fisher of the
+  mask, Kwon et al. 2022: the second-order loss increase at a trained optimum);
+* ``taylor``: ``|sum g*W|`` summed over windows (LLM-Pruner's first-order term, with the
+  absolute value taken per window so opposite-signed windows do not cancel).
+
+Fisher is the default by measurement on held-out C4 calibration text (docs/methods.md):
+per parameter, first-order scores undervalue heads and the ranking strips most layers
+to one head.
 
 Only the output projections' weights require gradients (nothing else is needed for
 these scores); every ``requires_grad`` flag is restored afterwards and no ``.grad`` is
@@ -54,7 +58,7 @@ def grads_only_for(model: torch.nn.Module, params: list[torch.nn.Parameter]):
             p.requires_grad_(f)
 
 
-def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "taylor",
+def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "fisher",
                     progress: bool = False) -> list[dict[str, torch.Tensor]]:
     """Per layer ``{"attn": [H], "mlp": [n]}`` mask-gradient scores from full back-propagation.
 
