@@ -66,3 +66,14 @@ def smollm2_path():
         return resolve_model("smollm2-135m").path
     except (StructPruneError, ImportError, OSError) as exc:  # offline, or no `gguf` package
         pytest.skip(f"SmolLM2 not available: {exc}")
+
+
+@pytest.fixture(scope="session")
+def assets():
+    """The shared/assets folder of real corpora; skips the test where it cannot be found."""
+    from structprune.data.corpora import find_assets_dir
+
+    path = find_assets_dir()
+    if path is None:
+        pytest.skip("real corpora not found: set STRUCTPRUNE_ASSETS to the shared/assets folder")
+    return path

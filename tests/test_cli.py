@@ -32,7 +32,7 @@ def calib_file(tmp_path):
 
 def _args(model, out, calib, *extra):
     return ["prune", model, "--sparsity", "0.4", "--method", "wanda-sp", "--calib", calib, "--nsamples", "2",
-            "--seqlen", "64", "--eval", "wikitext2", "--eval-limit", "1", "--eval-seqlen", "128",
+            "--seqlen", "64", "--eval", calib, "--eval-limit", "1", "--eval-seqlen", "128",
             "--mlp-multiple", "1", "--output", str(out), "-q", *extra]
 
 
@@ -52,7 +52,7 @@ def test_prune_writes_report(tiny_folder, calib_file, tmp_path, capsys):
     assert abs(r["sparsity_achieved"] - 0.4) < 0.05  # tiny model: coarse structures
     assert r["params_after"] < r["params_before"]
     assert {"heads", "kv_heads", "mlp"} <= set(r["layers"][0])
-    assert set(r["ppl"]["wikitext2"]) >= {"dense", "pruned"}
+    assert set(r["ppl"][calib_file]) >= {"dense", "pruned"}
     assert "sparsity" in capsys.readouterr().out
 
 
@@ -120,7 +120,7 @@ def test_existing_output_is_not_clobbered(tiny_folder, calib_file, tmp_path, cap
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_real_smollm2_perplexity_ordering(smollm2_path):
+def test_real_smollm2_perplexity_ordering(smollm2_path, assets):
     """On real text, pruning the real model raises its perplexity (same windows, same code)."""
     from structprune import load_model, prune
     from structprune.data import get_calibration
@@ -136,7 +136,7 @@ def test_real_smollm2_perplexity_ordering(smollm2_path):
     assert 5 < dense < pruned, (dense, pruned)
 
 
-def test_real_smollm2_structprune_reconstructs_better_than_wanda(smollm2_path):
+def test_real_smollm2_structprune_reconstructs_better_than_wanda(smollm2_path, assets):
     """On real weights and text (first 4 layers, to stay fast), StructPrune's output at the last
     layer stays much closer to the dense model's than Wanda-sp's, on held-out windows."""
     import copy

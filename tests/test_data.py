@@ -43,7 +43,7 @@ def _decode(tokenizer, windows: torch.Tensor) -> list[bytes]:
 
 
 @needs_assets
-def test_builtin_corpora_match_the_assets():
+def test_builtin_corpora_match_the_assets(assets):
     wiki = load_text("wikitext2")
     assert len(wiki) == 1_294_336  # the README's character count
     assert wiki.startswith("\n\n = Robert Boulter = ")  # row 0 is empty
