@@ -18,6 +18,7 @@ from .adapters import Adapter, LayerPlan, count_params, get_adapter
 from .config import PruneConfig
 from .engine import LayerStream
 from .errors import CalibrationError, StructPruneError
+from .models.loading import model_context_length
 from .solvers import METHODS
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ def prunable_params(adapter: Adapter) -> int:
 
 def layer_widths(adapter: Adapter) -> list[dict]:
     return [adapter.layer_widths(l) for l in adapter.layers()]
-
-
-def model_context_length(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
 
 
 @dataclass

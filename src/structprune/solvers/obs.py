@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.base import AttentionShape
+from ..surgery import head_rows as _head_cols  # columns of given heads
 
 
 def augmented_gram(H: torch.Tensor, zsum: torch.Tensor, count: int) -> torch.Tensor:
@@ -164,11 +165,6 @@ def channel_path(problem: ModuleProblem, min_keep: int, cost_per_channel: float,
         errors.append(err)
         kept_counts.append(int(alive.sum()))
     return Path(steps, costs, errors, kept_counts, problem.base_error)
-
-
-def _head_cols(heads, head_dim: int) -> torch.Tensor:
-    h = torch.as_tensor(list(heads), dtype=torch.long)
-    return (h[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
 def attention_path(problem: ModuleProblem, shape: AttentionShape, target: tuple[int, int] = (1, 1)) -> Path:

@@ -297,7 +297,9 @@ def prune_structprune(run) -> list[LayerPlan]:
     t_sens = time.perf_counter() - t0
 
     full = sum(m.full_cost for m in menus)
-    budget = full - cfg.sparsity * _prunable_total(adapter)
+    from ..api import prunable_params  # late: api imports the solvers
+
+    budget = full - cfg.sparsity * prunable_params(adapter)
     dense_layers = _snapshot(layers) if cfg.iterations > 1 else None
     alpha = cfg.rho / (1.0 + cfg.rho)
     best, prev_kept = None, None
@@ -330,11 +332,6 @@ def prune_structprune(run) -> list[LayerPlan]:
     run.log.append({"chosen_iteration": best[3], "profile_seconds": t_sens,
                     "sensitivities": sens})
     return best[1]
-
-
-def _prunable_total(adapter) -> float:
-    return float(sum(p.numel() for l in adapter.layers() for lin in adapter.prunable_linears(l)
-                     for p in lin.parameters()))
 
 
 def _uniform_targets(adapter, cfg) -> list[float]:
