@@ -21,20 +21,11 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
+from structprune.bench import hardware_name  # noqa: E402
 from structprune.eval import perplexity  # noqa: E402
 from structprune.models import load_model  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "dtype": args.dtype,
         "device": args.device,
-        "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()),
+        "device_name": hardware_name(args.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

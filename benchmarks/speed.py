@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without install
+from structprune.bench import hardware_name  # noqa: E402
 PY = sys.executable
 CPU_SETTINGS = ["--batch-sizes", "1,4", "--prompt-len", "256", "--new-tokens", "32", "--repeats", "3", "--warmup", "1"]
 # Pruning settings kept small: speed does not depend on calibration quality.
@@ -34,16 +35,6 @@ VARIANTS = [  # name, sparsity, extra prune flags
     ("pruned 50% uniform", 0.5, ["--allocation", "uniform", "--uniform-widths"]),
     ("pruned 50% threshold", 0.5, ["--allocation", "threshold"]),
 ]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def run(cmd: list[str], log: list[str], env: dict | None = None) -> None:
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Inference speed: SmolLM2-135M dense vs pruned ({'CPU' if args.cpu else 'GPU'})",
         "",
-        f"Hardware: {_cpu_name() if args.cpu else torch.cuda.get_device_name()} "
+        f"Hardware: {hardware_name('cpu' if args.cpu else 'cuda')} "
         f"({os.cpu_count()} cores visible; bench runs with {threads or 'default'} thread(s)), torch {torch.__version__}, "
         f"dtype {s['dtype']}, device {s['device']}.",
         f"Settings: batch sizes {s['batch_sizes']}, prompt {s['prompt_len']} random tokens, "

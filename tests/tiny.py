@@ -52,3 +52,10 @@ FACTORIES = {"llama-gqa": tiny_llama, "qwen2": tiny_qwen2, "opt": tiny_opt}
 def calib_ids(n: int = 4, seqlen: int = 16, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (n, seqlen), generator=g)
+
+
+def final_state_distortion(model, ids: torch.Tensor, ref: torch.Tensor | None = None) -> float | torch.Tensor:
+    """``|h - ref|^2 / |ref|^2`` of the last hidden states on ``ids``; without ``ref``, the states themselves."""
+    with torch.no_grad():
+        h = model(ids, output_hidden_states=True).hidden_states[-1]
+    return h if ref is None else float((h - ref).pow(2).sum() / ref.pow(2).sum())

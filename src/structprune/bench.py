@@ -29,6 +29,20 @@ from .errors import StructPruneError
 log = logging.getLogger(__name__)
 
 
+
+def hardware_name(device: torch.device | str = "cpu") -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -177,8 +191,7 @@ def run_bench(spec: str, compare: str | None = None, *, device: torch.device, dt
         "settings": {"batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "new_tokens": new_tokens,
                      "repeats": repeats, "warmup": warmup, "device": str(device),
                      "dtype": str(dtype).replace("torch.", "")},
-        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
-        platform.machine(),
+        "hardware": hardware_name(device),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "models": results,
     }

@@ -32,7 +32,7 @@ import torch
 
 from ..adapters.base import LayerPlan
 from ..allocation.softmax import Menu, allocate_prefixes
-from ..allocation.widths import LayerWidths, uniform_widths
+from ..allocation.widths import uniform_widths
 from ..engine import LayerInputs
 from ..engine.capture import run_layer, to_device
 from ..engine.sensitivity import module_sensitivities
