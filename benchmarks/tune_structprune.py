@@ -29,10 +29,12 @@ from structprune.eval.perplexity import perplexity_from_ids
 def _value(v: str):
     if v == "inf":
         return math.inf
-    try:
-        return int(v)
-    except ValueError:
-        return float(v)
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v  # a string field (method, target, allocation)
 
 
 def main(argv=None):
@@ -65,8 +67,8 @@ def main(argv=None):
     for s in [float(x) for x in a.sparsity.split(",")]:
         for v in values:
             m = copy.deepcopy(model)
-            cfg = PruneConfig(method="structprune", sparsity=s, nsamples=a.nsamples, seqlen=a.seqlen,
-                              **{**fixed, name: v})
+            cfg = PruneConfig(sparsity=s, nsamples=a.nsamples, seqlen=a.seqlen,
+                              **{"method": "structprune", **fixed, name: v})
             t = time.perf_counter()
             r = prune(m, calib, cfg, device=a.device, progress=False, cache=cache)
             ppl = perplexity_from_ids(m.to(a.device), held, a.seqlen, device=a.device, progress=False).ppl
@@ -82,7 +84,7 @@ def main(argv=None):
             "dtype": a.dtype, "nsamples": a.nsamples, "seqlen": a.seqlen, "heldout_windows": a.heldout,
             "fixed": fixed, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-    lines = [f"# StructPrune sweep of `{name}` on held-out C4 calibration text", "",
+    lines = [f"# Sweep of `{name}` on held-out C4 calibration text", "",
              f"Command: `{meta['command']}`", "",
              f"Model {a.model}, {a.device} {a.dtype}, calibration {a.nsamples}x{a.seqlen} (C4 calibration documents, "
              f"seed 0), scored on {a.heldout} held-out windows of {a.seqlen} (disjoint C4 documents). "

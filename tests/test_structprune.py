@@ -157,3 +157,28 @@ def test_profile_cache_gives_identical_results():
             outs.append(m(ids).logits)
     assert len(cache) == 1
     assert torch.equal(outs[0], outs[1])
+
+
+def test_consensus_pull_moves_the_final_states_toward_the_dense_trajectory():
+    """The consensus target (rho > 0) trades each module's own reconstruction for the
+    residual stream's: on the calibration windows the final states end closer to dense."""
+    base = tiny_llama(layers=3)
+    ids = calib_ids(8, 32)
+    ref = final_state_distortion(base, ids)
+    dist = {}
+    for rho in (0.0, 4.0):
+        m = copy.deepcopy(base)
+        api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=32,
+                  rho=rho, target="own")
+        dist[rho] = final_state_distortion(m, ids, ref)
+    assert dist[4.0] < 0.9 * dist[0.0], dist
+
+
+def test_unknown_target_and_negative_rho_are_refused():
+    from structprune import PruneConfig
+    from structprune.errors import StructPruneError
+
+    with pytest.raises(StructPruneError, match="target"):
+        PruneConfig(method="structprune", target="teacher")
+    with pytest.raises(StructPruneError, match="rho"):
+        PruneConfig(method="structprune", rho=-1.0)

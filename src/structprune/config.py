@@ -13,6 +13,7 @@ ALLOCATIONS = ("uniform", "owl", "threshold", "softmax")
 # What allocation "auto" means per method (methods not listed: uniform).
 DEFAULT_ALLOCATION = {"structprune": "softmax", "flap": "threshold", "global": "threshold"}
 GLOBAL_SCORES = ("taylor", "fisher")
+TARGETS = ("dense", "own")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class PruneConfig:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     iterations: int = 1  # StructPrune outer iterations (docs/structprune.md: how chosen)
-    rho: float = 1.0
+    rho: float = 0.0  # StructPrune consensus pull toward the dense trajectory (docs/structprune.md: 0 by held-out sweep)
+    target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs ("own") or the dense module's ("dense")
     damp: float = 0.01
     refit_bias: bool = True
     global_score: str = "fisher"  # method global: fisher sum (g*W)^2, or taylor |sum g*W|, per window
@@ -66,6 +68,10 @@ class PruneConfig:
             raise StructPruneError(f"temperature must be >= 0 (inf allowed), got {self.temperature}")
         if self.global_score not in GLOBAL_SCORES:
             raise StructPruneError(f"unknown global_score {self.global_score!r}: choose one of {', '.join(GLOBAL_SCORES)}")
+        if self.target not in TARGETS:
+            raise StructPruneError(f"unknown target {self.target!r}: choose one of {', '.join(TARGETS)}")
+        if not self.rho >= 0:
+            raise StructPruneError(f"rho must be >= 0, got {self.rho}")
         if not 0 <= self.r_min < 1:
             raise StructPruneError(f"r_min must be in [0, 1), got {self.r_min}")
         if self.uniform_widths and self.allocation != "uniform":

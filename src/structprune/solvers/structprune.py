@@ -94,31 +94,37 @@ def _capture_module_outputs(adapter, layer, inputs: LayerInputs, device):
 
 
 def _target_stats(adapter, layer, module: str, pruned: LayerInputs, dense: LayerInputs, y_attn, y_mlp,
-                  alpha: float, device) -> _TargetStats:
+                  alpha: float, own: bool, device) -> _TargetStats:
     """Run the (partly cut) layer on the pruned inputs and accumulate stats of ``module``
-    against its consensus target."""
+    against its consensus target ``(1 - a) * anchor + a * u``.
+
+    ``u`` is the output that puts the residual stream back on the dense trajectory
+    (dense module output plus the residual gap); the anchor is the dense module's output
+    (``own=False``) or the module's own output on the pruned inputs (``own=True``)."""
     _, o = adapter.attn_linears(layer)
     _, down = adapter.mlp_linears(layer)
     st, cur = _TargetStats(), {}
 
-    def attn_pre(m, a):
-        if module == "attn":
-            c = cur["c"]
-            t = y_attn[c].to(device) + alpha * (dense.hidden[c].to(device) - pruned.hidden[c].to(device))
-            st.add(a[0], t)
+    def target(y_dense, gap, y_own):
+        anchor = y_own if own else y_dense
+        return anchor + alpha * (y_dense + gap - anchor)
 
     def attn_post(m, a, y):
-        cur["attn_out"] = y.detach()
+        y = y.detach()
+        cur["attn_out"] = y
+        if module == "attn":
+            c = cur["c"]
+            gap = dense.hidden[c].to(device) - pruned.hidden[c].to(device)
+            st.add(a[0], target(y_attn[c].to(device), gap, y))
 
-    def mlp_pre(m, a):
+    def mlp_post(m, a, y):
         if module == "mlp":
             c = cur["c"]
             mid_d = dense.hidden[c].to(device) + y_attn[c].to(device)
             mid_p = pruned.hidden[c].to(device) + cur["attn_out"]
-            st.add(a[0], y_mlp[c].to(device) + alpha * (mid_d - mid_p))
+            st.add(a[0], target(y_mlp[c].to(device), mid_d - mid_p, y.detach()))
 
-    hs = [o.register_forward_pre_hook(attn_pre), o.register_forward_hook(attn_post),
-          down.register_forward_pre_hook(mlp_pre)]
+    hs = [o.register_forward_hook(attn_post), down.register_forward_hook(mlp_post)]
     try:
         with torch.no_grad():
             for c, (h, kw) in enumerate(zip(pruned.hidden, pruned.kwargs)):
@@ -225,6 +231,7 @@ def prune_pass(run, kept_target: list[float], sens, alpha: float, desc: str):
     the relative final-state distortion, and the per-layer relative trajectory gap."""
     cfg, adapter, device = run.config, run.adapter, run.device
     dense = run._inputs or run.stream().first_inputs()
+    own = cfg.target == "own"
     plans, menus, drift = [], [], []
     carry = 0.0
     objective = float("nan")
@@ -233,7 +240,7 @@ def prune_pass(run, kept_target: list[float], sens, alpha: float, desc: str):
         y_attn, y_mlp, dense_next = _capture_module_outputs(adapter, layer, dense, device)
         ca, cm = _full_costs(adapter, layer)
 
-        st = _target_stats(adapter, layer, "attn", ctx.inputs, dense, y_attn, y_mlp, alpha, device)
+        st = _target_stats(adapter, layer, "attn", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
         st.check(f"layer {i} attn")
         path_a = attention_path(_problem(st, cfg=cfg), adapter.attention_shape(layer))
         ma = _menu(i, "attn", ca, path_a, 1.0)
@@ -241,7 +248,7 @@ def prune_pass(run, kept_target: list[float], sens, alpha: float, desc: str):
         carry += kept_target[2 * i] - ma.kept[ka]
         heads, groups = _cut_attention(adapter, layer, path_a, ka, st, cfg)
 
-        st = _target_stats(adapter, layer, "mlp", ctx.inputs, dense, y_attn, y_mlp, alpha, device)
+        st = _target_stats(adapter, layer, "mlp", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
         st.check(f"layer {i} mlp")
         mshape = adapter.mlp_shape(layer)
         path_m = channel_path(_problem(st, cfg=cfg), _min_keep(mshape.channels, cfg), mshape.cost_per_channel,
