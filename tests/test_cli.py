@@ -57,6 +57,14 @@ def test_prune_writes_report(tiny_folder, calib_file, tmp_path, capsys):
     assert "sparsity" in capsys.readouterr().out
 
 
+def test_structprune_solver_options_reach_the_config(tiny_folder, calib_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(_args(tiny_folder(), out, calib_file, "--method", "structprune", "--rho", "0.5", "--target", "dense",
+                      "--temperature", "2")) == 0
+    cfg = json.loads((out / "report.json").read_text())["config"]
+    assert (cfg["method"], cfg["rho"], cfg["target"], cfg["temperature"]) == ("structprune", 0.5, "dense", 2.0)
+
+
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.1", "1.5"])
 def test_sparsity_out_of_range(tiny_folder, calib_file, tmp_path, capsys, sparsity):
     out = tmp_path / "out"

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform-widths", action="store_true", help="same kept widths in every layer")
     p.add_argument("--temperature", type=float, default=None, help="softmax allocation temperature (inf: uniform)")
     p.add_argument("--iterations", type=int, default=None, help="StructPrune ADMM iterations")
+    p.add_argument("--rho", type=float, default=None, help="StructPrune consensus pull toward the dense trajectory")
+    p.add_argument("--target", default=None, choices=("own", "dense"), help="StructPrune refit anchor")
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size", default="2GB", help="split safetensors weights above this size (e.g. 500MB)")
@@ -122,7 +124,7 @@ def cmd_prune(args) -> dict:
     nsamples = args.nsamples or defaults["nsamples"]
     seqlen = args.seqlen or defaults["seqlen"]
     limit = defaults["eval_limit"] if args.eval_limit == -1 else (args.eval_limit or None)
-    overrides = {k: getattr(args, k) for k in ("temperature", "iterations") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("temperature", "iterations", "rho", "target") if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,
                          mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths, **overrides)

@@ -41,6 +41,7 @@ class PruneConfig:
     owl_m: float = 5.0
     iterations: int = 1  # StructPrune outer iterations (docs/structprune.md: how chosen)
     rho: float = 0.0  # StructPrune consensus pull toward the dense trajectory (docs/structprune.md: 0 by held-out sweep)
+    path_steps: int = 32  # StructPrune: MLP removal-path steps per module (block = channels // path_steps)
     target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs ("own") or the dense module's ("dense")
     damp: float = 0.01
     refit_bias: bool = True
@@ -61,7 +62,7 @@ class PruneConfig:
             object.__setattr__(self, "allocation", default)
         if self.allocation not in ALLOCATIONS:
             raise StructPruneError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-        for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations"):
+        for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations", "path_steps"):
             if int(getattr(self, name)) < 1:
                 raise StructPruneError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not (self.temperature >= 0 or math.isinf(self.temperature)):

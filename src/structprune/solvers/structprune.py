@@ -161,10 +161,10 @@ def _min_keep(n: int, cfg) -> int:
 
 
 def _block(n: int, cfg) -> int:
-    """Channels removed per path step: ``n // 32`` (32 steps per module: 3% of the MLP, fine
-    enough for allocation, and the path is the solver's main cost), rounded to a multiple of
-    ``mlp_multiple`` so that every point of the path is a multiple of it when ``n`` is."""
-    block = max(1, n // 32)
+    """Channels removed per path step: ``n // cfg.path_steps``, rounded to a multiple of
+    ``mlp_multiple`` so that every point of the path is a multiple of it when ``n`` is.
+    Finer steps give finer widths and a more exact greedy (docs/structprune.md: how chosen)."""
+    block = max(1, n // cfg.path_steps)
     m = cfg.mlp_multiple
     if m > 1 and n % m == 0:
         block = max(m, block // m * m)
@@ -288,7 +288,7 @@ def prune_structprune(run) -> list[LayerPlan]:
     inputs = run.stream().first_inputs()
 
     t0 = time.perf_counter()
-    key = ("structprune-profile", cfg.sens_nsamples, cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple,
+    key = ("structprune-profile", cfg.sens_nsamples, cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple, cfg.path_steps,
            cfg.batch_size, tuple(run.calib.shape), int(run.calib.sum()), int((run.calib * run.calib).sum()))
     if run.cache is not None and key in run.cache:
         sens, menus = copy.deepcopy(run.cache[key])
