@@ -67,3 +67,27 @@ def test_external_target_refit():
     assert (Wl - WK).abs().max() < 1e-4
     W2, b2 = refit(Z.T @ Z, Z.sum(0), 500, torch.tensor(kept), C=C, damp=1e-9)
     assert (W2 - WK).abs().max() < 1e-8 and (b2 - bK).abs().max() < 1e-8
+
+
+def test_dampening_shrinks_an_external_target_refit_toward_the_current_weights():
+    """With the module's own output given as an external target (``C = [W b] H``), a refit that
+    keeps everything must return ``W`` unchanged at any dampening when ``W`` is the prior; without
+    the prior the ridge pulls toward 0 and shrinks the weights."""
+    Z, W, b = _data(6)
+    Z = Z.double()
+    H, s = Z.T @ Z, Z.sum(0)
+    Za = torch.cat([Z, torch.ones(500, 1)], 1).double()
+    C = torch.cat([W, b[:, None]], 1).double() @ (Za.T @ Za)
+    keep = torch.arange(30)
+    W1, b1 = refit(H, s, 500, keep, C=C, W=W, bias=b, damp=0.1)
+    assert (W1 - W.double()).abs().max() < 1e-8 and (b1 - b.double()).abs().max() < 1e-8
+    W0, _ = refit(H, s, 500, keep, C=C, damp=0.1)
+    assert (W0 - W.double()).abs().max() > 1e-3
+    # The path built from the same statistics starts at W too, and its refits agree with refit().
+    prob = ModuleProblem.build(H, s, 500, C=C, W=W, bias=b, damp=0.1)
+    assert (prob.W[:, :30] - W.double()).abs().max() < 1e-8
+    path = channel_path(prob, 20, 1.0, block=5)
+    kept = torch.tensor(sorted(set(range(30)) - {c for st in path.steps for c in st}))
+    Wp, bp = prob.weights()
+    Wr, br = refit(H, s, 500, kept, C=C, W=W, bias=b, damp=0.1)
+    assert (Wp[:, kept] - Wr).abs().max() < 1e-6 and (bp - br).abs().max() < 1e-6

@@ -37,11 +37,32 @@ def augmented_gram(H: torch.Tensor, zsum: torch.Tensor, count: int) -> torch.Ten
     return A
 
 
-def damp_(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Add ``damp * mean(diag H)`` to the diagonal (SparseGPT's dampening), in place."""
+def damp_(H: torch.Tensor, damp: float) -> float:
+    """Add ``damp * mean(diag H)`` to the diagonal (SparseGPT's dampening), in place; returns the amount."""
     d = torch.diagonal(H)
-    d += damp * d.mean().clamp_min(1e-12)
-    return H
+    delta = float(damp * d.mean().clamp_min(1e-12))
+    d += delta
+    return delta
+
+
+def _augmented_weights(W: torch.Tensor, bias: torch.Tensor | None, fit_bias: bool) -> torch.Tensor:
+    Wd = W.detach().double()
+    if fit_bias:
+        b = bias.detach().double() if bias is not None else Wd.new_zeros(Wd.shape[0])
+        Wd = torch.cat([Wd, b[:, None]], 1)
+    return Wd
+
+
+def _cross_term(C: torch.Tensor, W, bias, fit_bias: bool, delta: float, n: int) -> torch.Tensor:
+    """``C`` against an external target, ridge-regularised toward the current weights ``W``
+    (when given): dampening ``H + delta I`` then shrinks the refit toward ``W``, not toward 0,
+    so an unpruned module with its own output as target is left exactly as it was."""
+    C = C.double()
+    if not fit_bias:
+        C = C[:, :n]
+    if W is not None:
+        C = C + delta * _augmented_weights(W, bias, fit_bias).to(C.device)
+    return C
 
 
 def _inverse(H: torch.Tensor) -> torch.Tensor:
@@ -71,7 +92,8 @@ class ModuleProblem:
               C: torch.Tensor | None = None, bias: torch.Tensor | None = None, fit_bias: bool = True,
               damp: float = 0.01, yy: float | None = None, dtype=torch.float64) -> "ModuleProblem":
         """From statistics. Give ``W`` (own output target, with optional current ``bias``)
-        or ``C = sum y [z;1]^T`` (external target; then ``yy = sum |y|^2`` gives ``base_error``).
+        or ``C = sum y [z;1]^T`` (external target; then ``yy = sum |y|^2`` gives ``base_error``,
+        and ``W``/``bias``, if also given, are the ridge prior of the dampening).
 
         The inverse is always formed in float64; ``dtype=torch.float32`` then runs the greedy
         path (which only orders removals; refits are separate float64 solves) twice as fast."""
@@ -79,18 +101,13 @@ class ModuleProblem:
         Hd = H.double()
         if fit_bias:
             Hd = augmented_gram(Hd, zsum.double(), count)
-        damp_(Hd, damp)
+        delta = damp_(Hd, damp)
         Hinv = _inverse(Hd)
         if C is None:
-            Wd = W.detach().double()
-            if fit_bias:
-                b = bias.detach().double() if bias is not None else Wd.new_zeros(Wd.shape[0])
-                Wd = torch.cat([Wd, b[:, None]], 1)
+            Wd = _augmented_weights(W, bias, fit_bias)
             base = 0.0
         else:
-            C = C.double()
-            if not fit_bias:
-                C = C[:, :n]
+            C = _cross_term(C, W, bias, fit_bias, delta, n)
             Wd = C @ Hinv
             base = float(yy - (Wd * C).sum()) if yy is not None else 0.0
         return cls(W=Wd.to(dtype), Hinv=Hinv.to(dtype), n=n, bias=fit_bias, base_error=max(base, 0.0))
@@ -220,19 +237,17 @@ def refit(H: torch.Tensor, zsum: torch.Tensor, count: int, keep: torch.Tensor, *
 
     Returns ``(W_K [d, |K|], bias or None)`` minimising the error against the module's
     own dense output (``W``, ``bias``) or an external target given by ``C`` ([d, n+1]
-    with the bias column when ``fit_bias``, else [d, n])."""
+    with the bias column when ``fit_bias``, else [d, n]); with both, ``W``/``bias`` are the
+    ridge prior (dampening shrinks toward them)."""
     n = H.shape[0]
     Hd = H.double()
     if fit_bias:
         Hd = augmented_gram(Hd, zsum.double(), count)
-    damp_(Hd, damp)
+    delta = damp_(Hd, damp)
     if C is None:
-        Wd = W.detach().double()
-        if fit_bias:
-            b = bias.detach().double() if bias is not None else Wd.new_zeros(Wd.shape[0])
-            Wd = torch.cat([Wd, b[:, None]], 1)
-        C = Wd @ Hd  # own-output target: C = W H
-    C = C.double()
+        C = _augmented_weights(W, bias, fit_bias) @ Hd  # own-output target: C = W H (damped: ridge toward W)
+    else:
+        C = _cross_term(C, W, bias, fit_bias, delta, n)
     K = torch.as_tensor(keep, dtype=torch.long)
     if fit_bias:
         K = torch.cat([K, torch.tensor([n])])

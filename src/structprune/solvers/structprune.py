@@ -139,9 +139,10 @@ def _target_stats(adapter, layer, module: str, pruned: LayerInputs, dense: Layer
 # -- menus -------------------------------------------------------------------------------------
 
 def _problem(st_or_stats, W=None, bias=None, cfg=None, target=True) -> ModuleProblem:
-    if target:
-        return ModuleProblem.build(st_or_stats.H, st_or_stats.zsum, st_or_stats.count, C=st_or_stats.C,
-                                   fit_bias=cfg.refit_bias, damp=cfg.damp, yy=st_or_stats.yy, dtype=torch.float32)
+    if target:  # W, bias: the module's current weights, the prior the dampening shrinks toward
+        return ModuleProblem.build(st_or_stats.H, st_or_stats.zsum, st_or_stats.count, C=st_or_stats.C, W=W,
+                                   bias=bias, fit_bias=cfg.refit_bias, damp=cfg.damp, yy=st_or_stats.yy,
+                                   dtype=torch.float32)
     s = st_or_stats
     return ModuleProblem.build(s.gram, s.zsum, s.count, W=W, bias=bias, fit_bias=cfg.refit_bias, damp=cfg.damp,
                                dtype=torch.float32)
@@ -204,7 +205,8 @@ def _cut_attention(adapter, layer, path, k, st, cfg):
     kept = path.kept[k]
     groups = sorted(kept)
     heads = sorted(h for g in groups for h in kept[g])
-    W, b = refit(st.H, st.zsum, st.count, _head_cols(heads, shape.head_dim), C=st.C if cfg.refit_bias else st.C[:, :-1],
+    o = adapter.attn_linears(layer)[1]
+    W, b = refit(st.H, st.zsum, st.count, _head_cols(heads, shape.head_dim), C=st.C, W=o.weight, bias=o.bias,
                  fit_bias=cfg.refit_bias, damp=cfg.damp)
     n = adapter.mlp_shape(layer).channels
     apply_layer_plan(adapter, layer, LayerPlan(heads, groups, list(range(n))))
@@ -216,7 +218,8 @@ def _cut_mlp(adapter, layer, path, k, st, cfg):
     removed = {c for step in path.steps[:k] for c in step}
     n = adapter.mlp_shape(layer).channels
     channels = [c for c in range(n) if c not in removed]
-    W, b = refit(st.H, st.zsum, st.count, torch.tensor(channels), C=st.C if cfg.refit_bias else st.C[:, :-1],
+    down = adapter.mlp_linears(layer)[1]
+    W, b = refit(st.H, st.zsum, st.count, torch.tensor(channels), C=st.C, W=down.weight, bias=down.bias,
                  fit_bias=cfg.refit_bias, damp=cfg.damp)
     a = adapter.attention_shape(layer)
     apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), channels))
@@ -242,7 +245,8 @@ def prune_pass(run, kept_target: list[float], sens, alpha: float, desc: str):
 
         st = _target_stats(adapter, layer, "attn", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
         st.check(f"layer {i} attn")
-        path_a = attention_path(_problem(st, cfg=cfg), adapter.attention_shape(layer))
+        o = adapter.attn_linears(layer)[1]
+        path_a = attention_path(_problem(st, o.weight, o.bias, cfg), adapter.attention_shape(layer))
         ma = _menu(i, "attn", ca, path_a, 1.0)
         ka = ma.nearest_prefix(kept_target[2 * i])
         carry += kept_target[2 * i] - ma.kept[ka]
@@ -251,7 +255,9 @@ def prune_pass(run, kept_target: list[float], sens, alpha: float, desc: str):
         st = _target_stats(adapter, layer, "mlp", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
         st.check(f"layer {i} mlp")
         mshape = adapter.mlp_shape(layer)
-        path_m = channel_path(_problem(st, cfg=cfg), _min_keep(mshape.channels, cfg), mshape.cost_per_channel,
+        down = adapter.mlp_linears(layer)[1]
+        path_m = channel_path(_problem(st, down.weight, down.bias, cfg), _min_keep(mshape.channels, cfg),
+                              mshape.cost_per_channel,
                               _block(mshape.channels, cfg))
         mm = _menu(i, "mlp", cm, path_m, 1.0)
         km = mm.nearest_prefix(kept_target[2 * i + 1] + carry)
