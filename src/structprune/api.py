@@ -2,7 +2,7 @@
 
     from structprune import load_model, prune, PruneConfig
     model, tok = load_model("smollm2-135m")
-    result = prune(model, tokenizer=tok, config=PruneConfig(method="wanda-sp", sparsity=0.3))
+    result = prune(model, tokenizer=tok, config=PruneConfig(method="structprune", sparsity=0.3))
     result.report["sparsity_achieved"]
 """
 

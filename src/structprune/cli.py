@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and evaluate it")
     add_common(p)
     p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable decoder parameters to remove")
-    p.add_argument("--method", default="wanda-sp", choices=sorted(METHODS))
+    p.add_argument("--method", default="structprune", choices=sorted(METHODS))
     p.add_argument("--allocation", default="auto",
                    help="auto (the method's default) | uniform | owl | threshold | softmax")
     p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text/json(l) file")

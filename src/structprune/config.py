@@ -24,7 +24,7 @@ class PruneConfig:
     projections of every layer) to remove; embeddings and the LM head are never pruned.
     """
 
-    method: str = "wanda-sp"
+    method: str = "structprune"
     sparsity: float = 0.3
     allocation: str = "auto"  # auto: the method's own default (softmax for structprune, else uniform)
     calib: str = "c4"

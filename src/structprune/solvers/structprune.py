@@ -10,10 +10,12 @@ The algorithm (docs/structprune.md derives it and lists every hyper-parameter):
    a. *budget dual*: ``lambda`` by bisection so the energy-based allocation of the menus
       meets the global budget (allocation/softmax.py, temperature ``T``);
    b. *module updates*: every module sees the pruned model's own inputs and is refitted in
-      closed form to the **consensus target** ``t = y_dense + a (h_dense - h_pruned)``:
-      its dense output plus a pull of the residual stream back onto the dense trajectory
-      (``a = rho / (1 + rho)``); its path is recomputed against that target, the allocated
-      point of the path is cut and the output projection refitted (least squares, bias);
+      closed form to the **consensus target** ``t = (1 - a) anchor + a u``, where
+      ``u = y_dense + (h_dense - h_pruned)`` puts the residual stream back on the dense
+      trajectory, the anchor is the module's own output on its pruned inputs (``target="own"``)
+      or its dense output (``"dense"``), and ``a = rho / (1 + rho)``; its path is recomputed
+      against that target, the allocated point of the path is cut and the output projection
+      refitted (least squares with a bias, dampening shrinking toward the current weights);
    c. *consensus / residuals*: the pruned and dense trajectories' distance at each layer
       (primal residual), the change of the allocation (dual residual) and the global
       objective (relative distortion of the final hidden states) are logged; the
