@@ -165,13 +165,17 @@ def plot(record: dict, path: Path) -> None:
         log.warning("matplotlib not installed (pip install structprune[plot]): no plot written")
         return
     rows = record["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] != "dense"))
-    for label in labels:
+    colors = plt.get_cmap("tab20").colors
+    for i, label in enumerate(labels):
         pts = sorted((r["sparsity_achieved"], r["ppl"]["wikitext2"]["ppl"]) for r in rows
                      if r["label"] == label and "wikitext2" in r["ppl"])
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        if len(pts) < 3:  # ablations measured at one or two sparsities are in the table only
+            continue
+        main = label == "structprune"
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label,
+                color="black" if main else colors[i % len(colors)], linewidth=2.5 if main else 1.2)
     dense = next((r for r in rows if r["method"] == "dense" and "wikitext2" in r["ppl"]), None)
     if dense is not None:
         ax.axhline(dense["ppl"]["wikitext2"]["ppl"], color="gray", linestyle="--", label="dense")
@@ -183,7 +187,7 @@ def plot(record: dict, path: Path) -> None:
         title += "\n(reduced protocol: " + record["reduced"] + ")"
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
