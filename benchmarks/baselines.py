@@ -37,7 +37,7 @@ from structprune.eval.perplexity import evaluate_datasets  # noqa: E402
 
 log = logging.getLogger("baselines")
 
-DEFAULT_METHODS = "magnitude-sp,wanda-sp,wanda-sp:owl,wanda-sp:threshold,flap,global,obs-local"
+DEFAULT_METHODS = "magnitude-sp,wanda-sp,wanda-sp:owl,wanda-sp:threshold,flap,global,obs-local,structprune"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DATASET_TITLES = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 # Settings that must agree for rows of one table to be comparable (checked by --resume).
