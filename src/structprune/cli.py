@@ -124,7 +124,8 @@ def cmd_prune(args) -> dict:
     nsamples = args.nsamples or defaults["nsamples"]
     seqlen = args.seqlen or defaults["seqlen"]
     limit = defaults["eval_limit"] if args.eval_limit == -1 else (args.eval_limit or None)
-    overrides = {k: getattr(args, k) for k in ("temperature", "iterations", "rho", "target") if getattr(args, k) is not None}
+    solver_opts = ("temperature", "iterations", "rho", "target")
+    overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,
                          mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths, **overrides)

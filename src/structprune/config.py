@@ -40,9 +40,9 @@ class PruneConfig:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     iterations: int = 1  # StructPrune outer iterations (docs/structprune.md: how chosen)
-    rho: float = 0.0  # StructPrune consensus pull toward the dense trajectory (docs/structprune.md: 0 by held-out sweep)
+    rho: float = 0.0  # StructPrune pull toward the dense trajectory (docs/structprune.md: 0 by held-out sweep)
     path_steps: int = 32  # StructPrune: MLP removal-path steps per module (block = channels // path_steps)
-    target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs ("own") or the dense module's ("dense")
+    target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs, or the dense module's
     damp: float = 0.01
     refit_bias: bool = True
     global_score: str = "fisher"  # method global: fisher sum (g*W)^2, or taylor |sum g*W|, per window

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapter
-from ..surgery import head_rows
 
 
 def per_head(col_scores: torch.Tensor, head_dim: int) -> torch.Tensor:

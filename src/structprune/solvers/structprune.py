@@ -296,8 +296,9 @@ def prune_structprune(run) -> list[LayerPlan]:
     inputs = run.stream().first_inputs()
 
     t0 = time.perf_counter()
-    key = ("structprune-profile", cfg.sens_nsamples, cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple, cfg.path_steps,
-           cfg.batch_size, tuple(run.calib.shape), int(run.calib.sum()), int((run.calib * run.calib).sum()))
+    key = ("structprune-profile", cfg.sens_nsamples, cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple,
+           cfg.path_steps, cfg.batch_size, tuple(run.calib.shape), int(run.calib.sum()),
+           int((run.calib * run.calib).sum()))
     if run.cache is not None and key in run.cache:
         sens, menus = copy.deepcopy(run.cache[key])
     else:
