@@ -182,3 +182,18 @@ def test_unknown_target_and_negative_rho_are_refused():
         PruneConfig(method="structprune", target="teacher")
     with pytest.raises(StructPruneError, match="rho"):
         PruneConfig(method="structprune", rho=-1.0)
+
+
+def test_uniform_allocation_cuts_exactly_the_uniform_widths():
+    """T = inf (``--uniform-widths``) gives the local methods' exact widths in every layer, so the
+    model exports with a stock config."""
+    base = tiny_llama(layers=3)
+    ids = calib_ids(4, 32)
+    widths = {}
+    for method in ("structprune", "obs-local"):
+        m = copy.deepcopy(base)
+        r = api.prune(m, ids, device="cpu", progress=False, method=method, sparsity=0.4, seqlen=32,
+                      uniform_widths=True)
+        widths[method] = r.report["layers"]
+    assert widths["structprune"] == widths["obs-local"]
+    assert all(w == widths["structprune"][0] for w in widths["structprune"])

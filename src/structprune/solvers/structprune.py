@@ -229,8 +229,9 @@ def _cut_mlp(adapter, layer, path, k, st, cfg):
     return channels
 
 
-def prune_pass(run, kept_target: list[float], sens, alpha: float, desc: str):
-    """Cut every module to (about) its allocated kept cost against consensus targets.
+def prune_pass(run, kept_target: list[float] | None, sens, alpha: float, desc: str, widths=None):
+    """Cut every module to (about) its allocated kept cost against consensus targets, or, with
+    ``widths`` (uniform allocation, T = inf), to exactly those widths in every layer.
 
     Returns ``(plans, menus, objective, drift)``: fresh menus on the pruned trajectory,
     the relative final-state distortion, and the per-layer relative trajectory gap."""
@@ -248,22 +249,30 @@ def prune_pass(run, kept_target: list[float], sens, alpha: float, desc: str):
         st = _target_stats(adapter, layer, "attn", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
         st.check(f"layer {i} attn")
         o = adapter.attn_linears(layer)[1]
-        path_a = attention_path(_problem(st, o.weight, o.bias, cfg), adapter.attention_shape(layer))
+        w = widths[i] if widths is not None else None
+        target = (1, 1) if w is None else (w.kv_heads, w.per_group)  # exact widths: the path ends there
+        path_a = attention_path(_problem(st, o.weight, o.bias, cfg), adapter.attention_shape(layer), target)
         ma = _menu(i, "attn", ca, path_a, 1.0)
-        ka = ma.nearest_prefix(kept_target[2 * i])
-        carry += kept_target[2 * i] - ma.kept[ka]
+        if w is None:
+            ka = ma.nearest_prefix(kept_target[2 * i])
+            carry += kept_target[2 * i] - ma.kept[ka]
+        else:
+            ka = len(path_a.steps)
         heads, groups = _cut_attention(adapter, layer, path_a, ka, st, cfg)
 
         st = _target_stats(adapter, layer, "mlp", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
         st.check(f"layer {i} mlp")
         mshape = adapter.mlp_shape(layer)
         down = adapter.mlp_linears(layer)[1]
-        path_m = channel_path(_problem(st, down.weight, down.bias, cfg), _min_keep(mshape.channels, cfg),
-                              mshape.cost_per_channel,
+        path_m = channel_path(_problem(st, down.weight, down.bias, cfg),
+                              _min_keep(mshape.channels, cfg) if w is None else w.channels, mshape.cost_per_channel,
                               _block(mshape.channels, cfg))
         mm = _menu(i, "mlp", cm, path_m, 1.0)
-        km = mm.nearest_prefix(kept_target[2 * i + 1] + carry)
-        carry += kept_target[2 * i + 1] - mm.kept[km]
+        if w is None:
+            km = mm.nearest_prefix(kept_target[2 * i + 1] + carry)
+            carry += kept_target[2 * i + 1] - mm.kept[km]
+        else:
+            km = len(path_m.steps)
         channels = _cut_mlp(adapter, layer, path_m, km, st, cfg)
 
         menus += [_menu(i, "attn", ca, path_a, sens[i]["attn"]), _menu(i, "mlp", cm, path_m, sens[i]["mlp"])]
@@ -299,7 +308,10 @@ def prune_structprune(run) -> list[LayerPlan]:
     key = ("structprune-profile", cfg.sens_nsamples, cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple,
            cfg.path_steps, cfg.batch_size, tuple(run.calib.shape), int(run.calib.sum()),
            int((run.calib * run.calib).sum()))
-    if run.cache is not None and key in run.cache:
+    if math.isinf(T):
+        # Uniform widths need no menus or sensitivities (only the logs' menus carry weights).
+        sens, menus = [{"attn": 1.0, "mlp": 1.0} for _ in layers], []
+    elif run.cache is not None and key in run.cache:
         sens, menus = copy.deepcopy(run.cache[key])
     else:
         nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
@@ -312,7 +324,7 @@ def prune_structprune(run) -> list[LayerPlan]:
             run.cache[key] = copy.deepcopy((sens, menus))
     t_sens = time.perf_counter() - t0
 
-    full = sum(m.full_cost for m in menus)
+    full = sum(c for l in layers for c in _full_costs(adapter, l))
     from ..api import prunable_params  # late: api imports the solvers
 
     budget = full - cfg.sparsity * prunable_params(adapter)
@@ -323,13 +335,15 @@ def prune_structprune(run) -> list[LayerPlan]:
         t1 = time.perf_counter()
         if it > 0:
             _restore(layers, dense_layers)
-        if math.isinf(T):
-            kept = _uniform_targets(adapter, cfg)
-            lam = float("inf")
+        if math.isinf(T):  # uniform: the same exact widths in every layer (as the local methods)
+            kept, lam = None, float("inf")
+            widths = uniform_widths([(adapter.attention_shape(l), adapter.mlp_shape(l)) for l in layers],
+                                    cfg.sparsity, cfg.mlp_multiple)
         else:
             prefixes, lam = allocate_prefixes(menus, budget, T)
-            kept = [m.kept[k] for m, k in zip(menus, prefixes)]
-        plans, menus, objective, drift = prune_pass(run, kept, sens, alpha, desc=f"structprune iter {it + 1}")
+            kept, widths = [m.kept[k] for m, k in zip(menus, prefixes)], None
+        plans, menus, objective, drift = prune_pass(run, kept, sens, alpha, desc=f"structprune iter {it + 1}",
+                                                    widths=widths)
         kept_now = [c for l in layers for c in _full_costs(adapter, l)]
         dual = (sum(abs(a - b) for a, b in zip(kept_now, prev_kept)) / full) if prev_kept else float("nan")
         entry = {"iteration": it + 1, "objective": objective, "lambda": lam, "temperature": T,
@@ -348,11 +362,3 @@ def prune_structprune(run) -> list[LayerPlan]:
     run.log.append({"chosen_iteration": best[3], "profile_seconds": t_sens,
                     "sensitivities": sens})
     return best[1]
-
-
-def _uniform_targets(adapter, cfg) -> list[float]:
-    shapes = [(adapter.attention_shape(l), adapter.mlp_shape(l)) for l in adapter.layers()]
-    out = []
-    for (a, m), w in zip(shapes, uniform_widths(shapes, cfg.sparsity, cfg.mlp_multiple)):
-        out += [float(a.cost(w.kv_heads, w.per_group)), float(m.cost(w.channels))]
-    return out
