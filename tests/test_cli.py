@@ -65,6 +65,16 @@ def test_structprune_solver_options_reach_the_config(tiny_folder, calib_file, tm
     assert (cfg["method"], cfg["rho"], cfg["target"], cfg["temperature"]) == ("structprune", 0.5, "dense", 2.0)
 
 
+def test_default_method_with_uniform_widths_exports_a_stock_config(tiny_folder, calib_file, tmp_path):
+    """StructPrune is the CLI default; with --uniform-widths it must still give a stock-config model."""
+    out = tmp_path / "out"
+    args = [a for a in _args(tiny_folder(), out, calib_file, "--uniform-widths") if a not in ("--method", "wanda-sp")]
+    assert main(args) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["method"] == "structprune" and all(w == r["layers"][0] for w in r["layers"])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.1", "1.5"])
 def test_sparsity_out_of_range(tiny_folder, calib_file, tmp_path, capsys, sparsity):
     out = tmp_path / "out"
