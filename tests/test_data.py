@@ -118,3 +118,51 @@ def test_unknown_corpus_and_missing_file():
         load_text("imagenet")
     with pytest.raises(StructPruneError, match="not found"):
         load_text("/nonexistent/calib.txt")
+
+
+@pytest.fixture
+def no_assets(monkeypatch):
+    """As on a user's machine: no assets folder anywhere, empty corpus caches."""
+    from structprune.data import corpora
+
+    monkeypatch.setattr(corpora, "find_assets_dir", lambda: None)
+    corpora._load_builtin.cache_clear()
+    corpora._c4_documents_cached.cache_clear()
+    yield corpora
+    corpora._load_builtin.cache_clear()
+    corpora._c4_documents_cached.cache_clear()
+
+
+@needs_assets
+def test_packaged_corpora_equal_the_assets(assets, no_assets):
+    wiki = load_text("wikitext2")
+    assert wiki == (assets / "wikitext2" / "wikitext-2-raw-v1.test.txt").read_text(encoding="utf-8")
+    docs = load_c4_documents()
+    with gzip.open(assets / "c4" / "c4-validation-subset-1500.json.gz", "rt", encoding="utf-8") as fh:
+        assert docs == [json.loads(line)["text"] for line in fh]
+
+
+def test_packaged_corpora_need_no_assets_and_ptb_says_why_it_is_absent(no_assets, monkeypatch):
+    assert len(load_text("wikitext2")) == 1_294_336
+    assert len(load_c4_documents()) == 1500
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):  # as where `datasets` is not installed
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(StructPruneError, match="LDC terms and does not ship"):
+        load_text("ptb")
+
+
+def test_altered_packaged_corpus_is_refused(no_assets, monkeypatch, tmp_path):
+    src = no_assets.BUNDLED_DIR / no_assets.BUNDLED["wikitext2"][0]
+    text = gzip.decompress(src.read_bytes()).replace(b"Robert Boulter", b"Robert Boulted", 1)
+    (tmp_path / src.name).write_bytes(gzip.compress(text))
+    monkeypatch.setattr(no_assets, "BUNDLED_DIR", tmp_path)
+    with pytest.raises(StructPruneError, match="SHA-256"):
+        load_text("wikitext2")

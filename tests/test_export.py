@@ -110,7 +110,9 @@ def test_nonuniform_roundtrip(family, tmp_path):
     assert export.format == "custom"
     cfg = json.loads((tmp_path / "config.json").read_text())
     base = "llama" if family == "llama-gqa" else family
-    assert cfg["model_type"] == f"structprune_{base}"
+    # Format 2: the base family as model_type (tokenizers read it locally), per-layer classes via auto_map.
+    assert cfg["model_type"] == base and cfg["structprune"]["format"] == "custom"
+    assert cfg["auto_map"]["AutoConfig"].startswith("modeling_structprune.StructPrune")
     adapter = get_adapter(model)
     layers = list(adapter.layers())
     assert cfg["layer_num_heads"] == [adapter.layer_widths(l)["heads"] for l in layers]
@@ -449,3 +451,25 @@ def test_sliced_smollm2_roundtrip(smollm2_path, tmp_path):
     assert save_pruned(model, tok, custom).format == "custom"
     for reloaded in reload_all_ways(custom):
         assert_same_model(model, reloaded, ids[:, :10])
+
+
+def test_tokenizer_of_a_per_layer_export_loads_without_asking_to_run_code(tmp_path, byte_tokenizer, monkeypatch):
+    """AutoTokenizer reads config.json; a per-layer export must not make it ask about remote code."""
+    import builtins
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    model = FACTORIES["llama-gqa"]()
+    cut_nonuniform(model, seed=5)
+    save_pruned(model, byte_tokenizer, tmp_path)
+
+    def asked(*args, **kwargs):
+        raise AssertionError("transformers asked whether to run the folder's code")
+
+    monkeypatch.setattr(builtins, "input", asked)
+    assert AutoTokenizer.from_pretrained(tmp_path)("hi")["input_ids"] == byte_tokenizer("hi")["input_ids"]
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "llama"  # read locally, no remote code
+    # The model itself still comes from the shipped modeling code, at its per-layer widths.
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert loaded.config.model_type == "structprune_llama"
+    assert_same_model(model, loaded)

@@ -1,14 +1,23 @@
-"""Text corpora for calibration and perplexity: local assets first, `datasets` second.
+"""Text corpora for calibration and perplexity.
 
-The project ships WikiText-2, PTB and a 1,500-document C4 subset in ``shared/assets``
-(see ``shared/assets/README.md``) because many machines cannot reach the Hugging Face
-hub. Where the assets are absent we fall back to ``datasets.load_dataset``.
+Where each corpus comes from, first match wins:
+
+1. an assets folder (``$STRUCTPRUNE_ASSETS``, or ``../shared/assets`` beside a checkout)
+   holding ``wikitext2/``, ``ptb/`` and ``c4/`` as ``shared/assets/README.md`` lays out;
+2. the copies shipped inside the package (``data/bundled``: WikiText-2 raw test and the
+   1,500-document C4 subset, with their licences), verified by SHA-256 on every read, so
+   the default job runs on any machine with nothing beside the package;
+3. ``datasets.load_dataset`` where the Hugging Face hub is reachable.
+
+PTB is under LDC terms and is not shipped: it comes from an assets folder, ``datasets``
+or a file the user passes.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +35,19 @@ CORPORA = ("wikitext2", "ptb", "c4")
 _WIKITEXT_FILE = ("wikitext2", "wikitext-2-raw-v1.test.txt")
 _PTB_FILE = ("ptb", "ptb.valid.txt")
 _C4_FILE = ("c4", "c4-validation-subset-1500.json.gz")
+
+#: Corpora shipped inside the package: file in ``data/bundled`` and the SHA-256 of what is
+#: read (for the gzip-compressed WikiText, of the decompressed text, as in shared/assets).
+BUNDLED_DIR = Path(__file__).with_name("bundled")
+BUNDLED = {
+    "wikitext2": ("wikitext-2-raw-v1.test.txt.gz", "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"),
+    "c4": ("c4-validation-subset-1500.json.gz", "15f2e7b216f3c4d6be6b168dcbfa3537adc697c97bd910291f9792cb5f3076ce"),
+}
+PTB_ABSENT = (
+    "PTB (Penn Treebank) is under LDC terms and does not ship with StructPrune: pass its validation "
+    f"text as a file (e.g. --eval ./ptb.valid.txt), set {ASSETS_ENV} to a folder holding ptb/ptb.valid.txt, "
+    "or pip install datasets where the Hugging Face hub is reachable"
+)
 
 # C4 document ranges (indices into the 1,500-document subset). Calibration and
 # evaluation must never share text, and hyper-parameters are chosen on held-out
@@ -67,12 +89,31 @@ def asset_path(*parts: str) -> Path | None:
     return path if path.exists() else None
 
 
+def bundled_bytes(key: str) -> bytes:
+    """Content of a corpus shipped with the package (``wikitext2``: the text, ``c4``: the gzip file),
+    checked against its SHA-256; raises if it is missing or altered."""
+    name, want = BUNDLED[key]
+    path = BUNDLED_DIR / name
+    if not path.is_file():
+        raise StructPruneError(f"the packaged corpus {path} is missing: reinstall structprune or set {ASSETS_ENV}")
+    data = path.read_bytes()
+    if key == "wikitext2":
+        data = gzip.decompress(data)
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise StructPruneError(f"the packaged corpus {path} fails its SHA-256 check (got {got[:12]}..., "
+                               f"want {want[:12]}...): reinstall structprune")
+    return data
+
+
 def _load_dataset(*args, **kwargs):
     """Call ``datasets.load_dataset``; raise StructPruneError naming both options on failure."""
     name = args[0]
     try:
         from datasets import load_dataset
     except ImportError as exc:
+        if name.startswith("ptb"):
+            raise StructPruneError(PTB_ABSENT) from exc
         raise StructPruneError(
             f"corpus '{name}' not found in the assets folder and the 'datasets' package is not "
             f"installed: set {ASSETS_ENV} to a folder holding shared/assets, or pip install datasets"
@@ -80,6 +121,8 @@ def _load_dataset(*args, **kwargs):
     try:
         return load_dataset(*args, **kwargs)
     except Exception as exc:  # network, hub and cache errors come in many types
+        if name.startswith("ptb"):
+            raise StructPruneError(f"{PTB_ABSENT} (datasets.load_dataset failed: {type(exc).__name__})") from exc
         raise StructPruneError(
             f"corpus '{name}' not found in the assets folder and datasets.load_dataset failed "
             f"({type(exc).__name__}): set {ASSETS_ENV} to a folder holding shared/assets, "
@@ -87,11 +130,15 @@ def _load_dataset(*args, **kwargs):
         ) from exc
 
 
-def _read_json_docs(path: Path) -> list[str]:
-    """Documents of a .json (list of strings or of {'text': ...}) or .jsonl(.gz) file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        raw = fh.read()
+def _read_json_docs(path: Path | str, data: bytes | None = None) -> list[str]:
+    """Documents of a .json (list of strings or of {'text': ...}) or .jsonl(.gz) file
+    (``data``: the file's bytes, already read)."""
+    path = Path(path)
+    if data is None:
+        data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    raw = data.decode("utf-8")
     stripped = raw.lstrip()
     if stripped.startswith("["):
         items = json.loads(stripped)
@@ -116,6 +163,8 @@ def _c4_documents_cached() -> tuple[str, ...]:
     path = asset_path(*_C4_FILE)
     if path is not None:
         return tuple(_read_json_docs(path))
+    if (BUNDLED_DIR / BUNDLED["c4"][0]).is_file():
+        return tuple(_read_json_docs(BUNDLED["c4"][0], bundled_bytes("c4")))
     logger.info("C4 subset not in assets; loading allenai/c4 en validation via datasets")
     ds = _load_dataset(
         "allenai/c4",
@@ -190,6 +239,8 @@ def _load_builtin(key: str, split: str) -> str:
         path = asset_path(*_WIKITEXT_FILE)
         if path is not None:
             return path.read_text(encoding="utf-8")
+        if (BUNDLED_DIR / BUNDLED["wikitext2"][0]).is_file():
+            return bundled_bytes("wikitext2").decode("utf-8")
         ds = _load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
         return "\n\n".join(ds["text"])
     if key == "ptb":

@@ -50,6 +50,12 @@ def is_structprune_export(path: str | os.PathLike) -> bool:
     return isinstance(cfg, dict) and ("structprune" in cfg or str(cfg.get("model_type", "")).startswith(CUSTOM_PREFIX))
 
 
+def _is_per_layer(cfg: dict) -> bool:
+    """A per-layer export: ``structprune_<family>`` model_type (format 1) or a custom record (format 2+)."""
+    record = cfg.get("structprune")
+    return cfg["model_type"].startswith(CUSTOM_PREFIX) or (isinstance(record, dict) and record.get("format") == "custom")
+
+
 def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a folder's safetensors file(s), read from the headers only."""
     from safetensors import safe_open
@@ -101,8 +107,11 @@ def verify_weights(model, shapes: dict[str, tuple[int, ...]], path: str | os.Pat
 def _model_classes(cfg: dict, trust_remote_code: bool):
     """``(config class, model class)`` to load with, or ``(None, None)`` for transformers' Auto classes."""
     model_type = cfg["model_type"]
-    if model_type.startswith(CUSTOM_PREFIX):
-        base = cfg.get("structprune_base_model_type") or model_type[len(CUSTOM_PREFIX):]
+    if _is_per_layer(cfg):
+        base = cfg.get("structprune_base_model_type") or model_type.removeprefix(CUSTOM_PREFIX)
+        if model_type not in (base, CUSTOM_PREFIX + base):
+            raise StructPruneError(f"model_type {model_type!r} in config.json does not match the export's "
+                                   f"family {base!r}; the config was edited or damaged")
         if base not in modeling.CLASSES:
             raise StructPruneError(f"unknown StructPrune model type {model_type!r}; was it written by a newer version?")
         if trust_remote_code:

@@ -37,7 +37,8 @@ from .modeling import modeling_structprune as modeling
 log = logging.getLogger(__name__)
 
 MODELING_FILE = Path(modeling.__file__)
-EXPORT_FORMAT_VERSION = 1
+# 2: per-layer exports name their base family as config.json's model_type (tokenizers load without remote code).
+EXPORT_FORMAT_VERSION = 2
 # Config keys that describe the in-memory object, not the exported model.
 _DROP_KEYS = ("architectures", "auto_map", "transformers_version", "model_type", "structprune",
               "structprune_base_model_type", "_name_or_path", *modeling.PER_LAYER_KEYS)
@@ -260,6 +261,19 @@ def export_config(model) -> ExportConfig:
     return export
 
 
+def _name_base_family(config_file: Path, base: str) -> None:
+    """Write the base family (``llama``...) as a per-layer export's ``model_type``.
+
+    ``AutoTokenizer`` always reads ``config.json``; with an unknown model_type and an
+    ``AutoConfig`` entry in ``auto_map`` it would ask to run the folder's code although a
+    tokenizer needs none. A known model_type lets it (and ``AutoConfig`` without
+    ``trust_remote_code``) read the config locally; the model itself still loads through
+    ``auto_map`` with ``trust_remote_code=True``, whose config class restores its own type."""
+    d = json.loads(config_file.read_text())
+    d["model_type"] = base
+    config_file.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
 def _stock_architecture(model_type: str) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -292,6 +306,7 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report: dict | Non
     # save_pretrained wrote the in-memory (dense-shaped) config; replace it with the export config.
     export.config.save_pretrained(out)
     if export.format == "custom":
+        _name_base_family(out / "config.json", base_model_type(model))
         shutil.copyfile(MODELING_FILE, out / MODELING_FILE.name)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -106,27 +106,39 @@ def _resize_opt_layers(model) -> None:
         layer.fc2 = _new_linear(inter, hidden, bool(out_bias), layer.fc2)
 
 
+class _PerLayerConfig:
+    """Reads a config.json whose ``model_type`` names the base family (so that tokenizers and
+    ``AutoConfig`` read it without remote code) as this per-layer variant, without the
+    "model of type llama to instantiate a model of type structprune_llama" warning."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        config_dict["model_type"] = cls.model_type
+        return cls.from_dict(config_dict, **kwargs)
+
+
 # Config classes: the stock ones plus the per-layer lists (stored as ordinary extra
 # attributes, which every transformers 5.x config serialises, so no fields are declared).
-class StructPruneLlamaConfig(LlamaConfig):
+class StructPruneLlamaConfig(_PerLayerConfig, LlamaConfig):
     """LLaMA config with per-layer widths (``layer_num_heads`` ... see the module docstring)."""
 
     model_type = "structprune_llama"
 
 
-class StructPruneMistralConfig(MistralConfig):
+class StructPruneMistralConfig(_PerLayerConfig, MistralConfig):
     """Mistral config with per-layer widths."""
 
     model_type = "structprune_mistral"
 
 
-class StructPruneQwen2Config(Qwen2Config):
+class StructPruneQwen2Config(_PerLayerConfig, Qwen2Config):
     """Qwen2 config with per-layer widths."""
 
     model_type = "structprune_qwen2"
 
 
-class StructPruneOPTConfig(OPTConfig):
+class StructPruneOPTConfig(_PerLayerConfig, OPTConfig):
     """OPT config with per-layer widths."""
 
     model_type = "structprune_opt"
