@@ -8,6 +8,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from structprune.bench import bench_model, format_table
 from structprune.cli import main
@@ -34,7 +35,7 @@ def test_bench_model_rows(make):
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
         assert r["prefill_tok_s"] == pytest.approx(r["batch"] * 8 / r["prefill_s"])
-        assert r["generate_s"] > 0 and r["peak_mem_bytes"] > 0 and r["peak_mem_kind"] == "cpu_process_peak_rss"
+        assert r["generate_s"] > 0 and r["peak_mem_bytes"] > 0 and r["peak_mem_kind"] == "cpu_peak_rss"
         assert math.isnan(r["decode_tok_s"]) or r["decode_tok_s"] > 0
 
 
@@ -154,3 +155,21 @@ def test_zero_shot_unreachable_task_data_says_so(monkeypatch):
     _fake_lm_eval(monkeypatch, evaluate)
     with pytest.raises(StructPruneError, match="unreachable"):
         zero_shot(tiny_llama(layers=1), "tok", ["piqa"])
+
+
+def test_cpu_peak_memory_is_per_model_not_cumulative():
+    """A small model measured after a large one in the same process reads its own, smaller peak."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model(hidden):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=8000, hidden_size=hidden, intermediate_size=2 * hidden,
+                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                            max_position_embeddings=64)).eval()
+
+    kw = dict(batch_sizes=(1,), prompt_len=8, new_tokens=2, repeats=1, warmup=0)
+    big = model(1024)  # ~100M parameters of fp32: 0.4 GB more resident than the small one
+    peak_big = bench_model(big, **kw)[0]["peak_mem_bytes"]
+    del big
+    peak_small = bench_model(model(128), **kw)[0]["peak_mem_bytes"]
+    assert peak_small < peak_big - 200 * 2**20, (peak_small, peak_big)

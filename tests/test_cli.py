@@ -176,3 +176,113 @@ def test_real_smollm2_structprune_reconstructs_better_than_wanda(smollm2_path, a
         prune(m, calib, device="cpu", progress=False, method=method, sparsity=0.3, seqlen=128, **kw)
         dist[method] = final_state_distortion(m, held, ref)
     assert dist["structprune"] < 0.5 * dist["wanda-sp"], dist
+
+
+# -- issue 14: the first run anywhere ------------------------------------------------------------
+
+def _strict_json(path: Path):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_report_is_strict_json_and_the_summary_has_time_and_memory(tiny_folder, calib_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(tiny_folder(), out, calib_file, "--method", "structprune")) == 0
+    r = _strict_json(out / "report.json")  # a one-iteration run has no dual residual: null, not NaN
+    assert r["total_seconds"] >= r["prune_seconds"] > 0
+    assert r["peak_rss_bytes"] > 0 and r["process_peak_rss_bytes"] >= r["peak_rss_bytes"]
+    text = capsys.readouterr().out
+    assert "total time" in text and "peak memory" in text and "MiB" in text
+
+
+@pytest.mark.parametrize("flag", ["--nsamples", "--seqlen"])
+def test_zero_calibration_sizes_are_refused(tiny_folder, calib_file, tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    args = _args(tiny_folder(), out, calib_file)
+    args[args.index(flag) + 1] = "0"
+    assert main(args) == 2
+    assert f"{flag} must be at least" in capsys.readouterr().err
+    _no_leftovers(out)
+
+
+def _refuse_model_load(monkeypatch):
+    import structprune.models.loading as loading
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+    monkeypatch.setattr(loading, "load_model", boom)
+
+
+@pytest.mark.parametrize("bad", ["binary", "seqlen", "eval"])
+def test_inputs_are_checked_before_the_model_is_loaded(tiny_folder, calib_file, tmp_path, capsys, monkeypatch, bad):
+    model = tiny_folder()
+    _refuse_model_load(monkeypatch)
+    out = tmp_path / "new" / "deeper" / "out"
+    args = _args(model, out, calib_file)
+    if bad == "binary":
+        blob = tmp_path / "calib.txt.bin"
+        blob.write_bytes(bytes(range(256)) * 64)
+        args[args.index("--calib") + 1] = str(blob)
+    elif bad == "seqlen":
+        args[args.index("--seqlen") + 1] = "4096"  # the tiny model's context is 256
+    else:
+        args[args.index("--eval") + 1] = str(tmp_path / "missing.txt")
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (the fixture's save prints progress first)
+    assert last.startswith("structprune: error:") and {"binary": "UTF-8", "seqlen": "context",
+                                                       "eval": "not found"}[bad] in last, last
+    assert not (tmp_path / "new").exists()  # no empty parent folders left behind
+
+
+def test_a_failure_after_the_checks_leaves_no_created_parent(tiny_folder, calib_file, tmp_path, monkeypatch):
+    import structprune.api as api
+
+    def fail(*a, **k):
+        from structprune.errors import StructPruneError
+        raise StructPruneError("simulated failure while pruning")
+    monkeypatch.setattr(api, "prune", fail)
+    out = tmp_path / "a" / "b" / "out"
+    assert main(_args(tiny_folder(), out, calib_file)) == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(tiny_folder, calib_file, tmp_path, capsys, monkeypatch):
+    import structprune.api as api
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(api, "prune", interrupt)
+    out = tmp_path / "out"
+    assert main(_args(tiny_folder(), out, calib_file)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    _no_leftovers(out)
+
+
+def test_output_files_follow_the_umask(tiny_folder, calib_file, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert main(_args(tiny_folder(), out, calib_file)) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def test_magnitude_sp_reads_no_calibration_text(tiny_folder, tmp_path, monkeypatch, calib_file):
+    import structprune.data.calibration as calibration
+
+    def boom(*a, **k):
+        raise AssertionError("calibration text was loaded for a data-free method")
+    monkeypatch.setattr(calibration, "get_calibration", boom)
+    out = tmp_path / "out"
+    args = _args(tiny_folder(), out, str(tmp_path / "no-such-calibration.txt"), "--method", "magnitude-sp")
+    args[args.index("--eval") + 1] = calib_file
+    assert main(args) == 0
+    r = _strict_json(out / "report.json")
+    assert r["calibration"] is None and abs(r["sparsity_achieved"] - 0.4) < 0.05

@@ -18,8 +18,9 @@ from .adapters import Adapter, LayerPlan, count_params, get_adapter
 from .config import PruneConfig
 from .engine import LayerStream
 from .errors import CalibrationError, StructPruneError
+from .memory import peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
 from .models.loading import model_context_length
-from .solvers import METHODS
+from .solvers import DATA_FREE_METHODS, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,27 @@ class PruneRun:
 
     model: torch.nn.Module
     adapter: Adapter
-    calib: torch.Tensor  # [nsamples, seqlen] token ids
+    calib: torch.Tensor | None  # [nsamples, seqlen] token ids; None for a data-free method
     config: PruneConfig
     device: torch.device
     progress: bool = True
     log: list[dict] = field(default_factory=list)  # solver iterations, for the report
     cache: dict | None = None  # dense-model computations reusable across runs (see prune())
     _inputs: object = None  # first-layer inputs, captured once and shared by every pass
+
+    def layers(self, desc: str = "layers"):
+        """Borrow each decoder layer in turn with no activations: ``(index, layer)`` (data-free methods)."""
+        from tqdm.auto import tqdm
+
+        from .engine import LayerStore
+
+        store = LayerStore(self.adapter.layers(), self.device)
+        for i in tqdm(range(len(store)), desc=desc, disable=not self.progress):
+            layer = store.fetch(i)
+            try:
+                yield i, layer
+            finally:
+                store.release(i)
 
     def stream(self, desc: str = "layers", track_dense: bool = False) -> LayerStream:
         """A streaming pass over all layers (first-layer inputs are captured once per run)."""
@@ -77,6 +92,11 @@ def _check_calib(model, calib: torch.Tensor, config: PruneConfig) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     if calib.numel() and (calib.min() < 0 or calib.max() >= vocab):
         raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); is it the model's tokenizer?")
+
+
+def needs_calibration(config: PruneConfig) -> bool:
+    """False for a method that scores from the weights alone with an allocation that needs no data."""
+    return not (config.method in DATA_FREE_METHODS and config.allocation in ("uniform", "threshold"))
 
 
 def build_calibration(tokenizer, config: PruneConfig) -> torch.Tensor:
@@ -107,11 +127,14 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     if ctx is not None and config.seqlen > ctx:
         raise StructPruneError(f"sequence length {config.seqlen} exceeds the model's context of {ctx} tokens")
     adapter = get_adapter(model)
-    if calib is None:
+    if not needs_calibration(config):
+        calib = None  # magnitude scores read the weights only
+    elif calib is None:
         if tokenizer is None:
             raise StructPruneError("pass calibration token ids or a tokenizer to draw them with")
         calib = build_calibration(tokenizer, config)
-    _check_calib(model, calib, config)
+    if calib is not None:
+        _check_calib(model, calib, config)
     device = torch.device(device) if device is not None else default_device()
 
     params_before = count_params([model])
@@ -119,18 +142,16 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     widths_before = layer_widths(adapter)
     was_training = model.training
     model.eval()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_gpu(device)
+    rss_reset = reset_peak_rss()
     t0 = time.perf_counter()
 
     run = PruneRun(model, adapter, calib, config, device, progress=progress, cache=cache)
     plans = METHODS[config.method](run)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    peak = peak_gpu(device)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    rss, rss_kind = peak_rss()
     model.train(was_training)
 
     prunable_after = prunable_params(adapter)
@@ -146,11 +167,13 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
         "all_layers_pruned": True,
         "layers_before": widths_before,
         "layers": layer_widths(adapter),
-        "calibration": {"source": config.calib, "nsamples": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
-                        "seed": config.seed},
+        "calibration": None if calib is None else {"source": config.calib, "nsamples": int(calib.shape[0]),
+                                                   "seqlen": int(calib.shape[1]), "seed": config.seed},
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "peak_gpu_mem_bytes": peak,
+        "peak_rss_bytes": rss,  # of the whole process while pruning (model included)
+        "peak_rss_kind": rss_kind if rss_reset else rss_kind + " (could not reset: includes what ran before)",
         "prune_seconds": seconds,
         "config": config.to_dict(),
         "solver_log": run.log,

@@ -17,14 +17,13 @@ import inspect
 import json
 import logging
 import platform
-import resource
 import statistics
-import sys
 import time
 
 import torch
 
 from .errors import StructPruneError
+from .memory import peak_rss, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +51,17 @@ def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
-    """``(bytes, what it is)``: CUDA max allocated since the last reset, or the CPU process's peak RSS."""
+    """``(bytes, what it is)``: CUDA max allocated since the last reset, or the CPU process's peak
+    resident memory since the last reset (this model's measurements, its weights included)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "cpu_process_peak_rss"  # Linux reports KiB
+    rss, kind = peak_rss()
+    return rss, "cpu_peak_rss" if "VmHWM" in kind else "cpu_process_peak_rss"
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -158,8 +160,10 @@ def format_table(results: dict[str, dict]) -> str:
                          f"{r['decode_tok_s']:,.1f} | {sp[0]} | {sp[1]} | {_mib(r['peak_mem_bytes'])} |")
     kind = results[names[0]]["rows"][0]["peak_mem_kind"]
     lines.append("")
-    lines.append("peak memory: " + ("torch.cuda.max_memory_allocated" if kind.startswith("cuda") else
-                                    "CPU process peak RSS (getrusage; cumulative over the process)"))
+    lines.append("peak memory: " + {
+        "cuda_max_memory_allocated": "torch.cuda.max_memory_allocated",
+        "cpu_peak_rss": "peak resident memory of the process during that model's runs (VmHWM, reset per model)",
+    }.get(kind, "CPU process peak RSS (getrusage; cumulative over the process)"))
     return "\n".join(lines)
 
 

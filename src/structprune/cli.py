@@ -35,7 +35,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--eval-limit", type=int, default=-1,
-                   help="score only the first N windows of each dataset (default: all on GPU, 4 on CPU)")
+                   help="score only the first N windows of each dataset (default: all on GPU, 4 on CPU; 0: all)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (protocol: 2048)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="auto",
                    help="auto (the method's default) | uniform | owl | threshold | softmax")
     p.add_argument("--calib", default="c4", help="c4 | wikitext2 | path to a text/json(l) file")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128 GPU, 8 CPU)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128 GPU, 8 CPU; >= 1)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: 2048 GPU, 512 CPU)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per chunk through a layer")
     p.add_argument("--seed", type=int, default=0)
@@ -114,16 +114,33 @@ def _eval(model, tok, datasets, args, limit, device) -> dict:
     return {k: v.to_dict() for k, v in res.items()}
 
 
-def cmd_prune(args) -> dict:
-    from .api import prune
-    from .config import PruneConfig
-    from .export import atomic_output_dir, save_pruned
-    from .models.loading import load_model
-
-    device, dtype, defaults = resolve_runtime(args)
-    nsamples = args.nsamples or defaults["nsamples"]
-    seqlen = args.seqlen or defaults["seqlen"]
+def _counts(args, defaults: dict) -> tuple[int, int, int | None]:
+    """``(nsamples, seqlen, eval limit)``: the device's defaults where not given; 0 is refused
+    for the calibration sizes (it once silently meant the default) and means "every window"
+    for ``--eval-limit``."""
+    if args.nsamples is not None and args.nsamples < 1:
+        raise StructPruneError(f"--nsamples must be at least 1, got {args.nsamples}")
+    if args.seqlen is not None and args.seqlen < 2:
+        raise StructPruneError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.eval_limit < -1:
+        raise StructPruneError(f"--eval-limit must be >= 0 (0: every window), got {args.eval_limit}")
+    nsamples = defaults["nsamples"] if args.nsamples is None else args.nsamples
+    seqlen = defaults["seqlen"] if args.seqlen is None else args.seqlen
     limit = defaults["eval_limit"] if args.eval_limit == -1 else (args.eval_limit or None)
+    return nsamples, seqlen, limit
+
+
+def cmd_prune(args) -> dict:
+    from .api import build_calibration, needs_calibration, prune
+    from .config import PruneConfig
+    from .eval.perplexity import encode_corpus
+    from .export import atomic_output_dir, check_output_dir, save_pruned, write_json
+    from .memory import process_peak_rss
+    from .models.loading import config_context_length, load_model, load_tokenizer_and_config
+
+    t_start = time.perf_counter()
+    device, dtype, defaults = resolve_runtime(args)
+    nsamples, seqlen, limit = _counts(args, defaults)
     solver_opts = ("temperature", "iterations", "rho", "target")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
@@ -133,7 +150,20 @@ def cmd_prune(args) -> dict:
     if device.type == "cpu" and (args.nsamples is None or args.seqlen is None or args.eval_limit == -1):
         print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "
               f"first {limit or 'all'} windows of {args.eval_seqlen} (protocol: 128x2048 and all windows; "
-              "pass --nsamples/--seqlen/--eval-limit 0 to change)", file=sys.stderr)
+              "pass --nsamples, --seqlen, --eval-limit to change; --eval-limit 0 scores every window)",
+              file=sys.stderr)
+
+    # Everything that can be checked without the weights is checked before the slow load:
+    # output folder, sequence lengths, calibration text, evaluation sets.
+    check_output_dir(args.output, overwrite=args.overwrite)
+    tok, model_config = load_tokenizer_and_config(args.model, trust_remote_code=args.trust_remote_code)
+    ctx = config_context_length(model_config) if model_config is not None else None
+    for what, n in (("--seqlen", seqlen), ("--eval-seqlen", args.eval_seqlen)):
+        if ctx is not None and n > ctx:
+            raise StructPruneError(f"{what} {n} exceeds the model's context of {ctx} tokens")
+    calib = build_calibration(tok, config) if needs_calibration(config) else None
+    for d in datasets:
+        encode_corpus(tok, d)  # tokenised once here, cached for the evaluations below
 
     with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
         t0 = time.perf_counter()
@@ -141,7 +171,7 @@ def cmd_prune(args) -> dict:
         log.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
         dense_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
         model.to("cpu")  # pruning streams one layer at a time to the device
-        result = prune(model, config=config, tokenizer=tok, device=device, progress=not args.quiet)
+        result = prune(model, calib, config=config, tokenizer=tok, device=device, progress=not args.quiet)
         pruned_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
         model.to("cpu")
         report = result.report
@@ -151,7 +181,11 @@ def cmd_prune(args) -> dict:
                          for d in datasets}
         report["command"] = "structprune " + " ".join(sys.argv[1:])
         report["versions"] = _versions()
-        save_pruned(model, tok, tmp, report=report, plans=result.plans, max_shard_size=args.max_shard_size)
+        export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
+        report["export"] = export.to_dict()
+        report["total_seconds"] = time.perf_counter() - t_start
+        report["process_peak_rss_bytes"] = process_peak_rss()
+        write_json(tmp / "report.json", report)
     print_summary(report, args.output)
     return report
 
@@ -164,16 +198,22 @@ def _versions() -> dict:
 
 
 def print_summary(r: dict, out: str) -> None:
+    from .memory import mib
+
+    cal = r["calibration"]
     lines = [
         f"method              {r['method']} (allocation {r['allocation']})",
         f"sparsity            target {r['sparsity_target']:.4f}  achieved {r['sparsity_achieved']:.4f} "
         "(of prunable decoder parameters)",
         f"parameters          {r['params_before']:,} -> {r['params_after']:,} "
         f"(prunable {r['prunable_params_before']:,} -> {r['prunable_params_after']:,})",
-        f"calibration         {r['calibration']['source']} {r['calibration']['nsamples']}x{r['calibration']['seqlen']}"
-        f" seed {r['calibration']['seed']}",
+        "calibration         " + (f"{cal['source']} {cal['nsamples']}x{cal['seqlen']} seed {cal['seed']}" if cal
+                                  else "none (the method reads the weights only)"),
         f"prune time          {r['prune_seconds']:.1f}s on {r['device']} ({r['dtype']})",
-        "peak GPU memory     " + (f"{r['peak_gpu_mem_bytes'] / 2**20:.1f} MiB" if r["peak_gpu_mem_bytes"] else "n/a (no GPU)"),
+        f"total time          {r['total_seconds']:.1f}s (load, evaluate, prune, evaluate, save)",
+        f"peak memory         {mib(r['peak_rss_bytes'])} resident while pruning, "
+        f"{mib(r['process_peak_rss_bytes'])} over the whole run",
+        "peak GPU memory     " + (mib(r["peak_gpu_mem_bytes"]) if r["peak_gpu_mem_bytes"] else "n/a (no GPU)"),
     ]
     for d, p in r.get("ppl", {}).items():
         lines.append(f"ppl {d:<15} dense {p['dense']:.3f} -> pruned {p['pruned']:.3f} "
@@ -232,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     except StructPruneError as e:
         print(f"structprune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The output folder is written elsewhere and moved into place only at the end: nothing partial remains.
+        print("\nstructprune: interrupted; no output was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -136,14 +136,22 @@ def _read_json_docs(path: Path | str, data: bytes | None = None) -> list[str]:
     path = Path(path)
     if data is None:
         data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    raw = data.decode("utf-8")
+    try:
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        raw = data.decode("utf-8")
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+        raise StructPruneError(f"{path} is not UTF-8 JSON text ({type(exc).__name__}); "
+                               "pass a plain text or JSON file") from None
     stripped = raw.lstrip()
-    if stripped.startswith("["):
-        items = json.loads(stripped)
-    else:
-        items = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    try:
+        if stripped.startswith("["):
+            items = json.loads(stripped)
+        else:
+            items = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise StructPruneError(f"{path} is not valid JSON or JSON lines ({exc}); pass a .txt file for plain text") \
+            from None
     docs = []
     for item in items:
         if isinstance(item, str):
@@ -210,8 +218,15 @@ def _load_file(name: str) -> str:
         # Documents joined with a space, as for C4.
         return " ".join(_read_json_docs(path))
     opener = gzip.open if lowered.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        return fh.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            text = fh.read()
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+        raise StructPruneError(f"{name} is not UTF-8 text ({type(exc).__name__}: is it a binary file?); "
+                               "pass a plain text or JSON file") from None
+    if not text.strip():
+        raise StructPruneError(f"{name} is empty; pass a file with text in it")
+    return text
 
 
 def load_text(name: str, split: str = "eval") -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ import torch
 
 from ..adapters import get_adapter
 from ..errors import StructPruneError
+from ..files import apply_umask
 from .modeling import modeling_structprune as modeling
 
 log = logging.getLogger(__name__)
@@ -47,28 +49,59 @@ _DROP_KEYS = ("architectures", "auto_map", "transformers_version", "model_type",
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder next to ``path``; move it into place only if the block succeeds."""
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The resolved output path, refused before any work if it holds something and ``overwrite``
+    is off, or if its nearest existing parent is not a writable folder."""
     path = Path(path).expanduser().resolve()
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise StructPruneError(f"output path {path} exists and is not empty; pass --overwrite or choose another")
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise StructPruneError(f"cannot write the output under {parent}: not a writable folder")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder next to ``path``; move it into place only if the block succeeds.
+
+    On any failure (including Ctrl-C) the temporary folder and any parent folders this call
+    created are removed, so nothing half-written is left behind. The finished folder gets
+    the permissions of the user's umask (a temporary folder is private)."""
+    path = check_output_dir(path, overwrite)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         yield tmp
+        apply_umask(tmp)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    os.replace(tmp, path)
+
+
+def _strict(obj):
+    """``obj`` with NaN and infinities as None: strict JSON readers (JSON.parse) reject them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 def write_json(path: Path, obj) -> None:
+    """Write strict JSON (non-finite numbers become null; unknown objects their ``str``)."""
+    text = json.dumps(_strict(json.loads(json.dumps(obj, default=str))), indent=2, allow_nan=False)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 @dataclass

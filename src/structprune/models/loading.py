@@ -24,6 +24,7 @@ import torch
 
 from ..data.corpora import find_assets_dir
 from ..errors import StructPruneError
+from ..files import apply_umask
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +114,7 @@ def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        # mkdtemp makes the folder private; give it the usual umask-based permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        for item in (tmp, *tmp.iterdir()):
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+        apply_umask(tmp)  # mkdtemp makes the folder private
         try:
             os.rename(tmp, out_dir)
         except OSError:
@@ -175,6 +172,52 @@ def resolve_model(spec: str) -> ResolvedModel:
     return ResolvedModel(Path(spec), None, "hub")
 
 
+def _tokenizer(resolved: ResolvedModel, spec: str, trust_remote_code: bool, config=None):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if resolved.gguf_file is not None:
+        kwargs["gguf_file"] = resolved.gguf_file
+    if config is not None:
+        # Hand over a loaded config: a format-1 export's custom config would make AutoTokenizer
+        # ask whether to run the folder's code.
+        kwargs["config"] = config
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path if resolved.kind != "hub" else spec, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_error(spec: str, resolved: ResolvedModel, exc: Exception) -> StructPruneError:
+    if resolved.kind == "hub":
+        return StructPruneError(
+            f"model '{spec}' was not found locally and the Hugging Face hub was unreachable "
+            "or the name is wrong; pass a local folder, a .gguf file or smollm2-135m")
+    return StructPruneError(f"could not load model from {resolved.path}: {exc}".splitlines()[0])
+
+
+def load_tokenizer_and_config(spec: str, trust_remote_code: bool = False):
+    """``(tokenizer, config)`` of a model spec without reading its weights: what the CLI needs
+    to check calibration text, sequence lengths and evaluation sets before the slow load."""
+    from transformers import AutoConfig
+
+    from ..export.loader import is_structprune_export
+
+    resolved = resolve_model(spec)
+    source = resolved.path if resolved.kind != "hub" else spec
+    try:
+        if resolved.gguf_file is not None:
+            config = AutoConfig.from_pretrained(source, gguf_file=resolved.gguf_file)
+        elif resolved.kind == "hf-folder" and is_structprune_export(resolved.path):
+            config = None  # read by the model loader (packaged modeling code); the tokenizer needs none
+        else:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = _tokenizer(resolved, spec, trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, resolved, exc) from exc
+    return tokenizer, config
+
+
 def load_model(
     spec: str,
     dtype: torch.dtype = torch.float32,
@@ -186,47 +229,44 @@ def load_model(
     The tokenizer's pad token is set to EOS when it has none. ``trust_remote_code`` is
     passed through (pruned exports with per-layer widths ship their own modeling code).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..export.loader import is_structprune_export, load_pruned
 
     resolved = resolve_model(spec)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    tok_kwargs = {"trust_remote_code": trust_remote_code}
     if resolved.gguf_file is not None:
-        kwargs["gguf_file"] = tok_kwargs["gguf_file"] = resolved.gguf_file
+        kwargs["gguf_file"] = resolved.gguf_file
     source = resolved.path if resolved.kind != "hub" else spec
     try:
         if resolved.kind == "hf-folder" and is_structprune_export(resolved.path):
             # A StructPrune export: packaged modeling code (no --trust-remote-code needed), weights verified.
             model = load_pruned(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code)
-            # Hand over the loaded config: otherwise AutoTokenizer resolves the custom config's
-            # auto_map itself and asks whether to run the folder's code.
-            tok_kwargs["config"] = model.config
+            tokenizer = _tokenizer(resolved, spec, trust_remote_code, config=model.config)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+            tokenizer = _tokenizer(resolved, spec, trust_remote_code)
     except (OSError, ValueError) as exc:
-        if resolved.kind == "hub":
-            raise StructPruneError(
-                f"model '{spec}' was not found locally and the Hugging Face hub was unreachable "
-                "or the name is wrong; pass a local folder, a .gguf file or smollm2-135m"
-            ) from exc
-        raise StructPruneError(f"could not load model from {resolved.path}: {exc}".splitlines()[0]) from exc
+        raise _load_error(spec, resolved, exc) from exc
     if resolved.gguf_file is not None:
         _drop_quantization_record(model)
     model.to(device)
     model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def model_context_length(model) -> int:
-    """The model's maximum context length (``config.max_position_embeddings``)."""
-    config = model.config
+def config_context_length(config) -> int | None:
+    """A config's maximum context length (``max_position_embeddings`` or equivalent), or None."""
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise StructPruneError(f"{type(model).__name__} config has no max_position_embeddings; pass a shorter seqlen")
+    return None
+
+
+def model_context_length(model) -> int:
+    """The model's maximum context length (``config.max_position_embeddings``)."""
+    value = config_context_length(model.config)
+    if value is None:
+        raise StructPruneError(f"{type(model).__name__} config has no max_position_embeddings; pass a shorter seqlen")
+    return value

@@ -17,5 +17,7 @@ METHODS = {
     "global": prune_global,
     "structprune": prune_structprune,
 }
+# Methods that score from the weights alone (no calibration data with a data-free allocation).
+DATA_FREE_METHODS = ("magnitude-sp",)
 
-__all__ = ["METHODS"]
+__all__ = ["DATA_FREE_METHODS", "METHODS"]

@@ -71,11 +71,14 @@ def prune_local(run) -> list[LayerPlan]:
     scorer = SCORERS[cfg.method]
     widths = allocate_widths(run, cost_normalised_scorer(scorer))
     plans = []
-    for ctx in run.stream(desc=f"{cfg.method}"):
-        stats = ctx.collect(gram=False)
-        scores = scorer(run.adapter, ctx.layer, stats)
-        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores, widths[ctx.index])
-        apply_layer_plan(run.adapter, ctx.layer, plan)
+    if run.calib is None:  # a data-free scorer: borrow the layers, no activations
+        passes = ((i, layer, None) for i, layer in run.layers(desc=cfg.method))
+    else:
+        passes = ((ctx.index, ctx.layer, ctx.collect(gram=False)) for ctx in run.stream(desc=cfg.method))
+    for i, layer, stats in passes:
+        scores = scorer(run.adapter, layer, stats)
+        plan = select_plan(run.adapter.attention_shape(layer), scores, widths[i])
+        apply_layer_plan(run.adapter, layer, plan)
         plans.append(plan)
     return plans
 

@@ -21,6 +21,8 @@ def profile_layers(run, fn: Callable, desc: str = "profile", gram: bool = False)
     second forward), and nothing is changed in the model.
     """
     out = []
+    if run.calib is None:  # data-free scores need the weights only
+        return [fn(run.adapter, layer, None) for _, layer in run.layers(desc=desc)]
     for ctx in run.stream(desc=desc):
         stats, ctx.outputs = ctx.collect(gram=gram, return_outputs=True)
         out.append(fn(run.adapter, ctx.layer, stats))

@@ -1,0 +1,77 @@
+"""Process memory figures: peak resident memory (resettable on Linux) and peak GPU memory.
+
+``ru_maxrss`` only ever grows over a process's life, so two measurements in one process
+(dense then pruned, one phase then the next) would read the same peak. On Linux the
+kernel keeps the peak as ``VmHWM`` in ``/proc/self/status`` and resets it when ``5`` is
+written to ``/proc/self/clear_refs``; elsewhere we fall back to ``ru_maxrss`` and say so.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def current_rss() -> int | None:
+    """Resident memory of this process now, in bytes (None where /proc is absent)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window; False where the platform cannot (then :func:`peak_rss` is cumulative)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> tuple[int, str]:
+    """``(bytes, what it is)``: the peak resident memory since the last reset (or since start)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024, "peak RSS since the last reset (VmHWM)"
+    return process_peak_rss(), "peak RSS of the process (ru_maxrss, cumulative)"
+
+
+def process_peak_rss() -> int:
+    """Peak resident memory over the whole life of the process, in bytes (``ru_maxrss``; the kernel
+    updates it lazily, so it can trail the current ``VmHWM`` by a few pages: the larger is taken)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    hwm = _status_kib("VmHWM")
+    return max(rss, hwm * 1024 if hwm is not None else 0)
+
+
+def reset_peak_gpu(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu(device: torch.device) -> int | None:
+    """``torch.cuda.max_memory_allocated`` since the last reset, or None off the GPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def mib(n: int | float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f} MiB"
