@@ -1,0 +1,182 @@
+"""Perplexity with one decoder layer resident: the protocol of ``eval/perplexity.py``, streamed.
+
+The evaluation windows go through the model boundary by boundary instead of window by
+window: the first-layer inputs of a group of windows are captured, every layer is
+fetched from a :class:`~structprune.engine.residency.LayerStore` once for the group and
+released, and the final norm and LM head give the NLL. The same function measures a
+dense checkpoint on disk, a pruned model whose layers were written to its output
+folder, or an ordinary in-memory model (a plain ``LayerStore``).
+
+Memory: the hidden states of a group of windows at two layer boundaries live on CPU at
+once; ``ram_budget`` sizes the groups (a 7B model at seqlen 2048 in float32 needs 32 MiB
+per window per boundary). Each group reads every layer again, so larger budgets read
+less.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..adapters import Adapter, get_adapter
+from ..engine.capture import capture_first_layer_inputs, run_layer
+from ..engine.disk import DiskLayerStore, module_prefixes
+from ..engine.residency import LayerStore
+from ..errors import StructPruneError
+from ..models.loading import model_context_length
+from .perplexity import PerplexityResult
+
+log = logging.getLogger(__name__)
+
+
+def _model_dtype(model) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+@contextlib.contextmanager
+def _on_device(store, model, modules, device):
+    """Modules resident on ``device`` for the block: read from disk by a disk store, else moved."""
+    if isinstance(store, DiskLayerStore):
+        with store.resident(modules, device, model):
+            yield
+        return
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, d in zip(modules, homes):
+            m.to(d)
+
+
+def _close(inputs) -> None:
+    """Free a boundary's activations now (spilled files included) where the store supports it."""
+    close = getattr(inputs, "close", None)
+    if close is not None:
+        close()
+
+
+def _make_store(model, adapter: Adapter, source, device, dtype) -> tuple[LayerStore, bool]:
+    """``(store, built_here)`` from a store, a store factory or a checkpoint reader."""
+    if isinstance(source, LayerStore):
+        return source, False
+    if hasattr(source, "get") and hasattr(source, "names_with_prefix"):  # a CheckpointReader
+        prefixes = module_prefixes(model, adapter.layers())
+        return DiskLayerStore(adapter.layers(), device, source, prefixes, dtype, model=model), True
+    if callable(source):  # store_factory(layers, device)
+        return source(adapter.layers(), device), True
+    raise TypeError(f"expected a LayerStore, a store factory or a CheckpointReader, got {type(source).__name__}")
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    model,
+    source,
+    adapter: Adapter | None,
+    ids: torch.Tensor,
+    seqlen: int,
+    limit: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+    ram_budget: int = 2 * 2**30,
+    dtype: torch.dtype | None = None,
+    dataset: str = "ids",
+    progress: bool = True,
+) -> tuple[PerplexityResult, list[float]]:
+    """``(result, window_nlls)``: perplexity of ``ids`` per ``perplexity_from_ids``, one layer resident.
+
+    ``model`` is a meta skeleton (or an in-memory model); ``source`` its layers: a
+    :class:`LayerStore` (a :class:`DiskLayerStore`, or a plain one for an in-memory
+    model), a store factory ``(layers, device) -> LayerStore``, or a
+    :class:`~structprune.models.checkpoint.CheckpointReader` (a disk store reading in
+    ``dtype`` is built). Windows are the protocol's (non-overlapping, tail dropped, the
+    first ``limit``), batched by ``batch_size``; ``ram_budget`` bytes bound the CPU
+    hidden states of a group of windows. NLL is float32 cross-entropy summed in float64.
+    ``window_nlls`` is each window's mean NLL over its ``seqlen - 1`` scored tokens.
+    """
+    adapter = adapter if adapter is not None else get_adapter(model)
+    device = torch.device(device)
+    ids = ids.reshape(-1)
+    context = model_context_length(model)
+    if seqlen > context:
+        raise StructPruneError(
+            f"seqlen {seqlen} exceeds the model's context length {context}; pass --seqlen {context} or less")
+    if seqlen < 2:
+        raise StructPruneError(f"seqlen must be at least 2, got {seqlen}")
+    nwindows = ids.numel() // seqlen
+    if limit is not None:
+        nwindows = min(nwindows, int(limit))
+    if nwindows < 1:
+        raise StructPruneError(
+            f"'{dataset}' has {ids.numel()} tokens, fewer than one window of {seqlen} (or limit={limit}); "
+            "use a shorter seqlen or a longer text")
+    windows = ids[: nwindows * seqlen].view(nwindows, seqlen)
+
+    store, built = _make_store(model, adapter, source, device, dtype)
+    # Evaluation changes no layer: a sink writing final layers out must not see them again.
+    sink = getattr(store, "on_release", None)
+    if sink is not None:
+        store.on_release = None
+    act_dtype = getattr(store, "dtype", None) or dtype or _model_dtype(model)
+    per_window = seqlen * model.config.hidden_size * act_dtype.itemsize * 2  # two boundaries at once
+    group = max(batch_size, (ram_budget // per_window) // batch_size * batch_size)
+    layers = adapter.layers()
+    ngroups = math.ceil(nwindows / group)
+    bar = tqdm(total=ngroups * (len(layers) + 2), desc=f"ppl {dataset} (streamed)", disable=not progress)
+
+    window_sums: list[float] = []
+    try:
+        for g0 in range(0, nwindows, group):
+            calib = windows[g0:g0 + group]
+            with _on_device(store, model, adapter.pre_layer_modules(), device):
+                boundary = capture_first_layer_inputs(model, adapter, calib, device, batch_size)
+            bar.update(1)
+            for i in range(len(layers)):
+                layer = store.fetch(i)
+                try:
+                    nxt = run_layer(layer, boundary, device)
+                finally:
+                    store.release(i)
+                _close(boundary)
+                boundary = nxt
+                bar.update(1)
+            with _on_device(store, model, adapter.head_modules(), device):
+                start = 0
+                # Chunks kept in a reduced dtype go back to the dtype they were computed in.
+                source_dtype = getattr(boundary.hidden, "source_dtype", None)
+                for h in boundary.hidden:
+                    x = h.to(device, source_dtype or h.dtype)
+                    for m in adapter.head_modules():
+                        x = m(x)
+                    logits = x[:, :-1, :].float()
+                    labels = calib[start:start + h.shape[0], 1:].to(device)
+                    start += h.shape[0]
+                    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                          reduction="none")
+                    window_sums.extend(nll.double().view(h.shape[0], -1).sum(1).tolist())
+                    del x, logits, nll
+            _close(boundary)
+            boundary = None
+            bar.update(1)
+    finally:
+        bar.close()
+        if sink is not None:
+            store.on_release = sink
+        if built:
+            store.finish()
+
+    count = nwindows * (seqlen - 1)
+    mean_nll = math.fsum(window_sums) / count
+    if not math.isfinite(mean_nll):
+        log.warning("non-finite NLL on %s: the model produced NaN/inf logits", dataset)
+    ppl = float("nan") if math.isnan(mean_nll) else (math.exp(mean_nll) if mean_nll < 709 else float("inf"))
+    result = PerplexityResult(dataset=dataset, ppl=ppl, nwindows=nwindows, ntokens=count, seqlen=seqlen)
+    log.info("%s: ppl %.4f over %d windows of %d (%d tokens, streamed)", dataset, ppl, nwindows, seqlen, count)
+    return result, [s / (seqlen - 1) for s in window_sums]

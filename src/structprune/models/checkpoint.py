@@ -1,0 +1,400 @@
+"""Read a safetensors checkpoint one tensor at a time, and build models with no weights in memory.
+
+The disk-streaming memory model (issue 10): a model far larger than memory is built on
+the ``meta`` device (:func:`load_skeleton`), and each submodule is given real tensors
+only while it is needed (:func:`materialize`) and dropped afterwards
+(:func:`dematerialize`). :class:`CheckpointReader` is the source of those tensors.
+
+Why a fresh ``safe_open`` per read rather than handles kept open: ``safe_open`` maps the
+whole shard, and pages touched through a handle stay mapped (and counted in the
+process's resident set) until the handle closes, so reading every layer through open
+handles grows the RSS to the size of the checkpoint. Measured on LLaMA-7B-shaped bf16
+layers (386 MiB): peak RSS over repeated fetches of two layers was 1.2 layers above the
+baseline with a fresh open per read, 3.0 layers (one more per distinct layer) with
+handles kept open. Opening costs ~0.1 ms, reading a layer ~0.5 s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import StructPruneError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+
+def _safetensors_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (SafetensorError, OSError)
+
+
+def check_shard_name(folder: Path, name: object, index: Path) -> Path:
+    """``folder / name`` for a shard file named in an index; refuse names that leave ``folder``.
+
+    Lexical check only: Hugging Face cache snapshots are symlinks into a blob folder,
+    so resolving links and requiring the target inside ``folder`` would refuse them.
+    """
+    if not isinstance(name, str) or not name:
+        raise StructPruneError(f"{index} names a shard {name!r} that is not a file name")
+    parts = re.split(r"[\\/]", name)
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts or Path(name).is_absolute():
+        raise StructPruneError(f"{index} names the shard {name!r}, a path outside the folder; refusing to read it")
+    return folder / name
+
+
+def _open_error(path: Path, exc: BaseException) -> StructPruneError:
+    msg = " ".join(str(exc).split())
+    return StructPruneError(f"weights file {path} is truncated or corrupt ({msg})")
+
+
+class CheckpointReader:
+    """Tensor names, shapes and dtypes of a Hugging Face safetensors folder; tensors read on demand.
+
+    ``folder`` holds ``config.json`` and either ``model.safetensors`` or
+    ``model.safetensors.index.json`` with its shards. Every shard's header is read up
+    front, so a missing, truncated or corrupt shard, or an index naming a file outside
+    the folder, is a :class:`StructPruneError` naming the file before any work starts.
+    Only headers are read here; :meth:`get` reads one tensor's bytes.
+
+    ``aliases`` maps a model's tensor name to the stored one (tied embeddings, a
+    checkpoint saved without the ``model.`` prefix); ``computed`` holds tensors that are
+    not in the files (non-persistent buffers such as rotary ``inv_freq``), filled by
+    :func:`load_skeleton`.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).expanduser()
+        if not self.folder.is_dir():
+            raise StructPruneError(f"{self.folder} is not a folder; pass a Hugging Face model folder")
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise StructPruneError(f"{self.folder} is not a model folder (no config.json)")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StructPruneError(f"{cfg} is not valid JSON ({exc})") from exc
+        self.weight_map = self._weight_map()  # tensor name -> shard path
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._read_headers()
+        self.aliases: dict[str, str] = {}
+        self.computed: dict[str, torch.Tensor] = {}
+
+    # -- layout -----------------------------------------------------------------------------
+    def _weight_map(self) -> dict[str, Path]:
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+                if not isinstance(wm, dict):
+                    raise TypeError("weight_map is not an object")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise StructPruneError(f"{index} is not a valid safetensors index ({exc})") from exc
+            paths: dict[str, Path] = {}
+            out = {}
+            for name, shard in wm.items():
+                if shard not in paths:
+                    paths[shard] = check_shard_name(self.folder, shard, index)
+                out[name] = paths[shard]
+            for shard, path in paths.items():
+                if not path.is_file():
+                    raise StructPruneError(f"weights shard {path} named in {index} is missing")
+            return out
+        single = self.folder / SINGLE_NAME
+        if single.is_file():
+            return {name: single for name in self._keys(single)}
+        raise StructPruneError(f"{self.folder} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME})")
+
+    def _keys(self, path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except _safetensors_errors() as exc:
+            raise _open_error(path, exc) from exc
+
+    def _read_headers(self) -> None:
+        from safetensors import safe_open
+
+        by_shard: dict[Path, list[str]] = {}
+        for name, path in self.weight_map.items():
+            by_shard.setdefault(path, []).append(name)
+        for path, names in by_shard.items():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    present = set(f.keys())
+                    for name in names:
+                        if name not in present:
+                            raise StructPruneError(f"the index names tensor {name!r} in {path}, which lacks it")
+                        sl = f.get_slice(name)
+                        self.shapes[name] = tuple(sl.get_shape())
+                        dt = sl.get_dtype()
+                        if dt not in _DTYPES:
+                            raise StructPruneError(f"tensor {name!r} in {path} has unsupported dtype {dt}")
+                        self.dtypes[name] = _DTYPES[dt]
+            except _safetensors_errors() as exc:
+                raise _open_error(path, exc) from exc
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files, in name order."""
+        return sorted(set(self.weight_map.values()))
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The floating dtype holding most stored elements (what the checkpoint "is in")."""
+        count: Counter = Counter()
+        for name, dt in self.dtypes.items():
+            if dt.is_floating_point:
+                n = 1
+                for s in self.shapes[name]:
+                    n *= s
+                count[dt] += n
+        return count.most_common(1)[0][0] if count else torch.float32
+
+    def keys(self) -> list[str]:
+        return sorted(self.weight_map)
+
+    def names_with_prefix(self, prefix: str) -> list[str]:
+        """Stored tensor names starting with ``prefix`` (e.g. ``"model.layers.3."``), sorted."""
+        return sorted(n for n in self.weight_map if n.startswith(prefix))
+
+    def nbytes(self, prefix: str = "") -> int:
+        """Bytes stored for the tensors under ``prefix``."""
+        total = 0
+        for n in self.names_with_prefix(prefix):
+            numel = 1
+            for s in self.shapes[n]:
+                numel *= s
+            total += numel * self.dtypes[n].itemsize
+        return total
+
+    def resolve(self, name: str) -> str | None:
+        """The stored name for a model tensor name, or None if neither stored nor aliased."""
+        if name in self.weight_map:
+            return name
+        alias = self.aliases.get(name)
+        return alias if alias in self.weight_map else None
+
+    def __contains__(self, name: str) -> bool:
+        return self.resolve(name) is not None or name in self.computed
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        stored = self.resolve(name)
+        if stored is not None:
+            return self.shapes[stored]
+        if name in self.computed:
+            return tuple(self.computed[name].shape)
+        raise StructPruneError(f"tensor {name!r} is not in the checkpoint {self.folder}")
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Read one tensor (its bytes only) as an independent tensor on ``device`` in ``dtype``.
+
+        ``dtype=None`` keeps the stored dtype. The result never shares memory with the
+        file mapping, so it can be modified in place and the file can change under it.
+        """
+        from safetensors import safe_open
+
+        stored = self.resolve(name)
+        if stored is None:
+            if name in self.computed:
+                return own_copy(self.computed[name], dtype, device)
+            raise StructPruneError(f"tensor {name!r} is not in the checkpoint {self.folder}")
+        path = self.weight_map[stored]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                view = f.get_tensor(stored)  # lazily backed by the file mapping
+        except _safetensors_errors() as exc:
+            raise _open_error(path, exc) from exc
+        return own_copy(view, dtype, device)
+
+    def close(self) -> None:
+        """Nothing is held open between reads (see the module docstring); kept for symmetry."""
+
+
+def own_copy(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` in ``dtype`` that owns its memory."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t.to(dtype=dtype or t.dtype, copy=True)
+    # Transfer in the stored (usually narrower) dtype, cast on the device.
+    out = t.to(device)
+    return out.to(dtype) if dtype is not None and out.dtype != dtype else out
+
+
+# -- meta skeletons ---------------------------------------------------------------------------------
+
+def _tensors(module: nn.Module, prefix: str = ""):
+    """``(owner, attr, full name, tensor, is_param, persistent)`` for every param/buffer, shared ones repeated."""
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        base = prefix + (mod_name + "." if mod_name else "")
+        for name, p in mod._parameters.items():
+            if p is not None:
+                yield mod, name, base + name, p, True, True
+        for name, b in mod._buffers.items():
+            if b is not None:
+                yield mod, name, base + name, b, False, name not in mod._non_persistent_buffers_set
+
+
+def _set(mod: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> torch.Tensor:
+    if is_param:
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        mod._parameters[name] = value
+    else:
+        mod._buffers[name] = value
+    return value
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{target: source}`` of weights the model ties (stored once, under ``source``)."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not tied and getattr(text, "tie_word_embeddings", False):
+        names = {id(m): n for n, m in model.named_modules()}
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is not None and out is not None and id(inp) in names and id(out) in names:
+            tied[names[id(out)] + ".weight"] = names[id(inp)] + ".weight"
+    return tied
+
+
+def load_skeleton(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """``(model, reader)``: the model of ``folder`` built on the ``meta`` device, no weight read.
+
+    Parameters are meta tensors in ``dtype``; the small non-persistent buffers the
+    modules compute at construction (rotary ``inv_freq``) are computed for real on CPU,
+    kept in ``reader.computed`` and replaced by meta tensors too, so the skeleton holds
+    no real tensor at all. Tied and prefix-less stored names are recorded in
+    ``reader.aliases``. Raises :class:`StructPruneError` if the checkpoint lacks a tensor
+    the model needs. StructPrune's per-layer exports use the packaged modeling code
+    (as :func:`structprune.export.load_pruned` does).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..export.loader import _model_classes, _read_config
+
+    folder = Path(folder).expanduser()
+    reader = CheckpointReader(folder)
+    config_cls, model_cls = _model_classes(_read_config(folder), trust_remote_code)
+    try:
+        # Buffers are built for real (they are tiny, and computing them is the module's job);
+        # parameters go to meta as soon as they are registered.
+        with init_empty_weights(include_buffers=False):
+            if model_cls is not None:
+                model = model_cls._from_config(config_cls.from_pretrained(folder), dtype=dtype)
+            else:
+                config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except StructPruneError:
+        raise
+    except Exception as exc:  # transformers' ValueError/OSError for unknown or bad configs
+        raise StructPruneError(f"could not build the model of {folder}: {' '.join(str(exc).split())[:300]}") from exc
+    model.eval()
+    tied = _tied_aliases(model)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    missing = []
+    for mod, attr, full, t, is_param, persistent in list(_tensors(model)):
+        if not t.is_meta:
+            if not persistent or full not in reader.weight_map:
+                reader.computed[full] = t.detach().clone()
+            _set(mod, attr, t.detach().to("meta"), is_param)
+        if full in reader.computed or full in reader.weight_map:
+            continue
+        candidates = [tied.get(full)]
+        if prefix and full.startswith(prefix + "."):
+            candidates.append(full[len(prefix) + 1:])
+        elif prefix:
+            candidates.append(f"{prefix}.{full}")
+        stored = next((c for c in candidates if c is not None and c in reader.weight_map), None)
+        if stored is not None:
+            reader.aliases[full] = stored
+        else:
+            missing.append(full)
+    if missing:
+        raise StructPruneError(f"the weights in {folder} lack {len(missing)} tensor(s) the model needs: "
+                               f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    return model, reader
+
+
+def materialize(module: nn.Module, prefix: str, reader, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> nn.Module:
+    """Give ``module``'s meta parameters and buffers real tensors read from ``reader``.
+
+    ``prefix`` is the module's state-dict prefix in the full model (``"model.layers.3."``).
+    Floating parameters and stored floating buffers are cast to ``dtype`` (``None``: the
+    skeleton's dtype); computed buffers (``reader.computed``) keep their own dtype, as
+    ``from_pretrained`` leaves rotary ``inv_freq`` in float32. Tensors the module
+    already holds for real are left alone; tensors shared inside the module stay
+    shared. A stored shape that differs from the module's (a dense tensor for a pruned
+    layer) is a :class:`StructPruneError`. Parameters come back with
+    ``requires_grad=False``. ``reader`` is anything with ``get(name, dtype, device)``,
+    ``__contains__`` and optionally ``computed`` (a :class:`CheckpointReader`, a
+    :class:`structprune.export.shards.ShardWriter`).
+    """
+    device = torch.device(device)
+    computed = getattr(reader, "computed", {})
+    done: dict[int, torch.Tensor] = {}
+    for mod, attr, full, t, is_param, persistent in list(_tensors(module, prefix)):
+        if not t.is_meta:
+            continue
+        if id(t) not in done:
+            if full in computed and not (persistent and _stored(reader, full)):
+                value = own_copy(computed[full], None, device)
+            elif full in reader:
+                want = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+                value = reader.get(full, dtype=want, device=device)
+            else:
+                raise StructPruneError(f"tensor {full!r} is not in {_where(reader)}")
+            if tuple(value.shape) != tuple(t.shape):
+                raise StructPruneError(f"tensor {full!r} in {_where(reader)} has shape {list(value.shape)}, "
+                                       f"the model expects {list(t.shape)} (a pruned layer read from the dense "
+                                       "checkpoint?)")
+            done[id(t)] = value
+        done[id(t)] = _set(mod, attr, done[id(t)], is_param)  # shared tensors stay one object
+    return module
+
+
+def _stored(reader, name: str) -> bool:
+    resolve = getattr(reader, "resolve", None)
+    return resolve(name) is not None if resolve is not None else name in reader
+
+
+def _where(reader) -> str:
+    return str(getattr(reader, "folder", type(reader).__name__))
+
+
+def dematerialize(module: nn.Module) -> nn.Module:
+    """Replace every real parameter and buffer of ``module`` by a meta tensor (freeing its memory)."""
+    done: dict[int, torch.Tensor] = {}
+    for mod, attr, _, t, is_param, _ in list(_tensors(module)):
+        if t.is_meta:
+            continue
+        if id(t) not in done:
+            done[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        done[id(t)] = _set(mod, attr, done[id(t)], is_param)
+    return module
