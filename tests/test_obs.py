@@ -1,5 +1,6 @@
 """The closed form of method.md equals brute-force least squares."""
 
+import pytest
 import torch
 
 from structprune.adapters.base import AttentionShape
@@ -91,3 +92,34 @@ def test_dampening_shrinks_an_external_target_refit_toward_the_current_weights()
     Wp, bp = prob.weights()
     Wr, br = refit(H, s, 500, kept, C=C, W=W, bias=b, damp=0.1)
     assert (Wp[:, kept] - Wr).abs().max() < 1e-6 and (bp - br).abs().max() < 1e-6
+
+
+def test_own_output_refit_equals_the_external_target_it_stands_for():
+    """``refit(W=...)`` builds ``C = [W b] (G + delta I)`` in row chunks of ``H``; it must equal the
+    refit against the external target ``C = [W b] G`` with ``W`` as the ridge prior."""
+    Z, W, b = _data(7)
+    Z = Z.double()
+    H, s = Z.T @ Z, Z.sum(0)
+    Za = torch.cat([Z, torch.ones(500, 1)], 1)
+    keep = torch.tensor([0, 3, 4, 8, 9, 15, 16, 22, 23, 29])
+    for fit_bias in (True, False):
+        C = torch.cat([W, b[:, None]], 1).double() @ (Za.T @ Za) if fit_bias else W.double() @ H
+        Wo, bo = refit(H, s, 500, keep, W=W, bias=b, fit_bias=fit_bias, damp=0.05)
+        Wc, bc = refit(H, s, 500, keep, C=C, W=W, bias=b, fit_bias=fit_bias, damp=0.05)
+        assert (Wo - Wc).abs().max() < 1e-9 * Wc.abs().max()
+        assert (bo is None) == (not fit_bias) and (bo is None or (bo - bc).abs().max() < 1e-9 * bc.abs().max())
+
+
+def test_problem_owns_its_weights_and_refuses_an_indefinite_gram():
+    """The greedy path updates its weights in place and the Gram is damped in place: never the
+    caller's (a float64 W or H without the bias column used to be aliased). A Gram that is not
+    positive definite is an error, not NaNs."""
+    Z, W, _ = _data(8)
+    W, H = W.double(), (Z.T @ Z).double()
+    W0, H0 = W.clone(), H.clone()
+    prob = ModuleProblem.build(H, Z.sum(0), 500, W=W, fit_bias=False, damp=1e-6)
+    channel_path(prob, 10, 1.0, block=5)
+    refit(H, Z.sum(0), 500, torch.arange(10), W=W, fit_bias=False)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+    with pytest.raises(torch.linalg.LinAlgError):
+        ModuleProblem.build(-torch.eye(30), torch.zeros(30), 500, W=W, fit_bias=False)

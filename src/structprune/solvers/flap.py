@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def mean_compensation(linear, mean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``W[:, removed] @ mean[removed]``: what the removed inputs added on average ([d], float32)."""
-    removed = torch.ones(linear.in_features, dtype=torch.bool)
-    removed[keep] = False
-    w = linear.weight.float()[:, removed.to(linear.weight.device)]
-    return w @ mean.to(w.device)[removed.to(w.device)]
+    removed = torch.ones(linear.in_features, dtype=torch.bool, device=linear.weight.device)
+    removed[keep.to(removed.device)] = False
+    w = linear.weight.float()[:, removed]
+    return w @ mean.to(w.device)[removed]
 
 
 @torch.no_grad()

@@ -70,8 +70,8 @@ def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "fi
     layers = list(adapter.layers())
     outs = [(adapter.attn_linears(l)[1], adapter.mlp_linears(l)[1]) for l in layers]
     dh = [adapter.attention_shape(l).head_dim for l in layers]
-    acc = [{"attn": torch.zeros(o.in_features // h, dtype=torch.float64),
-            "mlp": torch.zeros(d.in_features, dtype=torch.float64)} for (o, d), h in zip(outs, dh)]
+    acc = [{"attn": torch.zeros(o.in_features // h, dtype=torch.float64, device="cpu"),  # CPU accumulators
+            "mlp": torch.zeros(d.in_features, dtype=torch.float64, device="cpu")} for (o, d), h in zip(outs, dh)]
     model.to(device)
     try:
         with grads_only_for(model, [lin.weight for pair in outs for lin in pair]), torch.enable_grad():

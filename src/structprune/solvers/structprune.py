@@ -208,8 +208,8 @@ def _cut_attention(adapter, layer, path, k, st, cfg):
     groups = sorted(kept)
     heads = sorted(h for g in groups for h in kept[g])
     o = adapter.attn_linears(layer)[1]
-    W, b = refit(st.H, st.zsum, st.count, _head_cols(heads, shape.head_dim), C=st.C, W=o.weight, bias=o.bias,
-                 fit_bias=cfg.refit_bias, damp=cfg.damp)
+    W, b = refit(st.H, st.zsum, st.count, _head_cols(heads, shape.head_dim, st.H.device), C=st.C, W=o.weight,
+                 bias=o.bias, fit_bias=cfg.refit_bias, damp=cfg.damp)
     n = adapter.mlp_shape(layer).channels
     apply_layer_plan(adapter, layer, LayerPlan(heads, groups, list(range(n))))
     set_output_projection(adapter.attn_linears(layer)[1], W, b)
@@ -221,8 +221,8 @@ def _cut_mlp(adapter, layer, path, k, st, cfg):
     n = adapter.mlp_shape(layer).channels
     channels = [c for c in range(n) if c not in removed]
     down = adapter.mlp_linears(layer)[1]
-    W, b = refit(st.H, st.zsum, st.count, torch.tensor(channels), C=st.C, W=down.weight, bias=down.bias,
-                 fit_bias=cfg.refit_bias, damp=cfg.damp)
+    W, b = refit(st.H, st.zsum, st.count, torch.tensor(channels, device=st.H.device), C=st.C, W=down.weight,
+                 bias=down.bias, fit_bias=cfg.refit_bias, damp=cfg.damp)
     a = adapter.attention_shape(layer)
     apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), channels))
     set_output_projection(adapter.mlp_linears(layer)[1], W, b)
