@@ -172,4 +172,4 @@ def test_cpu_peak_memory_is_per_model_not_cumulative():
     peak_big = bench_model(big, **kw)[0]["peak_mem_bytes"]
     del big
     peak_small = bench_model(model(128), **kw)[0]["peak_mem_bytes"]
-    assert peak_small < peak_big - 200 * 2**20, (peak_small, peak_big)
+    assert peak_small < peak_big - 100 * 2**20, (peak_small, peak_big)  # cumulative peaks would be equal
