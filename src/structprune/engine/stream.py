@@ -5,13 +5,15 @@
         ...decide and cut ctx.layer... # solver's business
     # leaving the body: ctx.layer's outputs become the next layer's inputs
 
-Inputs live on CPU (``LayerInputs``) and stream through the layer in chunks.
+Inputs (``LayerInputs``) live in activation stores (RAM up to the activation budget, disk
+beyond: engine/activations.py) and stream through the layer in chunks.
 With ``track_dense=True`` the dense model's trajectory is streamed alongside
 (``ctx.dense_inputs`` / ``ctx.dense_outputs``), computed before the solver changes the layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -48,8 +50,11 @@ class LayerStream:
 
     def __init__(self, model, adapter: Adapter, calib: torch.Tensor, device, batch_size: int = 1,
                  track_dense: bool = False, swap: bool = False, progress: bool = True,
-                 desc: str = "layers", inputs: LayerInputs | None = None):
+                 desc: str = "layers", inputs: LayerInputs | None = None, store_factory=None):
         self.model, self.adapter, self.calib = model, adapter, calib
+        # ``store_factory(layers, device) -> LayerStore`` (engine/homes.py), with ``resident(modules,
+        # device)`` for the embeddings of a model on disk; None: a LayerStore (SwapLayerStore with swap).
+        self.store_factory = store_factory
         self.device = torch.device(device)
         self.batch_size, self.track_dense = batch_size, track_dense
         self.swap, self.progress, self.desc = swap, progress, desc
@@ -57,16 +62,17 @@ class LayerStream:
 
     def first_inputs(self) -> LayerInputs:
         if self.inputs is None:
-            self.inputs = capture_first_layer_inputs(self.model, self.adapter, self.calib, self.device,
-                                                     self.batch_size)
+            resident = getattr(self.store_factory, "resident", None)
+            with resident(self.adapter.pre_layer_modules(), self.device) if resident else contextlib.nullcontext():
+                self.inputs = capture_first_layer_inputs(self.model, self.adapter, self.calib, self.device,
+                                                         self.batch_size)
         return self.inputs
 
     def __iter__(self):
         inputs = self.first_inputs()
-        dense = inputs.clone() if self.track_dense else None
+        dense = inputs.clone() if self.track_dense else None  # a new store: spills beyond the budget
         layers = self.adapter.layers()
-        store_cls = SwapLayerStore if self.swap else LayerStore
-        store = store_cls(layers, self.device)
+        store = (self.store_factory or (SwapLayerStore if self.swap else LayerStore))(layers, self.device)
         try:
             for i in tqdm(range(len(layers)), desc=self.desc, disable=not self.progress):
                 layer = store.fetch(i)
