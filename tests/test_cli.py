@@ -242,6 +242,7 @@ def test_a_failure_after_the_checks_leaves_no_created_parent(tiny_folder, calib_
         from structprune.errors import StructPruneError
         raise StructPruneError("simulated failure while pruning")
     monkeypatch.setattr(api, "prune", fail)
+    monkeypatch.setattr(api, "prune_checkpoint", fail)
     out = tmp_path / "a" / "b" / "out"
     assert main(_args(tiny_folder(), out, calib_file)) == 2
     assert not (tmp_path / "a").exists()
@@ -253,6 +254,7 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(tiny_folder, calib_file, tmp_path
     def interrupt(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(api, "prune", interrupt)
+    monkeypatch.setattr(api, "prune_checkpoint", interrupt)
     out = tmp_path / "out"
     assert main(_args(tiny_folder(), out, calib_file)) == 130
     err = capsys.readouterr().err
@@ -286,3 +288,16 @@ def test_magnitude_sp_reads_no_calibration_text(tiny_folder, tmp_path, monkeypat
     assert main(args) == 0
     r = _strict_json(out / "report.json")
     assert r["calibration"] is None and abs(r["sparsity_achieved"] - 0.4) < 0.05
+
+
+def test_a_checkpoint_folder_is_streamed_from_disk_and_equals_the_in_memory_run(tiny_folder, calib_file, tmp_path):
+    model = tiny_folder()
+    disk, memory = tmp_path / "disk", tmp_path / "memory"
+    assert main(_args(model, disk, calib_file, "--method", "structprune")) == 0
+    assert main(_args(model, memory, calib_file, "--method", "structprune", "--in-memory")) == 0
+    rd, rm = (_strict_json(p / "report.json") for p in (disk, memory))
+    assert (rd["residency"], rm["residency"]) == ("disk", "memory")
+    assert rd["layers"] == rm["layers"] and rd["sparsity_achieved"] == rm["sparsity_achieved"]
+    ppl = rd["ppl"][calib_file]
+    assert abs(ppl["pruned"] - rm["ppl"][calib_file]["pruned"]) < 1e-3 * ppl["pruned"]
+    assert len(ppl["window_nlls"]["dense"]) == ppl["nwindows"]  # per-window NLLs saved with the result

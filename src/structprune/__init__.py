@@ -2,11 +2,11 @@
 
     from structprune import load_model, prune, perplexity
     model, tok = load_model("smollm2-135m")
-    result = prune(model, tokenizer=tok, method="wanda-sp", sparsity=0.3, nsamples=16, seqlen=512)
+    result = prune(model, tokenizer=tok, method="wanda-sp", sparsity=0.3, nsamples=8, seqlen=512)
     print(result.report["sparsity_achieved"], perplexity(model, tok, "wikitext2", limit=8).ppl)
 """
 
-from .api import PruneResult, prune
+from .api import PruneResult, prune, prune_checkpoint
 from .config import PruneConfig
 from .errors import CalibrationError, StructPruneError, UnsupportedArchitectureError
 
@@ -34,5 +34,5 @@ def perplexity(*args, **kwargs):
     return _ppl(*args, **kwargs)
 
 
-__all__ = ["PruneConfig", "PruneResult", "prune", "load_model", "load_pruned", "perplexity", "StructPruneError",
+__all__ = ["PruneConfig", "PruneResult", "prune", "prune_checkpoint", "load_model", "load_pruned", "perplexity", "StructPruneError",
            "CalibrationError", "UnsupportedArchitectureError", "__version__"]

@@ -8,15 +8,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from .adapters import Adapter, LayerPlan, count_params, get_adapter
 from .config import PruneConfig
 from .engine import LayerStream
+from .engine.homes import MemoryHome
 from .errors import CalibrationError, StructPruneError
 from .memory import peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
 from .models.loading import model_context_length
@@ -40,7 +44,8 @@ def layer_widths(adapter: Adapter) -> list[dict]:
 
 @dataclass
 class PruneRun:
-    """Everything a solver needs: the model, its adapter, calibration windows, config, device."""
+    """Everything a solver needs: the model, its adapter, calibration windows, config, device,
+    and the layers' home (in memory or on disk: :mod:`structprune.engine.homes`)."""
 
     model: torch.nn.Module
     adapter: Adapter
@@ -50,29 +55,53 @@ class PruneRun:
     progress: bool = True
     log: list[dict] = field(default_factory=list)  # solver iterations, for the report
     cache: dict | None = None  # dense-model computations reusable across runs (see prune())
+    home: object = None  # MemoryHome or DiskHome; None: MemoryHome(config.swap_layers)
     _inputs: object = None  # first-layer inputs, captured once and shared by every pass
 
-    def layers(self, desc: str = "layers"):
-        """Borrow each decoder layer in turn with no activations: ``(index, layer)`` (data-free methods)."""
+    def __post_init__(self):
+        if self.home is None:
+            self.home = MemoryHome(swap=self.config.swap_layers)
+
+    def layers(self, desc: str = "layers", cuts: bool = False, final: bool = True):
+        """Borrow each decoder layer in turn with no activations: ``(index, layer)`` (data-free methods).
+        ``cuts``: the pass prunes the layers (see :meth:`stream`)."""
         from tqdm.auto import tqdm
 
-        from .engine import LayerStore
-
-        store = LayerStore(self.adapter.layers(), self.device)
-        for i in tqdm(range(len(store)), desc=desc, disable=not self.progress):
-            layer = store.fetch(i)
+        with self.home.cutting(final) if cuts else contextlib.nullcontext():
+            store = self.home(self.adapter.layers(), self.device)
             try:
-                yield i, layer
+                for i in tqdm(range(len(store)), desc=desc, disable=not self.progress):
+                    layer = store.fetch(i)
+                    yield i, layer
+                    store.release(i)
             finally:
-                store.release(i)
+                store.finish()
 
-    def stream(self, desc: str = "layers", track_dense: bool = False) -> LayerStream:
-        """A streaming pass over all layers (first-layer inputs are captured once per run)."""
+    def stream(self, desc: str = "layers", track_dense: bool = False, cuts: bool = False,
+               final: bool = True) -> LayerStream:
+        """A streaming pass over all layers (first-layer inputs are captured once per run).
+
+        ``cuts``: the pass leaves every layer pruned, so its home keeps what each released
+        layer became (on disk: written out); ``final=False`` when a later pass may supersede it."""
         s = LayerStream(self.model, self.adapter, self.calib, self.device, self.config.batch_size,
-                        track_dense=track_dense, swap=self.config.swap_layers, progress=self.progress,
-                        desc=desc, inputs=self._inputs)
+                        track_dense=track_dense, progress=self.progress, desc=desc, inputs=self._inputs,
+                        store_factory=self.home)
         self._inputs = s.first_inputs()
-        return s
+        return _CuttingPass(s, self.home, final) if cuts else s
+
+
+class _CuttingPass:
+    """A :class:`LayerStream` whose iteration runs inside ``home.cutting(final)``."""
+
+    def __init__(self, stream: LayerStream, home, final: bool):
+        self.stream, self.home, self.final = stream, home, final
+
+    def first_inputs(self):
+        return self.stream.first_inputs()
+
+    def __iter__(self):
+        with self.home.cutting(self.final):
+            yield from self.stream
 
 
 @dataclass
@@ -120,39 +149,52 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     the same calibration windows (sweeps, benchmark tables) and solvers reuse what depends
     only on those (StructPrune: sensitivities and dense removal paths).
     """
+    config = _with_overrides(config, overrides)
+    adapter = get_adapter(model)
+    calib = _calibration(model, calib, config, tokenizer)
+    device = torch.device(device) if device is not None else default_device()
+    was_training = model.training
+    model.eval()
+    try:
+        plans, report = _run(PruneRun(model, adapter, calib, config, device, progress=progress, cache=cache))
+    finally:
+        model.train(was_training)
+    return PruneResult(model=model, plans=plans, config=config, report=report)
+
+
+def _with_overrides(config: PruneConfig | None, overrides: dict) -> PruneConfig:
     if "method" in overrides and "allocation" not in overrides:
         overrides["allocation"] = "auto"  # a new method brings its own default allocation
-    config = replace(config or PruneConfig(), **overrides) if overrides else (config or PruneConfig())
+    return replace(config or PruneConfig(), **overrides) if overrides else (config or PruneConfig())
+
+
+def _calibration(model, calib, config: PruneConfig, tokenizer):
     ctx = model_context_length(model)
     if ctx is not None and config.seqlen > ctx:
         raise StructPruneError(f"sequence length {config.seqlen} exceeds the model's context of {ctx} tokens")
-    adapter = get_adapter(model)
     if not needs_calibration(config):
-        calib = None  # magnitude scores read the weights only
-    elif calib is None:
+        return None  # magnitude scores read the weights only
+    if calib is None:
         if tokenizer is None:
             raise StructPruneError("pass calibration token ids or a tokenizer to draw them with")
         calib = build_calibration(tokenizer, config)
-    if calib is not None:
-        _check_calib(model, calib, config)
-    device = torch.device(device) if device is not None else default_device()
+    _check_calib(model, calib, config)
+    return calib
 
+
+def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
+    """Run the method on ``run`` and measure it: ``(plans, report)``."""
+    model, adapter, config, device, calib = run.model, run.adapter, run.config, run.device, run.calib
     params_before = count_params([model])
     prunable_before = prunable_params(adapter)
     widths_before = layer_widths(adapter)
-    was_training = model.training
-    model.eval()
     reset_peak_gpu(device)
     rss_reset = reset_peak_rss()
     t0 = time.perf_counter()
-
-    run = PruneRun(model, adapter, calib, config, device, progress=progress, cache=cache)
     plans = METHODS[config.method](run)
-
     peak = peak_gpu(device)
     seconds = time.perf_counter() - t0
     rss, rss_kind = peak_rss()
-    model.train(was_training)
 
     prunable_after = prunable_params(adapter)
     report = {
@@ -171,6 +213,7 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
                                                    "seqlen": int(calib.shape[1]), "seed": config.seed},
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "residency": "disk" if not isinstance(run.home, MemoryHome) else "memory",
         "peak_gpu_mem_bytes": peak,
         "peak_rss_bytes": rss,  # of the whole process while pruning (model included)
         "peak_rss_kind": rss_kind if rss_reset else rss_kind + " (could not reset: includes what ran before)",
@@ -181,4 +224,52 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     model.config.structprune = {"method": config.method, "sparsity": report["sparsity_achieved"],
                                 "layers": report["layers"]}
     log.info("pruned %.4f of prunable parameters in %.1fs", report["sparsity_achieved"], seconds)
+    return plans, report
+
+
+def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor | None = None,
+                     config: PruneConfig | None = None, *, tokenizer=None, device=None,
+                     dtype: torch.dtype = torch.float32, max_shard_size: str | int = "2GB", progress: bool = True,
+                     overwrite: bool = False, atomic: bool = True, **overrides) -> PruneResult:
+    """Prune the checkpoint in ``folder`` (config + safetensors, sharded or not) into ``output``
+    with one decoder layer in memory at a time: the dense model is never loaded whole, and each
+    layer is written to ``output``'s shards as soon as it is final, so the pruned model is never
+    whole in memory either. Computes in ``dtype``; writes in the checkpoint's stored dtype.
+
+    ``output`` receives the weights (shards + index), ``config.json`` (stock or per-layer, as
+    :func:`~structprune.export.save_pruned`), the tokenizer when given, ``plan.json`` and
+    ``report.json``; it is written to a temporary folder and moved into place at the end.
+    ``atomic=False`` writes straight into ``output`` (a caller's own temporary folder).
+    Returns a :class:`PruneResult` whose ``model`` is the (meta) skeleton with the pruned shapes.
+    The O(N) ``global`` reference back-propagates through the whole model: it is refused here.
+    """
+    from .engine.homes import DiskHome
+    from .export import atomic_output_dir, export_config
+    from .export.shards import ShardWriter
+    from .export.writer import base_model_type, write_export_files
+    from .models.checkpoint import load_skeleton
+
+    config = _with_overrides(config, overrides)
+    if config.method == "global":
+        raise StructPruneError("the 'global' reference needs the whole model in memory: load it with "
+                               "load_model() and call prune(), or choose a streamed method")
+    model, reader = load_skeleton(folder, dtype=dtype)
+    adapter = get_adapter(model)
+    calib = _calibration(model, calib, config, tokenizer)
+    device = torch.device(device) if device is not None else default_device()
+    place = atomic_output_dir(output, overwrite=overwrite) if atomic else contextlib.nullcontext(Path(output))
+    with place as tmp:
+        writer = ShardWriter(tmp, max_shard_size)
+        home = DiskHome(model, adapter, reader, writer, dtype=dtype, out_dtype=reader.stored_dtype,
+                        scratch=tmp / ".scratch")
+        plans, report = _run(PruneRun(model, adapter, calib, config, device, progress=progress, home=home))
+        export = export_config(model)
+        export.config.dtype = reader.stored_dtype  # the skeleton computed in ``dtype``; weights keep theirs
+        home.assemble()
+        for key, n in export.zero_biases.items():  # biases a stock layout implies
+            writer.add(key, torch.zeros(n, dtype=reader.stored_dtype))
+        writer.finalize()
+        shutil.rmtree(tmp / ".scratch", ignore_errors=True)
+        report["model"] = str(folder)
+        write_export_files(export, base_model_type(model), tmp, tokenizer, report=report, plans=plans)
     return PruneResult(model=model, plans=plans, config=config, report=report)

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size", default="2GB", help="split safetensors weights above this size (e.g. 500MB)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model instead of streaming a checkpoint folder one layer at a time")
 
     e = sub.add_parser("eval", help="perplexity of a model (dense or pruned)")
     add_common(e)
@@ -130,6 +132,21 @@ def _counts(args, defaults: dict) -> tuple[int, int, int | None]:
     return nsamples, seqlen, limit
 
 
+def _streams_from_disk(args, config) -> str | None:
+    """The checkpoint folder to stream from, or None for the in-memory path (a GGUF file or hub
+    model, ``--in-memory``, or the O(N) ``global`` reference, which needs the whole model)."""
+    from .export.loader import is_structprune_export
+    from .models.loading import resolve_model
+
+    if args.in_memory or config.method == "global":
+        return None
+    resolved = resolve_model(args.model)
+    if resolved.kind != "hf-folder" or is_structprune_export(resolved.path):
+        return None
+    has_weights = any((resolved.path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+    return str(resolved.path) if has_weights else None
+
+
 def cmd_prune(args) -> dict:
     from .api import build_calibration, needs_calibration, prune
     from .config import PruneConfig
@@ -166,23 +183,41 @@ def cmd_prune(args) -> dict:
         encode_corpus(tok, d)  # tokenised once here, cached for the evaluations below
 
     with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
-        t0 = time.perf_counter()
-        model, tok = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
-        log.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
-        dense_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
-        model.to("cpu")  # pruning streams one layer at a time to the device
-        result = prune(model, calib, config=config, tokenizer=tok, device=device, progress=not args.quiet)
-        pruned_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
-        model.to("cpu")
-        report = result.report
+        streamed = _streams_from_disk(args, config)
+        if streamed is not None:  # a checkpoint folder: one layer in memory, never the whole model
+            from .api import prune_checkpoint
+            from .eval.streamed import evaluate_checkpoint
+
+            def evaluate(folder):
+                return evaluate_checkpoint(folder, tok, datasets, seqlen=args.eval_seqlen, limit=limit, device=device,
+                                           dtype=dtype, progress=not args.quiet)
+
+            dense_ppl = evaluate(streamed) if datasets else {}
+            result = prune_checkpoint(streamed, tmp, calib, config, tokenizer=tok, device=device, dtype=dtype,
+                                      max_shard_size=args.max_shard_size, progress=not args.quiet,
+                                      overwrite=True, atomic=False)
+            pruned_ppl = evaluate(tmp) if datasets else {}
+            report = result.report
+        else:
+            t0 = time.perf_counter()
+            model, tok = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
+            log.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
+            dense_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
+            model.to("cpu")  # pruning streams one layer at a time to the device
+            result = prune(model, calib, config=config, tokenizer=tok, device=device, progress=not args.quiet)
+            pruned_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
+            model.to("cpu")
+            report = result.report
+            export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
+            report["export"] = export.to_dict()
         report["model"] = args.model
         report["ppl"] = {d: {"dense": dense_ppl[d]["ppl"], "pruned": pruned_ppl[d]["ppl"],
-                             "nwindows": pruned_ppl[d]["nwindows"], "seqlen": pruned_ppl[d]["seqlen"]}
+                             "nwindows": pruned_ppl[d]["nwindows"], "seqlen": pruned_ppl[d]["seqlen"],
+                             "window_nlls": {"dense": dense_ppl[d].get("window_nlls"),
+                                             "pruned": pruned_ppl[d].get("window_nlls")}}
                          for d in datasets}
         report["command"] = "structprune " + " ".join(sys.argv[1:])
         report["versions"] = _versions()
-        export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
-        report["export"] = export.to_dict()
         report["total_seconds"] = time.perf_counter() - t_start
         report["process_peak_rss_bytes"] = process_peak_rss()
         write_json(tmp / "report.json", report)

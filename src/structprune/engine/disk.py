@@ -159,6 +159,8 @@ def resident(model: nn.Module, modules, reader, device, dtype: torch.dtype | Non
         for m, flags in zip(modules, was_meta):
             if all(flags):
                 dematerialize(m)
+        if all(all(flags) for flags in was_meta) and hasattr(model, "tie_weights"):
+            model.tie_weights()  # materialising one side of a tie gave it its own parameter
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
 

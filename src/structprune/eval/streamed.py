@@ -180,3 +180,28 @@ def streamed_perplexity(
     result = PerplexityResult(dataset=dataset, ppl=ppl, nwindows=nwindows, ntokens=count, seqlen=seqlen)
     log.info("%s: ppl %.4f over %d windows of %d (%d tokens, streamed)", dataset, ppl, nwindows, seqlen, count)
     return result, [s / (seqlen - 1) for s in window_sums]
+
+
+def evaluate_checkpoint(folder, tokenizer, datasets: list[str], seqlen: int = 2048, limit: int | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        progress: bool = True) -> dict[str, dict]:
+    """Perplexity of the checkpoint in ``folder`` on each dataset, one layer resident (the
+    protocol's windows, C4 capped as :func:`~structprune.eval.perplexity.perplexity` does).
+    Returns ``{dataset: {**PerplexityResult, "window_nlls": [...]}}``."""
+    from ..data.corpora import C4_EVAL_MAX_WINDOWS
+    from ..models.checkpoint import load_skeleton
+    from .perplexity import encode_corpus
+
+    model, reader = load_skeleton(folder, dtype=dtype)
+    out = {}
+    try:
+        for name in datasets:
+            cap = limit
+            if name.lower() == "c4":
+                cap = C4_EVAL_MAX_WINDOWS if limit is None else min(limit, C4_EVAL_MAX_WINDOWS)
+            res, nlls = streamed_perplexity(model, reader, None, encode_corpus(tokenizer, name), seqlen, limit=cap,
+                                            device=device, dtype=dtype, dataset=name, progress=progress)
+            out[name] = {**res.to_dict(), "window_nlls": nlls}
+    finally:
+        reader.close()
+    return out

@@ -336,10 +336,17 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report: dict | Non
     export = export_config(model)
     log.info("exporting a %s %s config (%s)", export.format, export.config.model_type, export.reason)
     model.save_pretrained(out, state_dict=_state_dict(model, export.zero_biases), max_shard_size=max_shard_size)
-    # save_pretrained wrote the in-memory (dense-shaped) config; replace it with the export config.
+    write_export_files(export, base_model_type(model), out, tokenizer, report=report, plans=plans)
+    return export
+
+
+def write_export_files(export: ExportConfig, base: str, out: Path, tokenizer=None, report: dict | None = None,
+                       plans=None) -> None:
+    """Everything of an export but the weights: ``config.json`` (replacing any the weights' writer
+    left), the modeling file of a per-layer export, the tokenizer, ``report.json``, ``plan.json``."""
     export.config.save_pretrained(out)
     if export.format == "custom":
-        _name_base_family(out / "config.json", base_model_type(model))
+        _name_base_family(out / "config.json", base)
         shutil.copyfile(MODELING_FILE, out / MODELING_FILE.name)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -349,4 +356,3 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report: dict | Non
         write_json(out / "report.json", report)
     if plans is not None:
         write_json(out / "plan.json", [p.to_dict() for p in plans])
-    return export

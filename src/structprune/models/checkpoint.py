@@ -315,6 +315,9 @@ def load_skeleton(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     except Exception as exc:  # transformers' ValueError/OSError for unknown or bad configs
         raise StructPruneError(f"could not build the model of {folder}: {' '.join(str(exc).split())[:300]}") from exc
     model.eval()
+    # from_config leaves tied weights (lm_head = embeddings) as two parameters; tie them as
+    # from_pretrained does, so parameter counts and the export see one tensor.
+    model.tie_weights()
     tied = _tied_aliases(model)
     prefix = getattr(model, "base_model_prefix", "") or ""
     missing = []

@@ -58,7 +58,7 @@ def prune_flap(run) -> list[LayerPlan]:
     """FLAP: widths from the allocation (default: the AL-AM threshold), fluctuation picks, bias compensation."""
     widths = allocate_widths(run, flap_keys, threshold_name="flap-al-am")
     plans = []
-    for ctx in run.stream(desc="flap"):
+    for ctx in run.stream(desc="flap", cuts=True):
         stats = ctx.collect(gram=False)
         scores = fluctuation(run.adapter, ctx.layer, stats)
         plan = select_plan(run.adapter.attention_shape(ctx.layer), scores, widths[ctx.index])

@@ -113,7 +113,7 @@ def prune_global(run) -> list[LayerPlan]:
     run.log.append({"stage": "allocation", "allocation": f"global-{cfg.global_score}",
                     "widths": [w.to_dict() for w in widths]})
     plans = []
-    for ctx in run.stream(desc="global refit"):
+    for ctx in run.stream(desc="global refit", cuts=True):
         plan = select_plan(run.adapter.attention_shape(ctx.layer), scores[ctx.index], widths[ctx.index])
         refit_layer(run, ctx, plan)
         plans.append(plan)

@@ -72,9 +72,9 @@ def prune_local(run) -> list[LayerPlan]:
     widths = allocate_widths(run, cost_normalised_scorer(scorer))
     plans = []
     if run.calib is None:  # a data-free scorer: borrow the layers, no activations
-        passes = ((i, layer, None) for i, layer in run.layers(desc=cfg.method))
+        passes = ((i, layer, None) for i, layer in run.layers(desc=cfg.method, cuts=True))
     else:
-        passes = ((ctx.index, ctx.layer, ctx.collect(gram=False)) for ctx in run.stream(desc=cfg.method))
+        passes = ((ctx.index, ctx.layer, ctx.collect(gram=False)) for ctx in run.stream(cfg.method, cuts=True))
     for i, layer, stats in passes:
         scores = scorer(run.adapter, layer, stats)
         plan = select_plan(run.adapter.attention_shape(layer), scores, widths[i])
@@ -132,7 +132,7 @@ def prune_obs_local(run) -> list[LayerPlan]:
         raise StructPruneError(f"obs-local supports allocation 'uniform' only, not {cfg.allocation!r}")
     widths = uniform_widths(layer_shapes(run.adapter), cfg.sparsity, cfg.mlp_multiple)
     adapter, plans = run.adapter, []
-    for ctx in run.stream(desc="obs-local"):
+    for ctx in run.stream(desc="obs-local", cuts=True):
         layer, w = ctx.layer, widths[ctx.index]
         st = ctx.collect(modules=("attn",), gram=True)["attn"]
         o = adapter.attn_linears(layer)[1]

@@ -241,7 +241,7 @@ def prune_pass(run, kept_target: list[float] | None, sens, alpha: float, desc: s
     plans, menus, drift = [], [], []
     carry = 0.0
     objective = float("nan")
-    for ctx in run.stream(desc=desc):
+    for ctx in run.stream(desc=desc, cuts=True, final=cfg.iterations == 1):
         layer, i = ctx.layer, ctx.index
         y_attn, y_mlp, dense_next = _capture_module_outputs(adapter, layer, dense, device)
         ca, cm = _full_costs(adapter, layer)
@@ -288,15 +288,6 @@ def prune_pass(run, kept_target: list[float] | None, sens, alpha: float, desc: s
 
 # -- the method ---------------------------------------------------------------------------------
 
-def _snapshot(layers) -> list:
-    return [copy.deepcopy(l).to("cpu") for l in layers]
-
-
-def _restore(layers, snap) -> None:
-    for i, l in enumerate(snap):
-        layers[i] = copy.deepcopy(l)
-
-
 def prune_structprune(run) -> list[LayerPlan]:
     """StructPrune (see module docstring); returns the kept structures of every layer."""
     cfg, adapter = run.config, run.adapter
@@ -317,8 +308,8 @@ def prune_structprune(run) -> list[LayerPlan]:
         nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
         sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
         ncal = sum(h.shape[0] for h in sub.hidden)
-        sens = module_sensitivities(run.model, adapter, sub, run.calib[:ncal], run.device, swap=cfg.swap_layers,
-                                    progress=run.progress)
+        sens = module_sensitivities(run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress,
+                                    store_factory=run.home)
         menus = profile_menus(run, sens)
         if run.cache is not None:
             run.cache[key] = copy.deepcopy((sens, menus))
@@ -328,13 +319,13 @@ def prune_structprune(run) -> list[LayerPlan]:
     from ..api import prunable_params  # late: api imports the solvers
 
     budget = full - cfg.sparsity * prunable_params(adapter)
-    dense_layers = _snapshot(layers) if cfg.iterations > 1 else None
+    dense_layers = run.home.snapshot(layers) if cfg.iterations > 1 else None
     alpha = cfg.rho / (1.0 + cfg.rho)
     best, prev_kept = None, None
     for it in range(cfg.iterations):
         t1 = time.perf_counter()
         if it > 0:
-            _restore(layers, dense_layers)
+            run.home.restore(layers, dense_layers)
         if math.isinf(T):  # uniform: the same exact widths in every layer (as the local methods)
             kept, lam = None, float("inf")
             widths = uniform_widths([(adapter.attention_shape(l), adapter.mlp_shape(l)) for l in layers],
@@ -356,9 +347,9 @@ def prune_structprune(run) -> list[LayerPlan]:
                  entry["primal_residual"], dual, lam, entry["seconds"])
         prev_kept = kept_now
         if best is None or objective < best[0]:
-            best = (objective, plans, _snapshot(layers) if cfg.iterations > 1 else None, it + 1)
+            best = (objective, plans, run.home.snapshot(layers) if cfg.iterations > 1 else None, it + 1)
     if best[2] is not None and best[3] != cfg.iterations:
-        _restore(layers, best[2])
+        run.home.restore(layers, best[2])
     run.log.append({"chosen_iteration": best[3], "profile_seconds": t_sens,
                     "sensitivities": sens})
     return best[1]

@@ -1,0 +1,130 @@
+"""Where decoder layers live between passes: in memory, or on disk with one layer resident.
+
+A solver never cares which; it calls the run's home to
+
+* make the :class:`LayerStore` of a pass (``home(layers, device)``),
+* open a *cutting* pass (``with home.cutting(final):``), after which every layer the pass
+  released is the pruned one (on disk: written out on release, and read back from there by
+  later passes and by evaluation),
+* snapshot and restore the dense layers between StructPrune iterations (in memory: copies;
+  on disk: the meta skeleton and the layers' sources, which cost nothing, since the dense
+  layers are re-read from the checkpoint),
+* make non-layer modules (embeddings, final norm, LM head) resident for a block.
+
+:class:`MemoryHome` is the model the user handed to :func:`structprune.prune`;
+:class:`DiskHome` a checkpoint folder streamed by :func:`structprune.prune_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .disk import DiskStoreFactory
+from .residency import LayerStore, SwapLayerStore
+
+log = logging.getLogger(__name__)
+
+
+class MemoryHome:
+    """Layers are modules of an in-memory model (CPU, or wherever the user put them)."""
+
+    def __init__(self, swap: bool = False):
+        self.swap = swap
+
+    def __call__(self, layers: nn.ModuleList, device) -> LayerStore:
+        return (SwapLayerStore if self.swap else LayerStore)(layers, device)
+
+    def resident(self, modules, device):
+        return contextlib.nullcontext(modules)
+
+    @contextlib.contextmanager
+    def cutting(self, final: bool):
+        yield
+
+    def snapshot(self, layers: nn.ModuleList):
+        return [copy.deepcopy(layer).to("cpu") for layer in layers]
+
+    def restore(self, layers: nn.ModuleList, snap) -> None:
+        for i, layer in enumerate(snap):
+            layers[i] = copy.deepcopy(layer)
+
+
+class DiskHome:
+    """Layers of a meta skeleton read from ``reader`` (a checkpoint) one at a time.
+
+    ``writer`` is the output's :class:`~structprune.export.shards.ShardWriter`: a final
+    cutting pass writes each layer there on release, cast to ``out_dtype``. A non-final
+    cutting pass (StructPrune with several iterations, where the best iterate is chosen at
+    the end) writes to a scratch writer under ``scratch``; :meth:`assemble` then copies the
+    chosen layers into ``writer``.
+    """
+
+    def __init__(self, model: nn.Module, adapter, reader, writer, *, dtype: torch.dtype, out_dtype: torch.dtype,
+                 scratch: str | Path):
+        self.factory = DiskStoreFactory.from_model(model, adapter, reader, dtype=dtype)
+        self.model, self.reader, self.writer = model, reader, writer
+        self.out_dtype = out_dtype
+        self.scratch = Path(scratch)
+        self._passes = itertools.count(1)
+
+    def __call__(self, layers: nn.ModuleList, device):
+        return self.factory(layers, device)
+
+    def resident(self, modules, device):
+        return self.factory.resident(modules, device)
+
+    def _sink(self, writer):
+        prefixes, out_dtype, factory = self.factory.prefixes, self.out_dtype, self.factory
+
+        def sink(i: int, layer: nn.Module) -> None:
+            for key, t in layer.state_dict().items():
+                writer.add(prefixes[i] + key, t.detach().to("cpu", out_dtype))
+            factory.set_source(i, writer)
+        return sink
+
+    @contextlib.contextmanager
+    def cutting(self, final: bool):
+        from ..export.shards import ShardWriter
+
+        writer = self.writer if final else ShardWriter(self.scratch / f"pass-{next(self._passes)}", "1GB")
+        self.factory.on_release = self._sink(writer)
+        try:
+            yield
+        finally:
+            self.factory.on_release = None
+
+    def snapshot(self, layers: nn.ModuleList):
+        # Meta modules and a dict of sources: a snapshot costs no memory.
+        return [copy.deepcopy(layer) for layer in layers], dict(self.factory.sources)
+
+    def restore(self, layers: nn.ModuleList, snap) -> None:
+        metas, sources = snap
+        for i, layer in enumerate(metas):
+            layers[i] = copy.deepcopy(layer)
+        self.factory.sources.clear()
+        self.factory.sources.update(sources)
+
+    def assemble(self) -> None:
+        """Put every tensor of the pruned model into the output writer: layers from where their
+        last cutting pass left them (already there for a final pass), the rest (embeddings,
+        norms, LM head) from the checkpoint in its stored dtype. One tensor in memory at a time."""
+        layer_names = set()
+        for i, prefix in enumerate(self.factory.prefixes):
+            src = self.factory.sources.get(i)
+            names = [prefix + k for k in self.factory.model.get_submodule(prefix[:-1]).state_dict()]
+            layer_names.update(names)
+            if src is self.writer:
+                continue
+            for name in names:  # never cut (or cut in a scratch pass): copy from its source
+                t = (src if src is not None else self.reader).get(name)
+                self.writer.add(name, t.to(self.out_dtype))
+        for name in self.reader.keys():
+            if name not in layer_names:
+                self.writer.add(name, self.reader.get(name))
