@@ -162,22 +162,26 @@ def write_outputs(res: dict, out: Path) -> None:
              f"calibration {res['settings']['nsamples']}x{res['settings']['seqlen']} (C4), compute float32 on "
              f"{res['settings']['device'] or 'cpu'}, {res['settings']['threads']} threads. Peak = the child "
              "process's peak resident memory (VmHWM / ru_maxrss); baseline = an empty process with the same "
-             f"imports: {base / gib:.2f} GiB. Every run in its own cgroup v1 memory group "
-             f"({'cap ' + str(res['settings']['cap_gib']) + ' GiB' if res['settings']['cap_gib'] else 'safety cap ' + str(SAFETY_CAP_GIB) + ' GiB'}"
-             f"{'' if res['cgroup'] else '; NOT enforced: not root'}).", "",
-             "| model | params | bf16 on disk | method | finished | wall | prune | peak RSS | peak − baseline | cgroup peak | peak GPU |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"imports: {base / gib:.2f} GiB. Every run in its own cgroup v1 memory group whose limit is the "
+             f"'cap' column (an enforced cap, or a safety cap of {SAFETY_CAP_GIB} GiB"
+             f"{'' if res['cgroup'] else '; NOT enforced here: not root'}); 'fp32 model' is the model's size in "
+             "the compute dtype.", "",
+             "| model | params | bf16 on disk | fp32 model | method | cap | finished | wall | prune | peak RSS | "
+             "peak − baseline | cgroup peak | peak GPU |",
+             "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         disk = r["params"] * 2 / gib
+        cap = (f"{r['cgroup_limit_bytes'] / gib:.0f} GiB" + ("" if r["capped"] else " (safety)")
+               if r.get("cgroup_limit_bytes") else "none")
+        head = f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {disk:.2f} GiB | {2 * disk:.2f} GiB | {r['method']} | {cap} "
         if r.get("finished"):
-            lines.append(f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {disk:.2f} GiB | {r['method']} | yes | "
+            lines.append(head + "| yes | "
                          f"{r['wall_seconds'] / 60:.1f} min | {r['prune_seconds'] / 60:.1f} min | "
                          f"{r['process_peak_rss_bytes'] / gib:.2f} GiB | {(r['process_peak_rss_bytes'] - base) / gib:.2f} GiB | "
                          f"{r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB | "
                          f"{(r['peak_gpu_mem_bytes'] or 0) / gib:.2f} GiB |")
         else:
-            lines.append(f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {disk:.2f} GiB | {r['method']} | "
-                         f"no: {r['why']} | {r['wall_seconds'] / 60:.1f} min | | | | "
+            lines.append(head + f"| no: {r['why']} | {r['wall_seconds'] / 60:.1f} min | | | | "
                          f"{r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB | |")
     lines += ["", "Log-log slope of (peak RSS − baseline) against parameters, over the finished runs:", ""]
     for m in sorted({r["method"] for r in rows}):

@@ -301,3 +301,24 @@ def test_a_checkpoint_folder_is_streamed_from_disk_and_equals_the_in_memory_run(
     ppl = rd["ppl"][calib_file]
     assert abs(ppl["pruned"] - rm["ppl"][calib_file]["pruned"]) < 1e-3 * ppl["pruned"]
     assert len(ppl["window_nlls"]["dense"]) == ppl["nwindows"]  # per-window NLLs saved with the result
+
+
+def test_activation_budget_spills_and_gives_the_same_model(tiny_folder, calib_file, tmp_path):
+    model = tiny_folder()
+    ram, disk = tmp_path / "ram", tmp_path / "spilled"
+    assert main(_args(model, ram, calib_file, "--method", "structprune")) == 0
+    assert main(_args(model, disk, calib_file, "--method", "structprune", "--activation-budget", "0",
+                      "--offload-dir", str(tmp_path / "spill"))) == 0
+    a, b = (_strict_json(p / "report.json") for p in (ram, disk))
+    assert a["layers"] == b["layers"] and a["ppl"] == b["ppl"]
+    assert b["memory"]["activations_peak_ram_bytes"] == 0 and b["memory"]["activations_spilled_bytes"] > 0
+    assert b["memory"]["layer_weights_bytes"] > 0 and b["timings"]
+    assert not list((tmp_path / "spill").glob("*/*"))  # spill files removed
+    from structprune import load_pruned
+    wa, wb = load_pruned(ram).state_dict(), load_pruned(disk).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_activation_budget_is_refused(tiny_folder, calib_file, tmp_path, capsys):
+    assert main(_args(tiny_folder(), tmp_path / "out", calib_file, "--activation-budget", "lots")) == 2
+    assert "activation_budget must be a size" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ import torch
 from .adapters import Adapter, LayerPlan, count_params, get_adapter
 from .config import PruneConfig
 from .engine import LayerStream
+from .engine.activations import activation_budget, current_budget
 from .engine.homes import MemoryHome
 from .errors import CalibrationError, StructPruneError
 from .memory import peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
@@ -56,6 +58,7 @@ class PruneRun:
     log: list[dict] = field(default_factory=list)  # solver iterations, for the report
     cache: dict | None = None  # dense-model computations reusable across runs (see prune())
     home: object = None  # MemoryHome or DiskHome; None: MemoryHome(config.swap_layers)
+    timings: dict = field(default_factory=dict)  # pass -> seconds per layer, for the report
     _inputs: object = None  # first-layer inputs, captured once and shared by every pass
 
     def __post_init__(self):
@@ -87,21 +90,27 @@ class PruneRun:
                         track_dense=track_dense, progress=self.progress, desc=desc, inputs=self._inputs,
                         store_factory=self.home)
         self._inputs = s.first_inputs()
-        return _CuttingPass(s, self.home, final) if cuts else s
+        return _Pass(s, self.home if cuts else None, final, self.timings.setdefault(desc, []))
 
 
-class _CuttingPass:
-    """A :class:`LayerStream` whose iteration runs inside ``home.cutting(final)``."""
+class _Pass:
+    """A :class:`LayerStream` timed per layer (into ``times``) and, for a cutting pass, run
+    inside ``home.cutting(final)``."""
 
-    def __init__(self, stream: LayerStream, home, final: bool):
-        self.stream, self.home, self.final = stream, home, final
+    def __init__(self, stream: LayerStream, home, final: bool, times: list):
+        self.stream, self.home, self.final, self.times = stream, home, final, times
 
     def first_inputs(self):
         return self.stream.first_inputs()
 
     def __iter__(self):
-        with self.home.cutting(self.final):
-            yield from self.stream
+        with self.home.cutting(self.final) if self.home is not None else contextlib.nullcontext():
+            t = time.perf_counter()
+            for ctx in self.stream:
+                yield ctx
+                now = time.perf_counter()
+                self.times.append(now - t)  # the layer's work in this pass, its forward included
+                t = now
 
 
 @dataclass
@@ -191,7 +200,9 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
     reset_peak_gpu(device)
     rss_reset = reset_peak_rss()
     t0 = time.perf_counter()
-    plans = METHODS[config.method](run)
+    with activation_budget(config.activation_budget, config.offload_dir) if config.activation_budget is not None \
+            else contextlib.nullcontext(current_budget()) as budget:
+        plans = METHODS[config.method](run)
     peak = peak_gpu(device)
     seconds = time.perf_counter() - t0
     rss, rss_kind = peak_rss()
@@ -218,6 +229,8 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         "peak_rss_bytes": rss,  # of the whole process while pruning (model included)
         "peak_rss_kind": rss_kind if rss_reset else rss_kind + " (could not reset: includes what ran before)",
         "prune_seconds": seconds,
+        "memory": _memory_breakdown(run, budget, widths_before),
+        "timings": {desc: {"seconds": sum(t), "per_layer": t} for desc, t in run.timings.items()},
         "config": config.to_dict(),
         "solver_log": run.log,
     }
@@ -225,6 +238,32 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
                                 "layers": report["layers"]}
     log.info("pruned %.4f of prunable parameters in %.1fs", report["sparsity_achieved"], seconds)
     return plans, report
+
+
+def _memory_breakdown(run: PruneRun, budget, widths_before: list[dict]) -> dict:
+    """What one resident layer costs, by kind (bytes), next to the measured activation figures.
+
+    Layer weights, statistics and solver workspace are the sizes of the tensors that exist
+    at once for the largest layer (from its dense shapes: one layer in the compute dtype,
+    float32 Gram matrices of both modules, and the two float64 n x n buffers of a module
+    solve: see solvers/obs.py); activations are the activation store's measured peak in RAM
+    and what spilled to disk."""
+    dtype_size = next(run.model.parameters()).element_size()
+    layers = run.adapter.layers()
+    layer_bytes, gram_bytes, solver_bytes = 0, 0, 0
+    for layer, w in zip(layers, widths_before):
+        a = run.adapter.attention_shape(layer)
+        n_attn, n_mlp = w["heads"] * a.head_dim, w["mlp"]
+        params = sum(p.numel() for p in layer.parameters())
+        layer_bytes = max(layer_bytes, params * dtype_size)
+        gram_bytes = max(gram_bytes, 4 * (n_attn ** 2 + n_mlp ** 2))
+        solver_bytes = max(solver_bytes, 2 * 8 * (max(n_attn, n_mlp) + 1) ** 2)
+    return {"layer_weights_bytes": layer_bytes, "statistics_bytes": gram_bytes, "solver_workspace_bytes": solver_bytes,
+            "activations_peak_ram_bytes": getattr(budget, "peak_resident", None),
+            "activations_spilled_bytes": getattr(budget, "peak_spilled", None),
+            "activation_budget": None if math.isinf(getattr(budget, "limit", math.inf)) else budget.limit,
+            "basis": "layer/statistics/solver: sizes of the largest layer's tensors (one layer resident); "
+                     "activations: measured"}
 
 
 def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor | None = None,

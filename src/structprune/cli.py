@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size", default="2GB", help="split safetensors weights above this size (e.g. 500MB)")
+    p.add_argument("--activation-budget", default=None,
+                   help="calibration activations kept in RAM at most (e.g. 4GiB); the rest spill to memory-mapped "
+                        "files (default: $STRUCTPRUNE_ACTIVATION_BUDGET, else no limit)")
+    p.add_argument("--offload-dir", default=None, help="folder for spilled activations (default: the temp folder)")
     p.add_argument("--in-memory", action="store_true",
                    help="load the whole model instead of streaming a checkpoint folder one layer at a time")
 
@@ -162,7 +166,8 @@ def cmd_prune(args) -> dict:
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,
-                         mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths, **overrides)
+                         mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths,
+                         activation_budget=args.activation_budget, offload_dir=args.offload_dir, **overrides)
     datasets = _datasets(args.eval)
     if device.type == "cpu" and (args.nsamples is None or args.seqlen is None or args.eval_limit == -1):
         print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "

@@ -48,6 +48,10 @@ class PruneConfig:
     global_score: str = "fisher"  # method global: fisher sum (g*W)^2, or taylor |sum g*W|, per window
     sens_nsamples: int = 16  # calibration windows used for the streamed-backward sensitivities (0: all)
     swap_layers: bool = False  # keep released layers' tensors outside the modules (memory tests)
+    # Calibration activations kept in RAM at most (bytes, or "4GiB"); beyond it they spill to
+    # memory-mapped files under offload_dir. None: $STRUCTPRUNE_ACTIVATION_BUDGET, else unlimited.
+    activation_budget: str | int | None = None
+    offload_dir: str | None = None
 
     def __post_init__(self):
         from .solvers import METHODS  # late import: solvers import this module
@@ -75,6 +79,15 @@ class PruneConfig:
             raise StructPruneError(f"rho must be >= 0, got {self.rho}")
         if not 0 <= self.r_min < 1:
             raise StructPruneError(f"r_min must be in [0, 1), got {self.r_min}")
+        if self.activation_budget is not None:
+            from .engine.activations import parse_size
+
+            try:
+                if parse_size(self.activation_budget) < 0:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise StructPruneError(f"activation_budget must be a size such as 4GiB, 512M or inf, "
+                                       f"got {self.activation_budget!r}") from None
         if self.uniform_widths and self.allocation != "uniform":
             # Same kept widths in every layer is what the uniform allocation does (and what a stock export needs).
             raise StructPruneError(f"uniform_widths needs allocation 'uniform', got {self.allocation!r}; "

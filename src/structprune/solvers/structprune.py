@@ -36,6 +36,7 @@ from ..adapters.base import LayerPlan
 from ..allocation.softmax import Menu, allocate_prefixes
 from ..allocation.widths import uniform_widths
 from ..engine import LayerInputs
+from ..engine.activations import ActivationStore
 from ..engine.capture import run_layer, to_device
 from ..engine.sensitivity import module_sensitivities
 from ..surgery import apply_layer_plan, set_output_projection
@@ -84,7 +85,7 @@ def _capture_module_outputs(adapter, layer, inputs: LayerInputs, device):
     """Dense layer on dense inputs: per chunk, attention output, MLP output (CPU), layer output."""
     _, o = adapter.attn_linears(layer)
     _, down = adapter.mlp_linears(layer)
-    attn_out, mlp_out = [], []
+    attn_out, mlp_out = ActivationStore(), ActivationStore()  # RAM within the activation budget, disk beyond
     hs = [o.register_forward_hook(lambda m, a, y: attn_out.append(y.detach().cpu())),
           down.register_forward_hook(lambda m, a, y: mlp_out.append(y.detach().cpu()))]
     try:
@@ -281,6 +282,8 @@ def prune_pass(run, kept_target: list[float] | None, sens, alpha: float, desc: s
         num = sum(float((p - d).float().pow(2).sum()) for p, d in zip(ctx.outputs.hidden, dense_next.hidden))
         den = sum(float(d.float().pow(2).sum()) for d in dense_next.hidden)
         drift.append(num / max(den, 1e-30))
+        y_attn.close()
+        y_mlp.close()
         dense = dense_next
     objective = drift[-1]
     return plans, menus, objective, drift
