@@ -124,3 +124,21 @@ def test_tied_embeddings_count_once_and_match_in_memory(tmp_path):
     loaded = load_pruned(tmp_path / "out")
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert max(float((a - b).abs().max()) for a, b in zip(_state(ref).values(), _state(loaded).values())) < 1e-6
+
+
+def test_a_checkpoint_saved_without_the_model_prefix_exports_model_names_once(tmp_path):
+    """OPT checkpoints saved from the base model store ``decoder.layers...``: the export must use
+    the model's names (as save_pretrained does), write each tensor once, and load verified."""
+    from tiny import tiny_opt
+
+    base = tiny_opt().model  # OPTModel: names without the "model." prefix, no lm_head (tied)
+    folder = _save(base, tmp_path / "dense")
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    want = prune(ref, calib_ids(4, 16), _cfg("wanda-sp"), device="cpu", progress=False)
+    out = tmp_path / "out"
+    got = prune_checkpoint(folder, out, calib_ids(4, 16), _cfg("wanda-sp"), device="cpu", progress=False)
+    assert [p.to_dict() for p in got.plans] == [p.to_dict() for p in want.plans]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all(name.startswith("model.") for name in index), sorted(index)[:3]
+    loaded = load_pruned(out)  # verifies every weight: nothing missing, nothing unexpected
+    assert max(float((a - b).abs().max()) for a, b in zip(_state(ref).values(), _state(loaded).values())) < 1e-6

@@ -310,5 +310,6 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
         writer.finalize()
         shutil.rmtree(tmp / ".scratch", ignore_errors=True)
         report["model"] = str(folder)
+        report["export"] = export.to_dict()
         write_export_files(export, base_model_type(model), tmp, tokenizer, report=report, plans=plans)
     return PruneResult(model=model, plans=plans, config=config, report=report)

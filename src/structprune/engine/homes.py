@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import logging
 from pathlib import Path
 
 import torch
@@ -28,9 +27,6 @@ from torch import nn
 
 from .disk import DiskStoreFactory
 from .residency import LayerStore, SwapLayerStore
-
-log = logging.getLogger(__name__)
-
 
 class MemoryHome:
     """Layers are modules of an in-memory model (CPU, or wherever the user put them)."""
@@ -41,8 +37,17 @@ class MemoryHome:
     def __call__(self, layers: nn.ModuleList, device) -> LayerStore:
         return (SwapLayerStore if self.swap else LayerStore)(layers, device)
 
+    @contextlib.contextmanager
     def resident(self, modules, device):
-        return contextlib.nullcontext(modules)
+        """``modules`` on ``device`` for the block (the LM head for the loss on the GPU), then back."""
+        homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+        for m in modules:
+            m.to(device)
+        try:
+            yield modules
+        finally:
+            for m, d in zip(modules, homes):
+                m.to(d)
 
     @contextlib.contextmanager
     def cutting(self, final: bool):
@@ -81,13 +86,21 @@ class DiskHome:
         return self.factory.resident(modules, device)
 
     def _sink(self, writer):
-        prefixes, out_dtype, factory = self.factory.prefixes, self.out_dtype, self.factory
+        prefixes, factory = self.factory.prefixes, self.factory
 
         def sink(i: int, layer: nn.Module) -> None:
             for key, t in layer.state_dict().items():
-                writer.add(prefixes[i] + key, t.detach().to("cpu", out_dtype))
+                writer.add(prefixes[i] + key, t.detach().to("cpu", self._stored_dtype(prefixes[i] + key, t)))
             factory.set_source(i, writer)
         return sink
+
+    def _stored_dtype(self, name: str, t: torch.Tensor) -> torch.dtype:
+        """The dtype ``name`` had in the checkpoint (a float32 norm in a bf16 model stays float32);
+        tensors new to the pruned model (refit biases) take the checkpoint's dtype."""
+        stored = self.reader.resolve(name)
+        if not t.is_floating_point():
+            return t.dtype
+        return self.reader.dtypes[stored] if stored is not None else self.out_dtype
 
     @contextlib.contextmanager
     def cutting(self, final: bool):
@@ -112,19 +125,26 @@ class DiskHome:
         self.factory.sources.update(sources)
 
     def assemble(self) -> None:
-        """Put every tensor of the pruned model into the output writer: layers from where their
-        last cutting pass left them (already there for a final pass), the rest (embeddings,
-        norms, LM head) from the checkpoint in its stored dtype. One tensor in memory at a time."""
+        """Put every tensor of the pruned model into the output writer, under the model's own names
+        (as ``save_pretrained`` writes them): layers from where their last cutting pass left them
+        (already there after a final pass), the rest (embeddings, norms, LM head) from the
+        checkpoint in their stored dtype; tied weights once. One tensor in memory at a time."""
         layer_names = set()
         for i, prefix in enumerate(self.factory.prefixes):
             src = self.factory.sources.get(i)
-            names = [prefix + k for k in self.factory.model.get_submodule(prefix[:-1]).state_dict()]
+            names = [prefix + k for k in self.model.get_submodule(prefix[:-1]).state_dict()]
             layer_names.update(names)
             if src is self.writer:
                 continue
             for name in names:  # never cut (or cut in a scratch pass): copy from its source
-                t = (src if src is not None else self.reader).get(name)
-                self.writer.add(name, t.to(self.out_dtype))
-        for name in self.reader.keys():
-            if name not in layer_names:
-                self.writer.add(name, self.reader.get(name))
+                if src is not None:
+                    t = src.get(name)
+                    self.writer.add(name, t.to(self._stored_dtype(name, t)))
+                else:
+                    self.writer.add(name, self.reader.get(name))
+        seen = set()
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if name in layer_names or id(t) in seen or self.reader.resolve(name) is None:
+                continue  # a layer; tied to a tensor already written (lm_head = embeddings); computed
+            seen.add(id(t))
+            self.writer.add(name, self.reader.get(name))

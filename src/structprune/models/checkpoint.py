@@ -328,11 +328,15 @@ def load_skeleton(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
             _set(mod, attr, t.detach().to("meta"), is_param)
         if full in reader.computed or full in reader.weight_map:
             continue
-        candidates = [tied.get(full)]
-        if prefix and full.startswith(prefix + "."):
-            candidates.append(full[len(prefix) + 1:])
-        elif prefix:
-            candidates.append(f"{prefix}.{full}")
+        candidates = []
+        for name in (full, tied.get(full)):  # a tied weight may itself be stored without the prefix
+            if name is None:
+                continue
+            candidates.append(name)
+            if prefix and name.startswith(prefix + "."):
+                candidates.append(name[len(prefix) + 1:])
+            elif prefix:
+                candidates.append(f"{prefix}.{name}")
         stored = next((c for c in candidates if c is not None and c in reader.weight_map), None)
         if stored is not None:
             reader.aliases[full] = stored
