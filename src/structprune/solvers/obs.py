@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.base import AttentionShape
+from ..surgery import head_rows
 
 # Workspace of one module solve: at most two float64 [n+1, n+1] buffers (the Gram, damped and
 # factored in place, and the inverse solved into an identity), one after the factor is dropped,
@@ -34,12 +35,6 @@ _CHUNKS = 16  # row chunks per n x n pass: each temporary is at most n^2 / 16 en
 def _chunks(n: int):
     step = max(1, -(-n // _CHUNKS))
     return ((i, min(i + step, n)) for i in range(0, n, step))
-
-
-def _head_cols(heads, head_dim: int, device=None) -> torch.Tensor:
-    """Column indices of ``heads`` in a ``[d, num_heads * head_dim]`` output projection, on ``device``."""
-    h = torch.as_tensor(list(heads), dtype=torch.long, device=device)
-    return (h[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
 
 
 def augmented_gram(H: torch.Tensor, zsum: torch.Tensor, count: int) -> torch.Tensor:
@@ -281,22 +276,22 @@ def attention_path(problem: ModuleProblem, shape: AttentionShape, target: tuple[
             # Weakest head in each group by its one-head OBS error, removed jointly.
             drop = []
             for g, hs in groups.items():
-                e = [problem.block_error(_head_cols([h], dh, dev)) for h in hs]
+                e = [problem.block_error(head_rows([h], dh, dev)) for h in hs]
                 drop.append(hs[min(range(len(hs)), key=e.__getitem__)])
             cost = shape.cost(kv, m) - shape.cost(kv, m - 1)
-            candidates.append((problem.block_error(_head_cols(drop, dh, dev)) / cost, "heads", drop, cost))
+            candidates.append((problem.block_error(head_rows(drop, dh, dev)) / cost, "heads", drop, cost))
         if kv > target[0]:
             for g, hs in groups.items():
                 cost = shape.cost(kv, m) - shape.cost(kv - 1, m)
-                candidates.append((problem.block_error(_head_cols(hs, dh, dev)) / cost, "group", g, cost))
+                candidates.append((problem.block_error(head_rows(hs, dh, dev)) / cost, "group", g, cost))
         _, kind, what, cost = min(candidates, key=lambda c: c[0])
         if kind == "heads":
-            err = problem.remove(_head_cols(what, dh, dev))
+            err = problem.remove(head_rows(what, dh, dev))
             for h in what:
                 groups[h // G].remove(h)
             state = (kv, m - 1)
         else:
-            err = problem.remove(_head_cols(groups[what], dh, dev))
+            err = problem.remove(head_rows(groups[what], dh, dev))
             del groups[what]
             state = (kv - 1, m)
         steps.append(state)
@@ -380,4 +375,4 @@ def obs_prune_attention(W, H, zsum, count, shape: AttentionShape, kv_heads: int,
     heads = sorted(h for g in groups for h in final[g])
     Wn, b = prob.weights()
     del prob  # frees the n x n inverse before the copy-out
-    return heads, groups, Wn[:, _head_cols(heads, shape.head_dim, Wn.device)], b
+    return heads, groups, Wn[:, head_rows(heads, shape.head_dim, Wn.device)], b

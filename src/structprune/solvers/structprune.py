@@ -39,8 +39,8 @@ from ..engine import LayerInputs
 from ..engine.activations import ActivationStore
 from ..engine.capture import run_layer, to_device
 from ..engine.sensitivity import module_sensitivities
-from ..surgery import apply_layer_plan, set_output_projection
-from .obs import ModuleProblem, _head_cols, attention_path, channel_path, refit
+from ..surgery import apply_layer_plan, head_rows, set_output_projection
+from .obs import ModuleProblem, attention_path, channel_path, refit
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def _cut_attention(adapter, layer, path, k, st, cfg):
     groups = sorted(kept)
     heads = sorted(h for g in groups for h in kept[g])
     o = adapter.attn_linears(layer)[1]
-    W, b = refit(st.H, st.zsum, st.count, _head_cols(heads, shape.head_dim, st.H.device), C=st.C, W=o.weight,
+    W, b = refit(st.H, st.zsum, st.count, head_rows(heads, shape.head_dim, st.H.device), C=st.C, W=o.weight,
                  bias=o.bias, fit_bias=cfg.refit_bias, damp=cfg.damp)
     n = adapter.mlp_shape(layer).channels
     apply_layer_plan(adapter, layer, LayerPlan(heads, groups, list(range(n))))

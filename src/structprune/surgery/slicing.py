@@ -36,10 +36,11 @@ def slice_linear(linear: nn.Linear, keep: Sequence[int] | torch.Tensor, dim: int
         linear.in_features = w.shape[1]
 
 
-def head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
-    """Row indices of the given heads in a ``[num_heads * head_dim, ...]`` projection."""
-    h = torch.as_tensor(list(heads), dtype=torch.long)
-    return (h[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+def head_rows(heads: Sequence[int], head_dim: int, device=None) -> torch.Tensor:
+    """Row indices of the given heads in a ``[num_heads * head_dim, ...]`` projection (columns of
+    the output projection), on ``device``."""
+    h = torch.as_tensor(list(heads), dtype=torch.long, device=device)
+    return (h[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).reshape(-1)
 
 
 def validate_plan(adapter: Adapter, layer: nn.Module, plan: LayerPlan) -> None:
