@@ -142,3 +142,19 @@ def test_a_checkpoint_saved_without_the_model_prefix_exports_model_names_once(tm
     assert all(name.startswith("model.") for name in index), sorted(index)[:3]
     loaded = load_pruned(out)  # verifies every weight: nothing missing, nothing unexpected
     assert max(float((a - b).abs().max()) for a, b in zip(_state(ref).values(), _state(loaded).values())) < 1e-6
+
+
+def test_disk_path_bounds_activations_by_default(tmp_path, monkeypatch):
+    """Without --activation-budget the disk path still bounds activations in RAM (a quarter of the
+    available memory), and says so in the report; an explicit budget is kept."""
+    import structprune.api as api
+
+    monkeypatch.delenv("STRUCTPRUNE_ACTIVATION_BUDGET", raising=False)
+    monkeypatch.setattr(api, "available_memory", lambda: 4 * 2**20)
+    folder = _save(tiny_llama(), tmp_path / "dense")
+    r = prune_checkpoint(folder, tmp_path / "a", calib_ids(4, 16), _cfg("wanda-sp"), device="cpu",
+                         progress=False).report
+    assert r["config"]["activation_budget"] == 2**20 and r["memory"]["activation_budget"] == 2**20
+    r = prune_checkpoint(folder, tmp_path / "b", calib_ids(4, 16), _cfg("wanda-sp", activation_budget="0"),
+                         device="cpu", progress=False).report
+    assert r["memory"]["activations_peak_ram_bytes"] == 0 and r["memory"]["activations_spilled_bytes"] > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -21,10 +22,10 @@ import torch
 from .adapters import Adapter, LayerPlan, count_params, get_adapter
 from .config import PruneConfig
 from .engine import LayerStream
-from .engine.activations import activation_budget, current_budget
+from .engine.activations import ENV_BUDGET, activation_budget, current_budget
 from .engine.homes import MemoryHome
 from .errors import CalibrationError, StructPruneError
-from .memory import peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
+from .memory import available_memory, peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
 from .models.loading import model_context_length
 from .solvers import DATA_FREE_METHODS, METHODS
 
@@ -292,6 +293,10 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     if config.method == "global":
         raise StructPruneError("the 'global' reference needs the whole model in memory: load it with "
                                "load_model() and call prune(), or choose a streamed method")
+    if config.activation_budget is None and not os.environ.get(ENV_BUDGET):
+        # A model larger than memory must not get its activations in RAM without bound either:
+        # by default a quarter of the memory available now, the rest spilled (the report says so).
+        config = replace(config, activation_budget=int(0.25 * (available_memory() or 16 * 2**30)))
     model, reader = load_skeleton(folder, dtype=dtype)
     adapter = get_adapter(model)
     calib = _calibration(model, calib, config, tokenizer)

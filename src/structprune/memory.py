@@ -34,6 +34,29 @@ def current_rss() -> int | None:
     return None if kib is None else kib * 1024
 
 
+def available_memory() -> int | None:
+    """Memory available to this process now, in bytes: the smaller of the system's MemAvailable
+    and the room left under a cgroup v1 memory limit (None where neither can be read)."""
+    sizes = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                sizes.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        group = next(l.split(":", 2)[2] for l in Path("/proc/self/cgroup").read_text().splitlines()
+                     if ":memory:" in l)
+        base = Path("/sys/fs/cgroup/memory") / group.lstrip("/")
+        limit = int((base / "memory.limit_in_bytes").read_text())
+        usage = int((base / "memory.usage_in_bytes").read_text())
+        if limit < 2**60:
+            sizes.append(max(limit - usage, 0))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return min(sizes) if sizes else None
+
+
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window; False where the platform cannot (then :func:`peak_rss` is cumulative)."""
     try:
