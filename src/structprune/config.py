@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+import numbers
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from .errors import StructPruneError
 
@@ -14,6 +15,31 @@ ALLOCATIONS = ("uniform", "owl", "threshold", "softmax")
 DEFAULT_ALLOCATION = {"structprune": "softmax", "flap": "threshold", "global": "threshold"}
 GLOBAL_SCORES = ("taylor", "fisher")
 TARGETS = ("dense", "own")
+
+# What each method reads (solvers/): the allocations it runs and the knobs it uses. A knob
+# set away from its default on a method that ignores it is refused, not silently dropped.
+METHOD_OPTIONS = {
+    "magnitude-sp": {"allocations": ("uniform", "owl", "threshold"), "knobs": ()},
+    "wanda-sp": {"allocations": ("uniform", "owl", "threshold"), "knobs": ()},
+    "flap": {"allocations": ("threshold", "uniform", "owl"), "knobs": ()},
+    "obs-local": {"allocations": ("uniform",), "knobs": ("damp", "refit_bias")},
+    "global": {"allocations": ("threshold",), "knobs": ("global_score", "damp", "refit_bias")},
+    "structprune": {"allocations": ("softmax", "threshold", "uniform"),
+                    "knobs": ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps",
+                              "damp", "refit_bias")},
+}
+# Knobs read only under some allocations (StructPrune's uniform limit needs no menus or sensitivities).
+ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",),
+                    "r_min": ("softmax", "threshold"), "sens_nsamples": ("softmax", "threshold")}
+def reads(method: str, allocation: str, knob: str) -> bool:
+    """Whether ``method`` with ``allocation`` uses ``knob``."""
+    if knob in ("owl_lambda", "owl_m"):
+        return allocation == "owl" and allocation in METHOD_OPTIONS[method]["allocations"]
+    return knob in METHOD_OPTIONS[method]["knobs"] and allocation in ALLOCATION_KNOBS.get(knob, (allocation,))
+
+
+KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
+         "global_score", "owl_lambda", "owl_m")
 
 
 @dataclass(frozen=True)
@@ -66,19 +92,33 @@ class PruneConfig:
             object.__setattr__(self, "allocation", default)
         if self.allocation not in ALLOCATIONS:
             raise StructPruneError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-        for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations", "path_steps"):
-            if int(getattr(self, name)) < 1:
+        for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations", "path_steps", "sens_nsamples"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise StructPruneError(f"{name} must be an integer, got {v!r}")
+        for name in ("nsamples", "batch_size", "mlp_multiple", "iterations", "path_steps"):
+            if getattr(self, name) < 1:
                 raise StructPruneError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not (self.temperature >= 0 or math.isinf(self.temperature)):
+        if self.seqlen < 2:  # the LM loss needs a next token: one-token windows give all-zero sensitivities
+            raise StructPruneError(f"seqlen must be at least 2, got {self.seqlen}")
+        if self.sens_nsamples < 0:
+            raise StructPruneError(f"sens_nsamples must be >= 0 (0: all calibration windows), got {self.sens_nsamples}")
+        if not self.temperature >= 0:  # NaN and -inf fail this; +inf (uniform limit) passes
             raise StructPruneError(f"temperature must be >= 0 (inf allowed), got {self.temperature}")
         if self.global_score not in GLOBAL_SCORES:
             raise StructPruneError(f"unknown global_score {self.global_score!r}: choose one of {', '.join(GLOBAL_SCORES)}")
         if self.target not in TARGETS:
             raise StructPruneError(f"unknown target {self.target!r}: choose one of {', '.join(TARGETS)}")
-        if not self.rho >= 0:
-            raise StructPruneError(f"rho must be >= 0, got {self.rho}")
+        if not (self.rho >= 0 and math.isfinite(self.rho)):
+            raise StructPruneError(f"rho must be finite and >= 0, got {self.rho}")
         if not 0 <= self.r_min < 1:
             raise StructPruneError(f"r_min must be in [0, 1), got {self.r_min}")
+        if not (self.damp > 0 and math.isfinite(self.damp)):  # 0 leaves singular Gram matrices unsolvable
+            raise StructPruneError(f"damp must be finite and > 0 (e.g. 0.01), got {self.damp}")
+        if not (self.owl_lambda >= 0 and math.isfinite(self.owl_lambda)):
+            raise StructPruneError(f"owl_lambda must be finite and >= 0, got {self.owl_lambda}")
+        if not (self.owl_m > 0 and math.isfinite(self.owl_m)):
+            raise StructPruneError(f"owl_m must be finite and > 0, got {self.owl_m}")
         if self.activation_budget is not None:
             from .engine.activations import parse_size
 
@@ -92,6 +132,23 @@ class PruneConfig:
             # Same kept widths in every layer is what the uniform allocation does (and what a stock export needs).
             raise StructPruneError(f"uniform_widths needs allocation 'uniform', got {self.allocation!r}; "
                                    "drop --uniform-widths or use --allocation uniform")
+        self._check_method_options()
+
+    def _check_method_options(self):
+        """Refuse an allocation the method does not run and knobs it would ignore (non-default only)."""
+        opts = METHOD_OPTIONS[self.method]
+        if self.allocation not in opts["allocations"]:
+            raise StructPruneError(f"allocation {self.allocation!r} is not available for method {self.method!r}: "
+                                   f"it supports {', '.join(opts['allocations'])}")
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        for knob in KNOBS:
+            v = getattr(self, knob)
+            if v == defaults[knob] or reads(self.method, self.allocation, knob):
+                continue
+            where = "; ".join(f"{m} ({'/'.join(a for a in o['allocations'] if reads(m, a, knob))})"
+                              for m, o in METHOD_OPTIONS.items() if any(reads(m, a, knob) for a in o["allocations"]))
+            raise StructPruneError(f"{knob}={v!r} is ignored by method {self.method!r} with allocation "
+                                   f"{self.allocation!r} (read by: {where}); leave it at its default {defaults[knob]!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
