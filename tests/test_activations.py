@@ -20,11 +20,8 @@ from structprune.engine.sensitivity import checkpoint_interval, module_sensitivi
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_torch_thread):
+    """Tiny models on one torch thread (see conftest.one_torch_thread)."""
 
 
 def _chunks(dtype, n=4):

@@ -31,11 +31,8 @@ CASES = [("llama-gqa", "20KB"), ("qwen2", "20KB"), ("opt", "20KB"), ("llama-gqa"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_torch_thread):
+    """Tiny models on one torch thread (see conftest.one_torch_thread)."""
 
 
 def _save(path: Path, family: str, shard: str | None, dtype=torch.float32) -> Path:

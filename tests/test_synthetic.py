@@ -53,11 +53,8 @@ TINY = {
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_torch_thread):
+    """Tiny models on one torch thread (see conftest.one_torch_thread)."""
 
 
 def _tensors(path):

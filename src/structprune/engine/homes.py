@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .disk import DiskStoreFactory
-from .residency import LayerStore, SwapLayerStore
+from .residency import LayerStore, SwapLayerStore, moved_to
 
 class MemoryHome:
     """Layers are modules of an in-memory model (CPU, or wherever the user put them)."""
@@ -37,17 +37,9 @@ class MemoryHome:
     def __call__(self, layers: nn.ModuleList, device) -> LayerStore:
         return (SwapLayerStore if self.swap else LayerStore)(layers, device)
 
-    @contextlib.contextmanager
     def resident(self, modules, device):
         """``modules`` on ``device`` for the block (the LM head for the loss on the GPU), then back."""
-        homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
-        for m in modules:
-            m.to(device)
-        try:
-            yield modules
-        finally:
-            for m, d in zip(modules, homes):
-                m.to(d)
+        return moved_to(modules, device)
 
     @contextlib.contextmanager
     def cutting(self, final: bool):

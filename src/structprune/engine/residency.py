@@ -10,6 +10,8 @@ of method.md made checkable, and the base of streaming layers from disk.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -22,6 +24,20 @@ def _tensors(module: nn.Module):
         for name, b in mod._buffers.items():
             if b is not None:
                 yield mod, name, b, False
+
+
+@contextlib.contextmanager
+def moved_to(modules, device):
+    """``modules`` (of an in-memory model) on ``device`` for the block, then back where each was."""
+    modules = list(modules)
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield modules
+    finally:
+        for m, d in zip(modules, homes):
+            m.to(d)
 
 
 def is_materialized(module: nn.Module) -> bool:

@@ -27,7 +27,6 @@ with every boundary kept (``checkpoint_every=1``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -35,9 +34,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter
+from ..errors import StructPruneError
 from .activations import ActivationStore
 from .capture import LayerInputs, run_layer, to_device
-from .residency import LayerStore, SwapLayerStore
+from .residency import LayerStore, SwapLayerStore, moved_to
 
 
 def _head_loss(adapter: Adapter, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -51,19 +51,6 @@ def _head_loss(adapter: Adapter, h: torch.Tensor, ids: torch.Tensor) -> torch.Te
 def checkpoint_interval(num_layers: int) -> int:
     """``ceil(sqrt(L))``: minimises checkpoints plus one segment's boundaries, ``L/k + k``."""
     return math.isqrt(max(num_layers, 1) - 1) + 1
-
-
-@contextlib.contextmanager
-def _moved(modules, device):
-    """``modules`` on ``device`` for the block, then back where they were."""
-    homes = [next(m.parameters()).device for m in modules]
-    for m in modules:
-        m.to(device)
-    try:
-        yield modules
-    finally:
-        for m, d in zip(modules, homes):
-            m.to(d)
 
 
 def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: torch.Tensor, device,
@@ -112,7 +99,7 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
         h = None
         # 2. gradient of the loss at the last boundary; head modules go to the device.
         head = adapter.head_modules()
-        with resident(head, device) if resident else _moved(head, device):
+        with resident(head, device) if resident else moved_to(head, device):
             grads, start = ActivationStore(), 0
             for x in final.hidden:
                 ids = calib[start:start + x.shape[0]].to(device)
@@ -139,6 +126,7 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
                 out[i], new_grads = _layer_backward(adapter, layer, b, grads, device)
             finally:
                 store.release(i)
+            _check_finite(out[i], i, new_grads)
             grads.close()
             grads = new_grads
             if b is not inputs:
@@ -153,6 +141,17 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
         store.finish()
         for p, g in zip(model.parameters(), grads_on):
             p.requires_grad_(g)
+
+
+def _check_finite(sens: dict[str, float], i: int, new_grads) -> None:
+    """A NaN/Inf or zero sensitivity would make the allocation keep (or cut) everything silently."""
+    for module, v in sens.items():
+        if not (math.isfinite(v) and v > 0):
+            new_grads.close()
+            what = "not finite" if not math.isfinite(v) else "not positive"
+            raise StructPruneError(f"sensitivity of layer {i} {module} is {v} ({what}): the loss gradient reaching "
+                                   "it is NaN/Inf or zero; check the model's weights (LM head, final norm, that "
+                                   "layer) for NaN/Inf, or compute in float32/bfloat16 instead of float16")
 
 
 def _close_all(boundaries: dict[int, LayerInputs]) -> None:

@@ -53,6 +53,27 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def protocol_windows(ids: torch.Tensor, seqlen: int, limit: int | None, context: int, dataset: str = "ids"):
+    """The protocol's windows ``[nwindows, seqlen]`` of ``ids``: non-overlapping, tail dropped,
+    the first ``limit``; clear errors for a window beyond the context or a text too short."""
+    ids = ids.reshape(-1)
+    if seqlen > context:
+        raise StructPruneError(
+            f"seqlen {seqlen} exceeds the model's context length {context}; pass --seqlen {context} or less"
+        )
+    if seqlen < 2:
+        raise StructPruneError(f"seqlen must be at least 2, got {seqlen}")
+    nwindows = ids.numel() // seqlen
+    if limit is not None:
+        nwindows = min(nwindows, int(limit))
+    if nwindows < 1:
+        raise StructPruneError(
+            f"'{dataset}' has {ids.numel()} tokens, fewer than one window of {seqlen} (or limit={limit}); "
+            "use a shorter seqlen or a longer text"
+        )
+    return ids[: nwindows * seqlen].view(nwindows, seqlen)
+
+
 @torch.inference_mode()
 def perplexity_from_ids(
     model,
@@ -69,24 +90,9 @@ def perplexity_from_ids(
     ``limit`` keeps the first ``limit`` windows. NLL is summed in float64 from
     float32 logits, so fp16/bf16 models neither overflow nor lose precision here.
     """
-    ids = ids.reshape(-1)
-    context = model_context_length(model)
-    if seqlen > context:
-        raise StructPruneError(
-            f"seqlen {seqlen} exceeds the model's context length {context}; pass --seqlen {context} or less"
-        )
-    if seqlen < 2:
-        raise StructPruneError(f"seqlen must be at least 2, got {seqlen}")
-    nwindows = ids.numel() // seqlen
-    if limit is not None:
-        nwindows = min(nwindows, int(limit))
-    if nwindows < 1:
-        raise StructPruneError(
-            f"'{dataset}' has {ids.numel()} tokens, fewer than one window of {seqlen} (or limit={limit}); "
-            "use a shorter seqlen or a longer text"
-        )
+    windows = protocol_windows(ids, seqlen, limit, model_context_length(model), dataset)
+    nwindows = windows.shape[0]
     device = torch.device(device) if device is not None else _model_device(model)
-    windows = ids[: nwindows * seqlen].view(nwindows, seqlen)
 
     nll_sum = 0.0  # Python float: float64 accumulation across windows
     count = 0

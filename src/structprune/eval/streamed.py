@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter, get_adapter
 from ..engine.capture import capture_first_layer_inputs, run_layer
 from ..engine.disk import DiskLayerStore, module_prefixes
-from ..engine.residency import LayerStore
-from ..errors import StructPruneError
+from ..engine.residency import LayerStore, moved_to
 from ..models.loading import model_context_length
-from .perplexity import PerplexityResult
+from .perplexity import PerplexityResult, protocol_windows
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,8 @@ def _on_device(store, model, modules, device):
         with store.resident(modules, device, model):
             yield
         return
-    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
-    for m in modules:
-        m.to(device)
-    try:
+    with moved_to(modules, device):
         yield
-    finally:
-        for m, d in zip(modules, homes):
-            m.to(d)
 
 
 def _close(inputs) -> None:
@@ -103,21 +96,8 @@ def streamed_perplexity(
     """
     adapter = adapter if adapter is not None else get_adapter(model)
     device = torch.device(device)
-    ids = ids.reshape(-1)
-    context = model_context_length(model)
-    if seqlen > context:
-        raise StructPruneError(
-            f"seqlen {seqlen} exceeds the model's context length {context}; pass --seqlen {context} or less")
-    if seqlen < 2:
-        raise StructPruneError(f"seqlen must be at least 2, got {seqlen}")
-    nwindows = ids.numel() // seqlen
-    if limit is not None:
-        nwindows = min(nwindows, int(limit))
-    if nwindows < 1:
-        raise StructPruneError(
-            f"'{dataset}' has {ids.numel()} tokens, fewer than one window of {seqlen} (or limit={limit}); "
-            "use a shorter seqlen or a longer text")
-    windows = ids[: nwindows * seqlen].view(nwindows, seqlen)
+    windows = protocol_windows(ids, seqlen, limit, model_context_length(model), dataset)
+    nwindows = windows.shape[0]
 
     store, built = _make_store(model, adapter, source, device, dtype)
     # Evaluation changes no layer: a sink writing final layers out must not see them again.
