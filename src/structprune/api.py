@@ -41,6 +41,61 @@ def prunable_params(adapter: Adapter) -> int:
     return sum(count_params(adapter.prunable_linears(l)) for l in adapter.layers())
 
 
+def _min_channels(n: int, config: PruneConfig) -> int:
+    """The fewest MLP channels a layer keeps: StructPrune's removal paths stop at r_min (rounded up to
+    mlp_multiple); the width-based allocations (uniform, owl, threshold: allocation/widths.py) at one
+    mlp_multiple."""
+    if config.method == "structprune" and config.allocation != "uniform":
+        from .solvers.structprune import _min_keep
+
+        return min(n, _min_keep(n, config))
+    return min(n, max(1, config.mlp_multiple))
+
+
+def max_sparsity(adapter: Adapter, config: PruneConfig) -> float:
+    """The largest sparsity ``config``'s method can reach on ``adapter``'s model: every layer keeps at
+    least one KV group with one query head and its minimum MLP channels (output biases always stay)."""
+    total = prunable_params(adapter)
+    fixed = total - sum(_full_cost(adapter, l) for l in adapter.layers())  # biases of o_proj/down_proj
+    least = sum(adapter.attention_shape(l).cost(1, 1)
+                + adapter.mlp_shape(l).cost(_min_channels(adapter.mlp_shape(l).channels, config))
+                for l in adapter.layers())
+    return 1 - (least + fixed) / total
+
+
+def _full_cost(adapter: Adapter, layer) -> int:
+    a, m = adapter.attention_shape(layer), adapter.mlp_shape(layer)
+    return a.cost(a.num_kv_heads, a.group_size) + m.cost(m.channels)
+
+
+def check_reachable(adapter: Adapter, config: PruneConfig) -> None:
+    """Refuse a target the per-layer minimums cannot reach (it would quietly deliver less)."""
+    limit = max_sparsity(adapter, config)
+    if config.sparsity > limit:
+        how = "lower r_min or mlp_multiple" if config.method == "structprune" else "lower mlp_multiple"
+        raise StructPruneError(f"sparsity {config.sparsity} cannot be reached by {config.method}: every layer keeps "
+                               f"at least one head and its minimum MLP channels, so the largest reachable sparsity "
+                               f"is {limit:.4f}; ask for at most that, or {how}")
+
+
+def removal_step(adapter: Adapter, config: PruneConfig) -> float:
+    """How far (as a fraction of prunable parameters) a correct run may land from its target: the
+    coarsest single structure (a KV group with its heads, an MLP block), or half an MLP step per layer
+    of rounding where every layer rounds alike (uniform), plus the output biases that never go."""
+    from .solvers.structprune import _block
+
+    total = prunable_params(adapter)
+    fixed = total - sum(_full_cost(adapter, l) for l in adapter.layers())
+    coarsest, rounding = 0, 0.0
+    for l in adapter.layers():
+        a, m = adapter.attention_shape(l), adapter.mlp_shape(l)
+        step = m.cost_per_channel * max(config.mlp_multiple, _block(m.channels, config)
+                                        if config.method == "structprune" else 1)
+        coarsest = max(coarsest, a.cost(1, a.group_size), step)
+        rounding += step / 2
+    return (max(coarsest, rounding) + fixed) / total
+
+
 def layer_widths(adapter: Adapter) -> list[dict]:
     return [adapter.layer_widths(l) for l in adapter.layers()]
 
@@ -161,6 +216,7 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     """
     config = _with_overrides(config, overrides)
     adapter = get_adapter(model)
+    check_reachable(adapter, config)
     calib = _calibration(model, calib, config, tokenizer)
     device = torch.device(device) if device is not None else default_device()
     was_training = model.training
@@ -197,7 +253,9 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
     model, adapter, config, device, calib = run.model, run.adapter, run.config, run.device, run.calib
     params_before = count_params([model])
     prunable_before = prunable_params(adapter)
+    per_layer_before = [count_params(adapter.prunable_linears(l)) for l in adapter.layers()]
     widths_before = layer_widths(adapter)
+    tolerance = removal_step(adapter, config)  # from the dense shapes
     reset_peak_gpu(device)
     rss_reset = reset_peak_rss()
     t0 = time.perf_counter()
@@ -209,16 +267,18 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
     rss, rss_kind = peak_rss()
 
     prunable_after = prunable_params(adapter)
+    per_layer_after = [count_params(adapter.prunable_linears(l)) for l in adapter.layers()]
+    achieved = 1 - prunable_after / prunable_before
     report = {
         "method": config.method,
         "allocation": config.allocation,
         "sparsity_target": config.sparsity,
-        "sparsity_achieved": 1 - prunable_after / prunable_before,
+        "sparsity_achieved": achieved,
         "params_before": params_before,
         "params_after": count_params([model]),
         "prunable_params_before": prunable_before,
         "prunable_params_after": prunable_after,
-        "all_layers_pruned": True,
+        "all_layers_pruned": all(a < b for a, b in zip(per_layer_after, per_layer_before)),
         "layers_before": widths_before,
         "layers": layer_widths(adapter),
         "calibration": None if calib is None else {"source": config.calib, "nsamples": int(calib.shape[0]),
@@ -235,6 +295,10 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         "config": config.to_dict(),
         "solver_log": run.log,
     }
+    if abs(achieved - config.sparsity) > tolerance + 1e-9:
+        raise StructPruneError(f"{config.method} missed its target: target {config.sparsity}, achieved {achieved:.4f} "
+                               f"(allowed: one removal step, {tolerance:.4f}); this is a bug, please report it "
+                               "with the command and model")
     model.config.structprune = {"method": config.method, "sparsity": report["sparsity_achieved"],
                                 "layers": report["layers"]}
     log.info("pruned %.4f of prunable parameters in %.1fs", report["sparsity_achieved"], seconds)
@@ -299,6 +363,7 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
         config = replace(config, activation_budget=int(0.25 * (available_memory() or 16 * 2**30)))
     model, reader = load_skeleton(folder, dtype=dtype)
     adapter = get_adapter(model)
+    check_reachable(adapter, config)
     calib = _calibration(model, calib, config, tokenizer)
     device = torch.device(device) if device is not None else default_device()
     place = atomic_output_dir(output, overwrite=overwrite) if atomic else contextlib.nullcontext(Path(output))
