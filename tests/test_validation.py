@@ -102,6 +102,16 @@ def test_unreachable_target_is_refused_up_front(family, method, allocation, monk
 
 
 @pytest.mark.parametrize("family", list(FACTORIES))
+def test_unreachable_target_is_refused_before_the_checkpoint_is_read(family, tmp_path, monkeypatch):
+    FACTORIES[family]().save_pretrained(tmp_path / "dense")
+    monkeypatch.setitem(api.METHODS, "structprune", lambda run: pytest.fail("a pass ran"))
+    with pytest.raises(StructPruneError, match="largest reachable sparsity"):
+        api.prune_checkpoint(tmp_path / "dense", tmp_path / "out", calib_ids(4, 16), device="cpu", progress=False,
+                             method="structprune", sparsity=0.97, nsamples=4, seqlen=16)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", list(FACTORIES))
 def test_reachable_limit_follows_r_min_and_mlp_multiple(family):
     model = FACTORIES[family]()
     adapter = get_adapter(model)

@@ -296,9 +296,9 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         "solver_log": run.log,
     }
     if abs(achieved - config.sparsity) > tolerance + 1e-9:
-        raise StructPruneError(f"{config.method} missed its target: target {config.sparsity}, achieved {achieved:.4f} "
-                               f"(allowed: one removal step, {tolerance:.4f}); this is a bug, please report it "
-                               "with the command and model")
+        raise StructPruneError(f"{config.method} missed its target: target {config.sparsity}, achieved {achieved:.4f}, "
+                               f"more than one removal step ({tolerance:.4f}) apart; lower the sparsity or mlp_multiple, "
+                               "or try another allocation (and report it if the sparsity is far from the limit)")
     model.config.structprune = {"method": config.method, "sparsity": report["sparsity_achieved"],
                                 "layers": report["layers"]}
     log.info("pruned %.4f of prunable parameters in %.1fs", report["sparsity_achieved"], seconds)
