@@ -115,6 +115,10 @@ def run_one(shape: str, method: str, ckpt: Path, args, log: list[str]) -> dict:
            "--overwrite", "--max-shard-size", args.max_shard_size, "-q"]
     if args.device:
         cmd += ["--device", args.device]
+    if args.activation_budget:
+        cmd += ["--activation-budget", args.activation_budget]
+    if not args.quiet:
+        cmd.remove("-q")  # progress bars in the run's log: where the time (or the memory) went
     cap = int((args.cap_gib or SAFETY_CAP_GIB) * 2**30)
     group = MemoryGroup(f"structprune-scale-{os.getpid()}", cap)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
@@ -221,7 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--cap-gib", type=float, default=None, help="enforced memory cap per run (cgroup v1)")
-    ap.add_argument("--max-shard-size", default="1GB")
+    ap.add_argument("--max-shard-size", default="1GB", help="the output writer holds up to one shard in RAM")
+    ap.add_argument("--activation-budget", default=None, help="passed to structprune prune (default: its own)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars in the runs' logs")
     ap.add_argument("--work", default=os.environ.get("STRUCTPRUNE_SCALE_DIR", "/tmp/structprune-scale"))
     ap.add_argument("--out", default="benchmarks/results/scale_cpu", help="output stem (.md, .json, .png)")
     ap.add_argument("--resume", action="store_true", help="keep finished rows of an earlier run of --out")
@@ -233,7 +239,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     res = {"hardware": hardware_name(args.device or "cpu"), "rows": [], "commands": [],
            "settings": {k: getattr(args, k) for k in ("sparsity", "nsamples", "seqlen", "threads", "device",
-                                                       "cap_gib", "max_shard_size")},
+                                                       "cap_gib", "max_shard_size", "activation_budget")},
            "cgroup": CGROUP.is_dir() and os.access(CGROUP, os.W_OK)}
     if args.resume and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
