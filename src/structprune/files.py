@@ -6,14 +6,20 @@ import os
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def apply_umask(root: str | os.PathLike) -> None:
     """Give ``root`` and everything under it the permissions the user's umask gives new files.
 
     Folders made by ``tempfile.mkdtemp`` (where outputs are written before they are moved into
     place) are private (0700), and would stay so after the move: other users of a shared
     machine could not read the model."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     root = Path(root)
     for dirpath, dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o777 & ~umask)

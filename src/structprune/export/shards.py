@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import StructPruneError
+from ..files import current_umask
 from ..models.checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, own_copy
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,6 @@ def _write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_file(path: Path) -> None:
@@ -165,7 +160,7 @@ class ShardWriter:
         part = _PART.format(k)
         tmp = self.folder / (part + ".tmp")
         save_file(dict(self._pending), str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; shards are as readable as config.json
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600; shards are as readable as config.json
         _fsync_file(tmp)
         os.replace(tmp, self.folder / part)
         entry = {"file": part, "size": (self.folder / part).stat().st_size,

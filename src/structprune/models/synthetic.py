@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import apply_umask
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -486,6 +488,7 @@ def write_synthetic_checkpoint(
 
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    apply_umask(tmp)  # mkdtemp made it private; a checkpoint is as readable as any file the user writes
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir} appeared while writing; the new checkpoint was discarded")
