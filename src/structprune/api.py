@@ -26,7 +26,9 @@ from .engine.activations import ENV_BUDGET, activation_budget, current_budget
 from .engine.homes import MemoryHome
 from .errors import CalibrationError, StructPruneError
 from .memory import available_memory, peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
-from .models.loading import model_context_length
+from .modelstate import ModelState
+from .models.loading import check_tokenizer, model_context_length
+from .provenance import calibration_sha256, library_versions, model_fingerprint
 from .solvers import DATA_FREE_METHODS, METHODS
 
 log = logging.getLogger(__name__)
@@ -116,10 +118,18 @@ class PruneRun:
     home: object = None  # MemoryHome or DiskHome; None: MemoryHome(config.swap_layers)
     timings: dict = field(default_factory=dict)  # pass -> seconds per layer, for the report
     _inputs: object = None  # first-layer inputs, captured once and shared by every pass
+    # Content hashes of the dense model and the calibration (provenance.py), for the report and
+    # the reuse cache's keys; computed here unless given (the disk path hashes the checkpoint).
+    fingerprint: dict | None = None
+    calib_sha256: str | None = None
 
     def __post_init__(self):
         if self.home is None:
             self.home = MemoryHome(swap=self.config.swap_layers)
+        if self.fingerprint is None:
+            self.fingerprint = model_fingerprint(self.model)
+        if self.calib_sha256 is None and self.calib is not None:
+            self.calib_sha256 = calibration_sha256(self.calib)
 
     def layers(self, desc: str = "layers", cuts: bool = False, final: bool = True):
         """Borrow each decoder layer in turn with no activations: ``(index, layer)`` (data-free methods).
@@ -208,7 +218,9 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     ``config.calib`` with ``tokenizer``. Keyword ``overrides`` replace config fields
     (overriding ``method`` alone also resets ``allocation`` to that method's default).
     Only one decoder layer is on ``device`` at a time; the rest of the model stays
-    where it is (normally CPU).
+    where it is (normally CPU). Whatever happens, error or success, the model is left where
+    and how it was found: every tensor's device and dtype, every module's training mode,
+    every parameter's ``requires_grad`` and ``.grad`` (:class:`~structprune.modelstate.ModelState`).
 
     ``cache``: pass the same dict to several runs on copies of the *same dense model* with
     the same calibration windows (sweeps, benchmark tables) and solvers reuse what depends
@@ -219,12 +231,12 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     check_reachable(adapter, config)
     calib = _calibration(model, calib, config, tokenizer)
     device = torch.device(device) if device is not None else default_device()
-    was_training = model.training
+    state = ModelState.capture(model)
     model.eval()
     try:
         plans, report = _run(PruneRun(model, adapter, calib, config, device, progress=progress, cache=cache))
     finally:
-        model.train(was_training)
+        state.restore(model)
     return PruneResult(model=model, plans=plans, config=config, report=report)
 
 
@@ -238,6 +250,8 @@ def _calibration(model, calib, config: PruneConfig, tokenizer):
     ctx = model_context_length(model)
     if ctx is not None and config.seqlen > ctx:
         raise StructPruneError(f"sequence length {config.seqlen} exceeds the model's context of {ctx} tokens")
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings)
     if not needs_calibration(config):
         return None  # magnitude scores read the weights only
     if calib is None:
@@ -282,7 +296,10 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         "layers_before": widths_before,
         "layers": layer_widths(adapter),
         "calibration": None if calib is None else {"source": config.calib, "nsamples": int(calib.shape[0]),
-                                                   "seqlen": int(calib.shape[1]), "seed": config.seed},
+                                                   "seqlen": int(calib.shape[1]), "seed": config.seed,
+                                                   "sha256": run.calib_sha256},
+        "model_fingerprint": run.fingerprint,
+        "versions": library_versions(),
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "residency": "disk" if not isinstance(run.home, MemoryHome) else "memory",
@@ -352,6 +369,7 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     from .export.shards import ShardWriter
     from .export.writer import base_model_type, write_export_files
     from .models.checkpoint import load_skeleton
+    from .provenance import checkpoint_fingerprint
 
     config = _with_overrides(config, overrides)
     if config.method == "global":
@@ -362,6 +380,7 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
         # by default a quarter of the memory available now, the rest spilled (the report says so).
         config = replace(config, activation_budget=int(0.25 * (available_memory() or 16 * 2**30)))
     model, reader = load_skeleton(folder, dtype=dtype)
+    fingerprint = checkpoint_fingerprint(folder, reader.files)
     adapter = get_adapter(model)
     check_reachable(adapter, config)
     calib = _calibration(model, calib, config, tokenizer)
@@ -371,7 +390,8 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
         writer = ShardWriter(tmp, max_shard_size)
         home = DiskHome(model, adapter, reader, writer, dtype=dtype, out_dtype=reader.stored_dtype,
                         scratch=tmp / ".scratch")
-        plans, report = _run(PruneRun(model, adapter, calib, config, device, progress=progress, home=home))
+        plans, report = _run(PruneRun(model, adapter, calib, config, device, progress=progress, home=home,
+                                      fingerprint=fingerprint))
         export = export_config(model)
         export.config.dtype = reader.stored_dtype  # the skeleton computed in ``dtype``; weights keep theirs
         home.assemble()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
 import torch
 
-from .errors import StructPruneError
+from .errors import StructPruneError, io_error_message
 
 log = logging.getLogger("structprune")
 
@@ -151,6 +152,16 @@ def _streams_from_disk(args, config) -> str | None:
     return str(resolved.path) if has_weights else None
 
 
+def _check_family(model_config) -> None:
+    from .adapters import supported_model_types
+    from .errors import UnsupportedArchitectureError
+
+    family = getattr(model_config, "structprune_base_model_type", None) or model_config.model_type
+    if family not in supported_model_types():  # get_adapter's check and message, from the config alone
+        raise UnsupportedArchitectureError(f"unsupported architecture {family!r}: StructPrune supports "
+                                           f"{', '.join(supported_model_types())}")
+
+
 def cmd_prune(args) -> dict:
     from .api import build_calibration, needs_calibration, prune
     from .config import PruneConfig
@@ -179,6 +190,8 @@ def cmd_prune(args) -> dict:
     # output folder, sequence lengths, calibration text, evaluation sets.
     check_output_dir(args.output, overwrite=args.overwrite)
     tok, model_config = load_tokenizer_and_config(args.model, trust_remote_code=args.trust_remote_code)
+    if model_config is not None:  # an unsupported family is refused before the calibration text and the weights
+        _check_family(model_config)
     ctx = config_context_length(model_config) if model_config is not None else None
     for what, n in (("--seqlen", seqlen), ("--eval-seqlen", args.eval_seqlen)):
         if ctx is not None and n > ctx:
@@ -231,10 +244,9 @@ def cmd_prune(args) -> dict:
 
 
 def _versions() -> dict:
-    import transformers
+    from .provenance import library_versions
 
-    from . import __version__
-    return {"structprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return library_versions()
 
 
 def print_summary(r: dict, out: str) -> None:
@@ -316,7 +328,19 @@ def main(argv: list[str] | None = None) -> int:
         # The output folder is written elsewhere and moved into place only at the end: nothing partial remains.
         print("\nstructprune: interrupted; no output was written", file=sys.stderr)
         return 130
+    except (OSError, _safetensors_error()) as e:  # full disk, permissions, I/O: the environment, not a bug
+        nothing = ""
+        if getattr(args, "output", None) and not os.path.exists(args.output):
+            nothing = f"; nothing was written to {args.output}"
+        print(f"structprune: error: {io_error_message(e)}{nothing}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _safetensors_error() -> type[BaseException]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
 
 
 if __name__ == "__main__":

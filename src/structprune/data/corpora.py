@@ -224,6 +224,9 @@ def _load_file(name: str) -> str:
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
         raise StructPruneError(f"{name} is not UTF-8 text ({type(exc).__name__}: is it a binary file?); "
                                "pass a plain text or JSON file") from None
+    if "\x00" in text:  # NUL bytes decode as UTF-8 but never occur in text: a binary file
+        raise StructPruneError(f"{name} is not UTF-8 text (it holds NUL bytes: is it a binary file?); "
+                               "pass a plain text or JSON file")
     if not text.strip():
         raise StructPruneError(f"{name} is empty; pass a file with text in it")
     return text

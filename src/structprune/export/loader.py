@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from ..errors import StructPruneError
+from ..models.checkpoint import check_shard_name
+from ..provenance import file_sha256
 from .modeling import modeling_structprune as modeling
 
 log = logging.getLogger(__name__)
@@ -64,16 +67,16 @@ def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as exc:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()), key=str)
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
             raise StructPruneError(f"{index} is not a valid safetensors index ({exc})") from exc
+        files = [check_shard_name(path, name, index) for name in names]  # none may leave the folder
     elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        files = [path / "model.safetensors"]
     else:
         raise StructPruneError(f"{path} has no safetensors weights (model.safetensors or its index)")
     shapes = {}
-    for name in files:
-        f = path / name
+    for f in files:
         if not f.is_file():
             raise StructPruneError(f"weights shard {f} is missing")
         try:
@@ -102,6 +105,58 @@ def verify_weights(model, shapes: dict[str, tuple[int, ...]], path: str | os.Pat
         what = (f"missing {missing[:3]}" if missing else "") + (" " if missing and unexpected else "") + (
             f"unexpected {unexpected[:3]}" if unexpected else "")
         raise StructPruneError(f"weights in {path} do not match its config.json: {what}")
+
+
+MODELING_NAME = Path(modeling.__file__).name
+# An auto_map entry: "module.Class" of a file in the folder itself (no path, no "repo--" prefix).
+_AUTO_MAP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_auto_map(cfg: dict, path: Path) -> None:
+    """Refuse a config whose ``auto_map`` points at code outside the folder: a path (``../x.Cls``) or
+    another repository (``org/repo--x.Cls``), which ``trust_remote_code`` would fetch and run.
+    A per-layer StructPrune export may only name its own modeling file."""
+    auto_map = cfg.get("auto_map") or {}
+    if not isinstance(auto_map, dict):
+        raise StructPruneError(f"{path / 'config.json'} has an auto_map that is not an object")
+    own = MODELING_NAME.removesuffix(".py")
+    for key, ref in auto_map.items():
+        for r in (ref if isinstance(ref, (list, tuple)) else [ref]):
+            if r is None:
+                continue
+            if not isinstance(r, str) or not _AUTO_MAP_RE.match(r) or (_is_per_layer(cfg) and
+                                                                    r.split(".")[0] != own):
+                raise StructPruneError(f"{path / 'config.json'} maps {key} to {r!r}, code outside "
+                                       + (f"{MODELING_NAME}" if _is_per_layer(cfg) else "the folder")
+                                       + "; refusing to load it")
+
+
+def verify_modeling_file(path: Path, cfg: dict, trust_remote_code: bool = False) -> None:
+    """Check a per-layer export's shipped modeling file against the SHA-256 recorded in its config at export.
+
+    A file that differs is refused (it was modified after the export; with ``trust_remote_code`` it
+    would run). With ``trust_remote_code``, a missing file or an export without a recorded hash (written
+    before hashes were recorded) is refused too, as it cannot be verified before it runs; without it,
+    StructPrune's packaged code is used and those pass."""
+    if not _is_per_layer(cfg):
+        return
+    check_auto_map(cfg, path)
+    record = cfg.get("structprune") if isinstance(cfg.get("structprune"), dict) else {}
+    want, f = record.get("modeling_sha256"), path / MODELING_NAME
+    if not f.is_file():
+        if trust_remote_code:
+            raise StructPruneError(f"{f} is missing: this per-layer export cannot load with trust_remote_code; "
+                                   "load it without (StructPrune's packaged code) or re-export")
+        return
+    if want is None:
+        if trust_remote_code:
+            raise StructPruneError(f"{path / 'config.json'} records no SHA-256 of {MODELING_NAME}, so the file "
+                                   "cannot be verified before it runs; load without trust_remote_code or re-export")
+        return
+    got = file_sha256(f)
+    if got != want:
+        raise StructPruneError(f"{f} was modified after the export (SHA-256 {got[:12]}..., recorded {want[:12]}...): "
+                               "refusing to load it; restore the file or re-export the model")
 
 
 def _model_classes(cfg: dict, trust_remote_code: bool):
@@ -133,13 +188,16 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     the modeling code, so ``trust_remote_code`` is not needed; with
     ``trust_remote_code=True`` the folder's own copy is used instead (what plain
     transformers does). ``dtype`` defaults to the dtype the weights were saved in.
-    Every weight is checked against the file (see :func:`verify_weights`). Returns the
+    Every weight is checked against the file (see :func:`verify_weights`), and a per-layer
+    export's shipped modeling file against the SHA-256 recorded at export (see
+    :func:`verify_modeling_file`). Returns the
     model in eval mode on ``device``; load the tokenizer with ``AutoTokenizer``.
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
     cfg = _read_config(path)
+    verify_modeling_file(path, cfg, trust_remote_code)
     shapes = weight_shapes(path)  # before loading: a truncated file fails here, clearly
     config_cls, model_cls = _model_classes(cfg, trust_remote_code)
     kwargs = {"dtype": dtype if dtype is not None else "auto", "output_loading_info": True}

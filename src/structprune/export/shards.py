@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import StructPruneError
+from ..errors import StructPruneError, io_error_message
 from ..files import current_umask
 from ..models.checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, own_copy
 
@@ -52,6 +52,12 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise StructPruneError(f"max_shard_size must be positive, got {size!r}")
     return value
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (SafetensorError, OSError)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -159,9 +165,16 @@ class ShardWriter:
         k = len(self.shards) + 1
         part = _PART.format(k)
         tmp = self.folder / (part + ".tmp")
-        save_file(dict(self._pending), str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600; shards are as readable as config.json
-        _fsync_file(tmp)
+        try:
+            save_file(dict(self._pending), str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600; shards are as readable as config.json
+            _fsync_file(tmp)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)  # never leave a half-written shard (a full disk, Ctrl-C)
+            if isinstance(exc, _write_errors()):
+                raise StructPruneError(f"could not write the shard {tmp.with_name(part)}: {io_error_message(exc)}") \
+                    from exc
+            raise
         os.replace(tmp, self.folder / part)
         entry = {"file": part, "size": (self.folder / part).stat().st_size,
                  "tensors": [[n, _dtype_name(t.dtype), list(t.shape)] for n, t in self._pending]}

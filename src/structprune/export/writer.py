@@ -34,6 +34,7 @@ import torch
 from ..adapters import get_adapter
 from ..errors import StructPruneError
 from ..files import apply_umask
+from ..provenance import file_sha256
 from .modeling import modeling_structprune as modeling
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,14 @@ class ExportConfig:
     format: str  # "stock" or "custom"
     reason: str  # why this format (logged and recorded in report.json)
     zero_biases: dict[str, int] = field(default_factory=dict)  # state-dict key -> bias length
+    modeling_sha256: str | None = None  # of the modeling file a per-layer export ships (load_pruned checks it)
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "model_type": self.config.model_type, "reason": self.reason,
-                "zero_biases_added": sorted(self.zero_biases)}
+        d = {"format": self.format, "model_type": self.config.model_type, "reason": self.reason,
+             "zero_biases_added": sorted(self.zero_biases)}
+        if self.modeling_sha256 is not None:
+            d["modeling_sha256"] = self.modeling_sha256
+        return d
 
 
 def layer_layouts(model) -> list[dict]:
@@ -288,6 +293,10 @@ def export_config(model) -> ExportConfig:
     record = dict(getattr(model.config, "structprune", None) or {})
     record.update(format_version=EXPORT_FORMAT_VERSION, format=export.format,
                   layers=[{k: l[k] for k in ("heads", "kv_heads", "mlp", "o_bias", "mlp_out_bias")} for l in lay])
+    if export.format == "custom":
+        # load_pruned refuses a shipped modeling file that no longer has this hash (code that runs
+        # under trust_remote_code must be the code that was exported).
+        export.modeling_sha256 = record["modeling_sha256"] = file_sha256(MODELING_FILE)
     export.config.structprune = record
     if export.format == "stock":
         export.config.architectures = [_stock_architecture(export.config.model_type)]

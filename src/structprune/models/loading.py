@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -188,6 +189,36 @@ def _tokenizer(resolved: ResolvedModel, spec: str, trust_remote_code: bool, conf
     return tokenizer
 
 
+def check_remote_code(resolved: ResolvedModel) -> None:
+    """Before ``trust_remote_code`` runs a local folder's code: its config's ``auto_map`` may only name
+    modules in the folder itself (not ``../x.Cls`` nor another repository's ``org/repo--x.Cls``)."""
+    import json
+
+    from ..export.loader import check_auto_map
+
+    cfg_file = resolved.path / "config.json"
+    if resolved.kind != "hf-folder" or not cfg_file.is_file():
+        return
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StructPruneError(f"{cfg_file} is not valid JSON ({exc})") from exc
+    if isinstance(cfg, dict):
+        check_auto_map(cfg, resolved.path)
+
+
+def check_tokenizer(tokenizer, vocab_size: int | None) -> None:
+    """Refuse a tokenizer with more tokens than the model has embeddings: it is another model's,
+    and its ids would index past the embedding table (a crash, or wrong rows on some devices).
+    A smaller tokenizer is normal (embedding tables are padded) and passes."""
+    if vocab_size is None:
+        return
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise StructPruneError(f"the tokenizer has {n} tokens but the model embeds only {vocab_size}: it is not "
+                               "this model's tokenizer; pass the model's own (the folder's tokenizer files)")
+
+
 def _load_error(spec: str, resolved: ResolvedModel, exc: Exception) -> StructPruneError:
     if resolved.kind == "hub":
         return StructPruneError(
@@ -204,6 +235,8 @@ def load_tokenizer_and_config(spec: str, trust_remote_code: bool = False):
     from ..export.loader import is_structprune_export
 
     resolved = resolve_model(spec)
+    if trust_remote_code:
+        check_remote_code(resolved)
     source = resolved.path if resolved.kind != "hub" else spec
     try:
         if resolved.gguf_file is not None:
@@ -215,6 +248,9 @@ def load_tokenizer_and_config(spec: str, trust_remote_code: bool = False):
         tokenizer = _tokenizer(resolved, spec, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _load_error(spec, resolved, exc) from exc
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        check_tokenizer(tokenizer, getattr(text, "vocab_size", None))
     return tokenizer, config
 
 
@@ -234,7 +270,11 @@ def load_model(
     from ..export.loader import is_structprune_export, load_pruned
 
     resolved = resolve_model(spec)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if trust_remote_code:
+        check_remote_code(resolved)
+    # weights_only: a pickled checkpoint (pytorch_model.bin) is only ever unpickled under torch's guard,
+    # which loads tensors and refuses any other object (said explicitly: never rely on a default).
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "weights_only": True}
     if resolved.gguf_file is not None:
         kwargs["gguf_file"] = resolved.gguf_file
     source = resolved.path if resolved.kind != "hub" else spec
@@ -246,10 +286,15 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             tokenizer = _tokenizer(resolved, spec, trust_remote_code)
+    except pickle.UnpicklingError as exc:
+        raise StructPruneError(f"the pickled weights in {resolved.path} hold objects other than tensors; "
+                               "StructPrune never unpickles those (they can run code): convert the checkpoint to "
+                               "safetensors") from exc
     except (OSError, ValueError) as exc:
         raise _load_error(spec, resolved, exc) from exc
     if resolved.gguf_file is not None:
         _drop_quantization_record(model)
+    check_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings)
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -299,9 +299,11 @@ def prune_structprune(run) -> list[LayerPlan]:
     inputs = run.stream().first_inputs()
 
     t0 = time.perf_counter()
-    key = ("structprune-profile", cfg.sens_nsamples, cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple,
-           cfg.path_steps, cfg.batch_size, tuple(run.calib.shape), int(run.calib.sum()),
-           int((run.calib * run.calib).sum()))
+    # The profile depends on the dense model, the calibration windows (order included: the
+    # sensitivities use the first sens_nsamples), the compute device and these knobs: keyed by
+    # content hashes (provenance.py), so permuted windows or another model never collide.
+    key = ("structprune-profile", run.fingerprint["sha256"], run.calib_sha256, run.device.type, cfg.sens_nsamples,
+           cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple, cfg.path_steps, cfg.batch_size)
     if math.isinf(T):
         # Uniform widths need no menus or sensitivities (only the logs' menus carry weights).
         sens, menus = [{"attn": 1.0, "mlp": 1.0} for _ in layers], []
