@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 101
 
@@ -47,6 +49,88 @@ def _init(model):
 
 
 FACTORIES = {"llama-gqa": tiny_llama, "qwen2": tiny_qwen2, "opt": tiny_opt}
+
+# -- the family registry of tests/test_families.py --------------------------------------------
+# Each factory takes ``layers`` and ``seed`` and returns an eval-mode model with random,
+# larger-than-default weights; sizes are odd on purpose (hidden 48, intermediate 37, head_dim
+# not hidden / heads) so a cut that confuses two dimensions fails.
+LLAMA3_VOCAB = 128256  # Llama 3's real vocabulary: 128k rows of embeddings (tied) and logits
+
+
+def tiny_mistral(layers: int = 3, seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=37, num_hidden_layers=layers,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                        sliding_window=None, tie_word_embeddings=False)
+    return _init(MistralForCausalLM(cfg))
+
+
+def _llama3_rope(original: int = 32) -> dict:
+    """Llama 3.1's rope scaling with a short original context, so that it changes the tiny model's rotary."""
+    return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+
+
+def tiny_llama3(layers: int = 3, seed: int = 0, tied: bool = False, vocab: int = VOCAB) -> LlamaForCausalLM:
+    """Llama 3.x: rope scaling ``llama3``, 8 heads / 2 KV heads, untied (3.1 8B) or tied (3.2 1B/3B)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=37, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=6, max_position_embeddings=128,
+                      rope_parameters=_llama3_rope(), tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    return _init(LlamaForCausalLM(cfg))
+
+
+def tiny_llama3_tied(layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
+    """Llama 3.2-style: the 128k vocabulary and the LM head tied to the embeddings."""
+    return tiny_llama3(layers, seed, tied=True, vocab=LLAMA3_VOCAB)
+
+
+def tiny_qwen3(layers: int = 3, seed: int = 0) -> Qwen3ForCausalLM:
+    """Qwen3: explicit head_dim (6 heads x 16 = 96, not the hidden 48), per-head q/k RMSNorm."""
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=37, num_hidden_layers=layers,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    return _init(Qwen3ForCausalLM(cfg))
+
+
+def _alternating(layers: int) -> list[str]:
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+
+
+def tiny_gemma2(layers: int = 3, seed: int = 0) -> Gemma2ForCausalLM:
+    """Gemma 2: tied, attention and final soft-capping, sliding window 5 (< the tests' windows),
+    query_pre_attn_scalar unlike head_dim, GeGLU, 6 heads / 2 KV heads."""
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=37, num_hidden_layers=layers,
+                       num_attention_heads=6, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
+                       sliding_window=5, layer_types=_alternating(layers), query_pre_attn_scalar=20,
+                       final_logit_softcapping=3.0, attn_logit_softcapping=5.0, pad_token_id=0)
+    return _init(Gemma2ForCausalLM(cfg))
+
+
+def tiny_gemma3_text(layers: int = 3, seed: int = 0) -> Gemma3ForCausalLM:
+    """Gemma 3 text (1B-style): one KV head (only query heads prunable), q/k norms, per-type rotary."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=37, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                           sliding_window=5, layer_types=_alternating(layers), query_pre_attn_scalar=24,
+                           pad_token_id=0)
+    return _init(Gemma3ForCausalLM(cfg))
+
+
+# name -> factory. Another family registers here with one line (its factory beside the others).
+FAMILIES = {
+    "llama": tiny_llama,
+    "mistral": tiny_mistral,
+    "qwen2": tiny_qwen2,
+    "opt": tiny_opt,
+    "llama3": tiny_llama3,
+    "llama3-tied-128k": tiny_llama3_tied,
+    "qwen3": tiny_qwen3,
+    "gemma2": tiny_gemma2,
+    "gemma3_text": tiny_gemma3_text,
+}
 
 
 def calib_ids(n: int = 4, seqlen: int = 16, seed: int = 1) -> torch.Tensor:

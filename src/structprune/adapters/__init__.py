@@ -6,10 +6,11 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from .base import Adapter, AttentionShape, LayerPlan, MLPShape, count_params
+from .gemma import GemmaAdapter
 from .llama import LlamaAdapter
 from .opt import OPTAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, OPTAdapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, OPTAdapter]
 
 
 def supported_model_types() -> list[str]:
@@ -31,5 +32,5 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 __all__ = [
     "Adapter", "AttentionShape", "LayerPlan", "MLPShape", "count_params",
-    "LlamaAdapter", "OPTAdapter", "get_adapter", "supported_model_types",
+    "GemmaAdapter", "LlamaAdapter", "OPTAdapter", "get_adapter", "supported_model_types",
 ]

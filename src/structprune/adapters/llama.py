@@ -1,4 +1,4 @@
-"""LLaMA family: LLaMA, Mistral, Qwen2 (q/k/v biases), SmolLM2; grouped-query attention."""
+"""LLaMA family: LLaMA (1-3.x), Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), SmolLM2; grouped-query attention."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ class LlamaAdapter(Adapter):
 
     Removing query heads inside KV groups changes the group size, so the attention
     module's ``num_key_value_groups`` is updated (sdpa and eager attention read it);
-    nothing else in the forward depends on the head counts.
+    nothing else in the forward depends on the head counts. Llama 3.x's rope scaling
+    acts per position and per head dimension, and Qwen3's ``q_norm``/``k_norm`` are one
+    RMSNorm of ``head_dim`` weights shared by every head, so neither changes with the
+    kept heads; ``head_dim`` is read from the attention module (Qwen3 sets it explicitly).
     """
 
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
 
     def layers(self) -> nn.ModuleList:
         return self.model.model.layers

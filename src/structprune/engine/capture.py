@@ -26,13 +26,49 @@ class _Catcher(nn.Module):
         self.layer = layer
         self.sink = sink
         # Some model forwards read attributes of the layer (e.g. attention_type).
-        self.attention_type = getattr(layer, "attention_type", None)
+        self.attention_type = attention_type(layer)
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise RuntimeError("decoder layers are expected to receive keyword arguments only")
         self.sink.append((hidden_states, kwargs))
         raise _Stop
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a layer before the one whose kwargs are wanted: its output is never used."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+#: Key of a captured kwargs dict holding one kwargs dict per attention type (see :func:`layer_kwargs`).
+BY_ATTENTION_TYPE = "structprune_kwargs_by_attention_type"
+
+
+def attention_type(layer: nn.Module) -> str | None:
+    """The attention type of a decoder layer (``"sliding_attention"``, ``"full_attention"``), or None.
+
+    Models with alternating layers (Gemma 2/3, Qwen with sliding windows) give each type its
+    own mask, and Gemma 3 its own rotary tables; transformers reads the type from the layer
+    (``attention_type``) or from the config, which the attention module mirrors as ``layer_type``."""
+    inner = getattr(layer, "module", None)  # wrappers such as sensitivity's Float32Module
+    for obj in (layer, getattr(layer, "self_attn", None), inner, getattr(inner, "self_attn", None)):
+        t = getattr(obj, "attention_type", None) or getattr(obj, "layer_type", None)
+        if isinstance(t, str):
+            return t
+    return None
+
+
+def layer_kwargs(layer: nn.Module, kwargs: dict) -> dict:
+    """The kwargs ``layer`` is called with, from a captured chunk's kwargs (its attention type's)."""
+    by_type = kwargs.get(BY_ATTENTION_TYPE)
+    if by_type is None:
+        return kwargs
+    t = attention_type(layer)
+    if t not in by_type:
+        raise RuntimeError(f"no captured inputs for attention type {t!r} (captured: {sorted(by_type)})")
+    return by_type[t]
 
 
 def to_device(obj, device):
@@ -104,6 +140,7 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, calib: torch.
     pre_devices = [next(m.parameters(), torch.empty(0)).device for m in pre]
     for m in pre:
         m.to(device)
+    others = _first_layer_of_each_other_type(model, layers)
     first = layers[0]
     sink: list = []
     layers[0] = _Catcher(first, sink)
@@ -111,14 +148,14 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, calib: torch.
     try:
         for start in range(0, calib.shape[0], batch_size):
             ids = calib[start:start + batch_size].to(device)
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-            h, kw = sink.pop()
-            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
-            kw["use_cache"] = False
-            kw = to_device(kw, "cpu")
+            h, kw = _run_to(model, layers, 0, sink, ids)
+            if others:
+                # Each attention type gets its own mask (and rotary tables): catch them at the
+                # first layer of that type, the layers before it stood in for.
+                by_type = {attention_type(first): kw}
+                for t, j in others.items():
+                    by_type[t] = _run_to(model, layers, j, sink, ids)[1]
+                kw = {BY_ATTENTION_TYPE: by_type}
             # Every window of a size gets the same rotary tables and mask: keep one copy
             # (at seqlen 2048 they are MBs per chunk, an eager mask tens of MBs).
             same = next((d for d in distinct if _same(kw, d)), None)
@@ -138,6 +175,47 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, calib: torch.
     return LayerInputs(hidden, kwargs)
 
 
+def _first_layer_of_each_other_type(model: nn.Module, layers) -> dict[str, int]:
+    """``{attention type: index of its first layer}`` for the types other than layer 0's."""
+    types = [attention_type(l) for l in layers]
+    config_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if config_types is None:  # multimodal wrappers keep them in the text config
+        get_text_config = getattr(getattr(model, "config", None), "get_text_config", None)
+        config_types = getattr(get_text_config(), "layer_types", None) if get_text_config else None
+    if config_types and len(set(config_types)) > 1 and None in types:
+        raise RuntimeError("the config alternates attention types but the layers do not say theirs; "
+                           "this transformers version is not supported")
+    out: dict[str, int] = {}
+    for j, t in enumerate(types):
+        if t != types[0] and t not in out:
+            out[t] = j
+    return out
+
+
+def _run_to(model: nn.Module, layers, j: int, sink: list, ids: torch.Tensor):
+    """``(hidden, kwargs)`` entering layer ``j`` (layers before it stood in for: only the kwargs
+    are right unless ``j == 0``). Layer 0 is already a catcher."""
+    saved = [layers[i] for i in range(j + 1)]
+    try:
+        if j > 0:
+            for i in range(j):
+                layers[i] = _PassThrough()
+            layers[j] = _Catcher(saved[j], sink)
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for i in range(1, j + 1):
+            layers[i] = saved[i]
+        if j > 0:
+            layers[0] = saved[0]
+    h, kw = sink.pop()
+    kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "cache")}
+    kw["use_cache"] = False
+    return h, to_device(kw, "cpu")
+
+
 def run_layer(layer: nn.Module, inputs: LayerInputs, device, dtype: torch.dtype | None = None) -> LayerInputs:
     """Outputs of ``layer`` on every chunk of ``inputs``, in a new activation store (kept in
     ``dtype``, default the inputs store's); chunks stored in a reduced dtype are cast back to
@@ -146,7 +224,8 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device, dtype: torch.dtype 
     try:
         with torch.no_grad():
             for h, kw in zip(inputs.hidden, inputs.kwargs):
-                y = layer(h.to(device, inputs.hidden.source_dtype or h.dtype), **to_device(kw, device))
+                y = layer(h.to(device, inputs.hidden.source_dtype or h.dtype),
+                          **to_device(layer_kwargs(layer, kw), device))
                 y = y[0] if isinstance(y, (tuple, list)) else y
                 out.append(y)
     except BaseException:

@@ -32,6 +32,9 @@ def module_prefixes(model: nn.Module, modules) -> list[str]:
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     out = []
     for m in modules:
+        if id(m) not in names and not _all(m):
+            out.append("")  # holds no tensors (e.g. Gemma 2's logit soft-capping): nothing to read
+            continue
         if id(m) not in names:
             raise ValueError(f"{type(m).__name__} is not a submodule of the model")
         out.append(names[id(m)] + "." if names[id(m)] else "")

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter
 from ..errors import StructPruneError
 from .activations import ActivationStore
-from .capture import LayerInputs, run_layer, to_device
+from .capture import LayerInputs, layer_kwargs, run_layer, to_device
 from .residency import LayerStore, SwapLayerStore, moved_to
 
 
@@ -180,7 +180,7 @@ def _layer_backward(adapter: Adapter, layer, inputs: LayerInputs, grads: list[to
             with torch.enable_grad():
                 # detach: never flag (or attach a .grad to) the stored chunk itself
                 x = h.to(device, inputs.hidden.source_dtype or h.dtype).detach().requires_grad_(True)
-                y = layer(x, **to_device(kw, device))
+                y = layer(x, **to_device(layer_kwargs(layer, kw), device))
                 y = y[0] if isinstance(y, (tuple, list)) else y
                 y.backward(g.to(device, y.dtype))
             new_grads.append(x.grad)

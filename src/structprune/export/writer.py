@@ -219,8 +219,10 @@ def _stock_config(model, lay: list[dict]) -> tuple[ExportConfig | None, str]:
 
     d.update(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter, head_dim=dh)
     target = base
-    stock_layout = {"llama": None, "mistral": (False, False, False, False), "qwen2": (True, False, False, False)}
     layout = tuple(first[k] for k in ("qkv_bias", "o_bias", "mlp_in_bias", "mlp_out_bias"))
+    if base in ATTENTION_BIAS_ONLY:
+        return _attention_bias_only_stock(model, lay, base, d, layout)
+    stock_layout = {"llama": None, "mistral": (False, False, False, False), "qwen2": (True, False, False, False)}
     if base in ("mistral", "qwen2") and layout != stock_layout[base]:
         # A refit added an o/down bias that Qwen2/Mistral cannot hold; without sliding
         # windows these families are LLaMA with different bias flags, so write LLaMA.
@@ -244,6 +246,26 @@ def _stock_config(model, lay: list[dict]) -> tuple[ExportConfig | None, str]:
     return ExportConfig(config, "stock", reason, fills), ""
 
 
+# Families whose config has one ``attention_bias`` flag (q, k, v and o) and no MLP bias.
+ATTENTION_BIAS_ONLY = ("qwen3", "gemma2", "gemma3_text")
+
+
+def _attention_bias_only_stock(model, lay: list[dict], base: str, d: dict,
+                               layout: tuple) -> tuple[ExportConfig | None, str]:
+    """Stock Qwen3 / Gemma config: attention biases are all-or-none (zeros fill the missing
+    ones); an MLP bias (a refit's ``down_proj`` bias) has no place in the family's layout."""
+    qkv_bias, o_bias, mlp_in_bias, mlp_out_bias = layout
+    if mlp_in_bias or mlp_out_bias:
+        return None, f"stock {base} has no MLP biases (a refit added one)"
+    d["attention_bias"] = qkv_bias or o_bias
+    fills = _llama_zero_biases(model, lay, d["attention_bias"], False)
+    try:
+        config = _make_config(base, d)
+    except Exception as exc:  # transformers' config validation
+        return None, f"stock {base} config rejects these widths ({str(exc).strip().splitlines()[-1].strip()})"
+    return ExportConfig(config, "stock", "uniform widths", fills), ""
+
+
 def _custom_config(model, lay: list[dict], reason: str) -> ExportConfig:
     base = base_model_type(model)
     if base not in modeling.CLASSES:
@@ -264,6 +286,8 @@ def _custom_config(model, lay: list[dict], reason: str) -> ExportConfig:
     if base == "llama":
         d["attention_bias"] = lay[0]["qkv_bias"]
         d["mlp_bias"] = lay[0]["mlp_in_bias"]
+    if base in ATTENTION_BIAS_ONLY:  # q/k/v biases come from the flag; o's is per layer
+        d["attention_bias"] = lay[0]["qkv_bias"]
     if base == "opt":
         d["enable_bias"] = lay[0]["qkv_bias"]
     for i, l in enumerate(lay):

@@ -37,7 +37,7 @@ from ..allocation.softmax import Menu, allocate_prefixes
 from ..allocation.widths import uniform_widths
 from ..engine import LayerInputs
 from ..engine.activations import ActivationStore
-from ..engine.capture import run_layer, to_device
+from ..engine.capture import layer_kwargs, run_layer, to_device
 from ..engine.sensitivity import module_sensitivities
 from ..surgery import apply_layer_plan, head_rows, set_output_projection
 from .obs import ModuleProblem, attention_path, channel_path, refit
@@ -132,7 +132,7 @@ def _target_stats(adapter, layer, module: str, pruned: LayerInputs, dense: Layer
         with torch.no_grad():
             for c, (h, kw) in enumerate(zip(pruned.hidden, pruned.kwargs)):
                 cur["c"] = c
-                layer(h.to(device), **to_device(kw, device))
+                layer(h.to(device), **to_device(layer_kwargs(layer, kw), device))
     finally:
         for h in hs:
             h.remove()

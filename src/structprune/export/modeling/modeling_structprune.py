@@ -1,4 +1,4 @@
-"""Structurally pruned LLaMA / Mistral / Qwen2 / OPT models with per-layer widths.
+"""Structurally pruned LLaMA / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / OPT models with per-layer widths.
 
 This file is copied next to the weights of every model StructPrune exports with
 non-uniform widths, and ``config.json`` points at it through ``auto_map``, so
@@ -24,6 +24,10 @@ from __future__ import annotations
 
 from torch import nn
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -32,6 +36,8 @@ from transformers import (
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 PER_LAYER_KEYS = ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_o_bias",
@@ -61,7 +67,8 @@ def _per_layer(config, num_layers: int) -> list[tuple[int, int, int, bool, bool]
 
 
 def _resize_llama_layers(model) -> None:
-    """Resize every decoder layer of a LLaMA-family model (LLaMA, Mistral, Qwen2) to its config widths."""
+    """Resize every decoder layer of a LLaMA-like model (LLaMA, Mistral, Qwen2/3, Gemma 2/3) to its config
+    widths. Qwen3's and Gemma 3's q/k norms span one head (``head_dim``) and stay as built."""
     config = model.config
     hidden = config.hidden_size
     for layer, (heads, kv, inter, o_bias, out_bias) in zip(model.model.layers,
@@ -138,6 +145,24 @@ class StructPruneQwen2Config(_PerLayerConfig, Qwen2Config):
     model_type = "structprune_qwen2"
 
 
+class StructPruneQwen3Config(_PerLayerConfig, Qwen3Config):
+    """Qwen3 config with per-layer widths."""
+
+    model_type = "structprune_qwen3"
+
+
+class StructPruneGemma2Config(_PerLayerConfig, Gemma2Config):
+    """Gemma 2 config with per-layer widths."""
+
+    model_type = "structprune_gemma2"
+
+
+class StructPruneGemma3TextConfig(_PerLayerConfig, Gemma3TextConfig):
+    """Gemma 3 (text) config with per-layer widths."""
+
+    model_type = "structprune_gemma3_text"
+
+
 class StructPruneOPTConfig(_PerLayerConfig, OPTConfig):
     """OPT config with per-layer widths."""
 
@@ -174,6 +199,36 @@ class StructPruneQwen2ForCausalLM(Qwen2ForCausalLM):
         _resize_llama_layers(self)
 
 
+class StructPruneQwen3ForCausalLM(Qwen3ForCausalLM):
+    """Qwen3ForCausalLM whose decoder layers have the widths listed in the config."""
+
+    config_class = StructPruneQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_llama_layers(self)
+
+
+class StructPruneGemma2ForCausalLM(Gemma2ForCausalLM):
+    """Gemma2ForCausalLM whose decoder layers have the widths listed in the config."""
+
+    config_class = StructPruneGemma2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_llama_layers(self)
+
+
+class StructPruneGemma3ForCausalLM(Gemma3ForCausalLM):
+    """Gemma3ForCausalLM (text) whose decoder layers have the widths listed in the config."""
+
+    config_class = StructPruneGemma3TextConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_llama_layers(self)
+
+
 class StructPruneOPTForCausalLM(OPTForCausalLM):
     """OPTForCausalLM whose decoder layers have the widths listed in the config."""
 
@@ -189,5 +244,8 @@ CLASSES = {
     "llama": (StructPruneLlamaConfig, StructPruneLlamaForCausalLM),
     "mistral": (StructPruneMistralConfig, StructPruneMistralForCausalLM),
     "qwen2": (StructPruneQwen2Config, StructPruneQwen2ForCausalLM),
+    "qwen3": (StructPruneQwen3Config, StructPruneQwen3ForCausalLM),
+    "gemma2": (StructPruneGemma2Config, StructPruneGemma2ForCausalLM),
+    "gemma3_text": (StructPruneGemma3TextConfig, StructPruneGemma3ForCausalLM),
     "opt": (StructPruneOPTConfig, StructPruneOPTForCausalLM),
 }

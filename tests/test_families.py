@@ -1,0 +1,327 @@
+"""One contract suite for every supported family (issue 13), over the registry ``tiny.FAMILIES``.
+
+Each family's tiny, odd-sized random model (tests/tiny.py) must satisfy:
+
+- keeping every structure changes nothing;
+- the physically sliced model equals the unsliced one with the same structures masked;
+- a forward pass streamed one layer at a time (in memory, and read from disk) equals the full one;
+- every method reaches its target sparsity, and the checkpoint path (``prune_checkpoint``,
+  streamed from disk) gives the in-memory path's model;
+- save -> load gives the same logits and greedy generation: uniform widths through the
+  family's stock config (no remote code), per-layer widths through the exported modeling
+  code (``trust_remote_code``) and ``load_pruned``.
+
+The checks are plain functions taking a model factory, so a family with extra structure
+(fused projections, MoE experts) can call them from its own tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from tiny import FAMILIES, calib_ids
+from transformers import AutoModelForCausalLM
+
+from structprune import PruneConfig, load_pruned, prune
+from structprune.adapters import LayerPlan, count_params, get_adapter, supported_model_types
+from structprune.api import prune_checkpoint, removal_step
+from structprune.engine.capture import capture_first_layer_inputs, run_layer
+from structprune.engine.disk import DiskStoreFactory
+from structprune.errors import UnsupportedArchitectureError
+from structprune.export import save_pruned
+from structprune.models.checkpoint import load_skeleton
+from structprune.surgery import apply_layer_plan, mask_layer_plan, set_output_projection
+
+METHODS = ("structprune", "global", "obs-local", "flap", "wanda-sp", "magnitude-sp")
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_torch_thread):
+    """Tiny models on one torch thread (see conftest.one_torch_thread)."""
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = TOL) -> float:
+    """Assert ``a`` and ``b`` agree within ``tol``; print and return the max difference."""
+    d = (a - b).abs()
+    print(f"{what}: max diff {d.max():.3g} mean {d.mean():.3g}")
+    assert d.max() <= tol, f"{what}: max diff {d.max():.3g} mean {d.mean():.3g}"
+    return float(d.max())
+
+
+def random_plan(adapter, layer, rng: random.Random) -> LayerPlan:
+    """A legal random cut: some KV groups (at least one), the same number of heads in each, some channels."""
+    s = adapter.attention_shape(layer)
+    g = s.group_size
+    kv = sorted(rng.sample(range(s.num_kv_heads), rng.randint(1, s.num_kv_heads)))
+    per_group = rng.randint(1, max(1, g - 1))  # at least one query head removed where a group has several
+    heads = sorted(k * g + h for k in kv for h in rng.sample(range(g), per_group))
+    n = adapter.mlp_shape(layer).channels
+    return LayerPlan(heads, kv, sorted(rng.sample(range(n), rng.randint(1, n - 1))))
+
+
+def full_plan(adapter, layer) -> LayerPlan:
+    s = adapter.attention_shape(layer)
+    return LayerPlan(list(range(s.num_heads)), list(range(s.num_kv_heads)),
+                     list(range(adapter.mlp_shape(layer).channels)))
+
+
+def uniform_plan(adapter, layer, channels: int = 20) -> LayerPlan:
+    """The same cut in every layer, with a head count the stock configs accept (it divides hidden)."""
+    s = adapter.attention_shape(layer)
+    kv = max(1, s.num_kv_heads // 2)
+    per_group = next(p for p in range(s.group_size - 1 or 1, 0, -1) if s.hidden_size % (kv * p) == 0)
+    heads = [k * s.group_size + h for k in range(kv) for h in range(per_group)]
+    return LayerPlan(heads, list(range(kv)), list(range(channels)))
+
+
+def add_refit_biases(adapter, layer, seed: int) -> None:
+    """What a refit with bias compensation does: o and down get a bias the family may not have."""
+    g = torch.Generator().manual_seed(seed)
+    (_, o), (_, down) = adapter.attn_linears(layer), adapter.mlp_linears(layer)
+    for lin in (o, down):
+        set_output_projection(lin, lin.weight, 0.1 * torch.randn(lin.out_features, generator=g))
+
+
+def streamed_logits(model, ids: torch.Tensor, factory=None) -> torch.Tensor:
+    """Logits computed one decoder layer at a time (layers lent by ``factory``'s stores when given)."""
+    adapter = get_adapter(model)
+    store = factory(adapter.layers(), "cpu") if factory is not None else None
+    resident = factory.resident if factory is not None else None
+    with resident(adapter.pre_layer_modules(), "cpu") if resident else torch.no_grad():
+        inputs = capture_first_layer_inputs(model, adapter, ids, "cpu", batch_size=2)
+    try:
+        for i, layer in enumerate(adapter.layers()):
+            layer = store.fetch(i) if store is not None else layer
+            inputs = run_layer(layer, inputs, "cpu")
+            if store is not None:
+                store.release(i)
+    finally:
+        if store is not None:
+            store.finish()
+    x = torch.cat(list(inputs.hidden))
+    with resident(adapter.head_modules(), "cpu") if resident else torch.no_grad(), torch.no_grad():
+        for m in adapter.head_modules():
+            x = m(x)
+    return x
+
+
+def assert_same_model(ref, loaded, what: str) -> None:
+    """Same logits and the same greedy generation (with the KV cache) from ``loaded`` as from ``ref``."""
+    ids = calib_ids(2, 12)
+    max_diff(logits(ref, ids), logits(loaded, ids), what)
+    prompt = ids[:1, :6]
+    want = ref.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert want.shape[1] == prompt.shape[1] + 6
+    assert torch.equal(want, got), f"{what}: greedy generation differs: {want.tolist()} vs {got.tolist()}"
+
+
+# -- the contract, as plain functions of a factory ---------------------------------------------
+
+def check_keep_everything(make) -> None:
+    model = make()
+    ids = calib_ids(3, 16)
+    before = logits(model, ids)
+    adapter = get_adapter(model)
+    n = count_params([model])
+    for layer in adapter.layers():
+        apply_layer_plan(adapter, layer, full_plan(adapter, layer))
+    assert count_params([model]) == n
+    max_diff(before, logits(model, ids), "keep everything", tol=0.0)
+
+
+def check_sliced_equals_masked(make, seed: int) -> None:
+    model = make()
+    masked = copy.deepcopy(model)
+    adapter, madapter = get_adapter(model), get_adapter(masked)
+    rng = random.Random(seed)
+    for layer, mlayer in zip(adapter.layers(), madapter.layers()):
+        plan = random_plan(adapter, layer, rng)
+        apply_layer_plan(adapter, layer, plan)
+        mask_layer_plan(madapter, mlayer, plan)
+    assert count_params([model]) < count_params([masked])
+    ids = calib_ids(3, 20)  # longer than the Gemma sliding windows
+    max_diff(logits(model, ids), logits(masked, ids), "sliced vs masked", tol=1e-4)
+
+
+def check_streamed_equals_full(make, tmp_path) -> None:
+    model = make()
+    ids = calib_ids(4, 16)
+    full = logits(model, ids)
+    max_diff(full, streamed_logits(model, ids), "streamed in memory vs full", tol=1e-5)
+    model.save_pretrained(tmp_path, max_shard_size="50KB")
+    skeleton, reader = load_skeleton(tmp_path, torch.float32)
+    factory = DiskStoreFactory.from_model(skeleton, get_adapter(skeleton), reader, torch.float32)
+    max_diff(full, streamed_logits(skeleton, ids, factory), "streamed from disk vs full", tol=1e-5)
+
+
+def config_for(method: str, sparsity: float = 0.3) -> PruneConfig:
+    return PruneConfig(method=method, sparsity=sparsity, nsamples=4, seqlen=16, mlp_multiple=1)
+
+
+def check_method_reaches_target(make, method: str, sparsity: float = 0.3) -> None:
+    model = make()
+    adapter = get_adapter(model)
+    before = sum(count_params(adapter.prunable_linears(l)) for l in adapter.layers())
+    config = config_for(method, sparsity)
+    step = removal_step(adapter, config)
+    result = prune(model, calib_ids(4, 16), config, device="cpu", progress=False)
+    after = sum(count_params(adapter.prunable_linears(l)) for l in adapter.layers())
+    achieved = 1 - after / before
+    assert achieved == pytest.approx(result.report["sparsity_achieved"])
+    assert abs(achieved - sparsity) <= step + 1e-9, f"{method}: achieved {achieved:.4f}, target {sparsity}, step {step:.4f}"
+    assert torch.isfinite(logits(model, calib_ids(2, 16))).all()
+
+
+def check_checkpoint_path_equals_in_memory(make, method: str, tmp_path) -> None:
+    folder = tmp_path / "dense"
+    make().save_pretrained(folder, max_shard_size="50KB")
+    calib = calib_ids(4, 16)
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    want = prune(ref, calib, config_for(method), device="cpu", progress=False)
+    got = prune_checkpoint(folder, tmp_path / "pruned", calib, config_for(method), device="cpu", progress=False)
+    assert got.report["residency"] == "disk"
+    assert [p.to_dict() for p in got.plans] == [p.to_dict() for p in want.plans]
+    assert_same_model(ref, load_pruned(tmp_path / "pruned"), f"prune_checkpoint {method}")
+
+
+def check_uniform_export_is_stock(make, tmp_path) -> None:
+    model = make()
+    adapter = get_adapter(model)
+    for layer in adapter.layers():
+        apply_layer_plan(adapter, layer, uniform_plan(adapter, layer))
+    export = save_pruned(model, None, tmp_path)
+    assert export.format == "stock", export.reason
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert "auto_map" not in cfg and cfg["model_type"] == model.config.model_type
+    assert not list(tmp_path.glob("*.py"))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=False).eval()
+    assert type(stock) is type(model)
+    assert_same_model(model, stock, "stock from_pretrained")
+    assert_same_model(model, load_pruned(tmp_path), "load_pruned (stock)")
+
+
+def check_per_layer_export(make, tmp_path, biases: bool = True) -> None:
+    model = make()
+    adapter = get_adapter(model)
+    rng = random.Random(3)
+    for i, layer in enumerate(adapter.layers()):
+        apply_layer_plan(adapter, layer, random_plan(adapter, layer, rng))
+        if biases and i % 2 == 0:
+            add_refit_biases(adapter, layer, i)
+    assert len({tuple(adapter.layer_widths(l).values()) for l in adapter.layers()}) > 1
+    export = save_pruned(model, None, tmp_path)
+    assert export.format == "custom"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"].startswith("modeling_structprune.")
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert_same_model(model, remote, "trust_remote_code from_pretrained")
+    assert_same_model(model, load_pruned(tmp_path), "load_pruned (per-layer)")
+
+
+# -- the suite over the registry ---------------------------------------------------------------
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_keep_everything_changes_nothing(family):
+    check_keep_everything(FAMILIES[family])
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sliced_equals_masked(family, seed):
+    check_sliced_equals_masked(FAMILIES[family], seed)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_streamed_equals_full(family, tmp_path):
+    check_streamed_equals_full(FAMILIES[family], tmp_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_method_reaches_its_target(family, method):
+    check_method_reaches_target(FAMILIES[family], method)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_checkpoint_path_equals_in_memory(family, tmp_path):
+    check_checkpoint_path_equals_in_memory(FAMILIES[family], "structprune", tmp_path)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "opt"])  # stock OPT cannot drop heads
+def test_uniform_widths_export_a_stock_config(family, tmp_path):
+    check_uniform_export_is_stock(FAMILIES[family], tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_per_layer_widths_export_modeling_code(family, tmp_path):
+    check_per_layer_export(FAMILIES[family], tmp_path)
+
+
+# -- family specifics --------------------------------------------------------------------------
+
+def test_unknown_family_error_lists_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        get_adapter(model)
+    for t in ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "opt"):
+        assert t in str(err.value)
+    assert {"qwen3", "gemma2", "gemma3_text"} <= set(supported_model_types())
+
+
+def test_single_kv_head_keeps_its_group_and_prunes_query_heads():
+    """Gemma 3 with one KV head: the group always stays, query heads go, at least one is kept."""
+    model = FAMILIES["gemma3_text"]()
+    adapter = get_adapter(model)
+    shape = adapter.attention_shape(adapter.layers()[0])
+    assert shape.num_kv_heads == 1 and all(kv == 1 for kv, _ in shape.options())
+    prune(model, calib_ids(4, 16), config_for("wanda-sp", 0.5), device="cpu", progress=False)
+    for layer in adapter.layers():
+        w = adapter.layer_widths(layer)
+        assert w["kv_heads"] == 1 and 1 <= w["heads"] < shape.num_heads, w
+        assert layer.self_attn.num_key_value_groups == w["heads"]
+
+
+def test_gemma_sliding_layers_get_their_own_mask():
+    """The windows are longer than Gemma's sliding window, so a layer run with the other type's
+    mask (or Gemma 3's other rotary tables) would differ: capture keeps one set per type."""
+    from structprune.engine.capture import attention_type, layer_kwargs
+
+    for family in ("gemma2", "gemma3_text"):
+        model = FAMILIES[family]()
+        adapter = get_adapter(model)
+        inputs = capture_first_layer_inputs(model, adapter, calib_ids(2, 16), "cpu", batch_size=2)
+        sliding, full = adapter.layers()[0], adapter.layers()[1]
+        assert (attention_type(sliding), attention_type(full)) == ("sliding_attention", "full_attention")
+        kw = inputs.kwargs[0]
+        h = next(iter(inputs.hidden))
+        with torch.no_grad():
+            right = full(h, **layer_kwargs(full, kw))
+            wrong = full(h, **layer_kwargs(sliding, kw))
+        assert (right - wrong).abs().max() > 1e-3, family
+
+
+def test_gemma2_final_softcap_is_part_of_the_head():
+    model = FAMILIES["gemma2"]()
+    adapter = get_adapter(model)
+    ids = calib_ids(2, 16)
+    out = logits(model, ids)
+    assert out.abs().max() <= model.config.final_logit_softcapping
+    max_diff(out, streamed_logits(model, ids), "gemma2 streamed with soft-capping")
