@@ -38,6 +38,15 @@ def _named_tensors(model: nn.Module):
                 yield mod_name, mod, attr, b, False
 
 
+def _replace_data(p: nn.Parameter, data: torch.Tensor) -> None:
+    """Give ``p`` new data in place, so tied parameters stay one object: ``.data`` where the tensor
+    types allow it (CPU <-> GPU), else swapping the objects' contents (to or from ``meta``)."""
+    try:
+        p.data = data
+    except RuntimeError:
+        torch.utils.swap_tensors(p, nn.Parameter(data, requires_grad=p.requires_grad))
+
+
 def _join(mod_name: str, attr: str) -> str:
     return f"{mod_name}.{attr}" if mod_name else attr
 
@@ -103,7 +112,7 @@ class ModelState:
                     continue
                 moved = t.data.to(rec.device, rec.dtype if t.is_floating_point() else t.dtype)
                 if is_param:
-                    t.data = moved  # in place: tied parameters stay one object
+                    _replace_data(t, moved)
                 else:
                     mod._buffers[attr] = done[id(t)] = moved
             if is_param:
