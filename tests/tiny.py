@@ -119,6 +119,43 @@ def tiny_gemma3_text(layers: int = 3, seed: int = 0) -> Gemma3ForCausalLM:
     return _init(Gemma3ForCausalLM(cfg))
 
 
+def tiny_phi3(layers: int = 3, seed: int = 0):
+    """Phi-3: fused qkv_proj (6 heads / 2 KV heads of 8) and gate_up_proj (intermediate 37)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=37, num_hidden_layers=layers,
+                     num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                     original_max_position_embeddings=128, sliding_window=None, tie_word_embeddings=False,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _init(Phi3ForCausalLM(cfg))
+
+
+def tiny_mixtral(layers: int = 3, seed: int = 0):
+    """Mixtral: 3 experts of 40 channels (grouped_mm needs 16-byte rows), 2 per token; Mistral
+    attention 6 heads / 2 KV heads."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=layers,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                        num_local_experts=3, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False)
+    return _init(MixtralForCausalLM(cfg))
+
+
+def tiny_qwen2_moe(layers: int = 3, seed: int = 0):
+    """Qwen2-MoE: 3 experts of 40 channels (2 per token, unnormalised weights) and a gated shared
+    expert of 29; Qwen2 attention (q/k/v biases) 6 heads / 3 KV heads."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=41, moe_intermediate_size=40,
+                         shared_expert_intermediate_size=29, num_hidden_layers=layers, num_attention_heads=6,
+                         num_key_value_heads=3, max_position_embeddings=128, num_experts=3, num_experts_per_tok=2,
+                         norm_topk_prob=False, tie_word_embeddings=False)
+    return _init(Qwen2MoeForCausalLM(cfg))
+
+
 # name -> factory. Another family registers here with one line (its factory beside the others).
 FAMILIES = {
     "llama": tiny_llama,
@@ -130,6 +167,9 @@ FAMILIES = {
     "qwen3": tiny_qwen3,
     "gemma2": tiny_gemma2,
     "gemma3_text": tiny_gemma3_text,
+    "phi3": tiny_phi3,
+    "mixtral": tiny_mixtral,
+    "qwen2_moe": tiny_qwen2_moe,
 }
 
 

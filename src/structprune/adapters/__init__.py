@@ -8,9 +8,11 @@ from ..errors import UnsupportedArchitectureError
 from .base import Adapter, AttentionShape, LayerPlan, MLPShape, count_params
 from .gemma import GemmaAdapter
 from .llama import LlamaAdapter
+from .moe import MoEAdapter
 from .opt import OPTAdapter
+from .phi3 import Phi3Adapter
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, OPTAdapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, OPTAdapter, Phi3Adapter, MoEAdapter]
 
 
 def supported_model_types() -> list[str]:
@@ -32,5 +34,5 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 __all__ = [
     "Adapter", "AttentionShape", "LayerPlan", "MLPShape", "count_params",
-    "GemmaAdapter", "LlamaAdapter", "OPTAdapter", "get_adapter", "supported_model_types",
+    "GemmaAdapter", "LlamaAdapter", "MoEAdapter", "OPTAdapter", "Phi3Adapter", "get_adapter", "supported_model_types",
 ]

@@ -8,11 +8,14 @@ streaming loop, scorers, solvers) is family-agnostic.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .parts import LinearMLPPart, MLPPart
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,40 @@ class MLPShape:
     hidden_size: int
     gated: bool  # SwiGLU (gate, up, down) vs a plain fc1 -> act -> fc2
     bias: bool  # bias on the input projection(s)
+    #: channels of each MLP part (one per expert, then a shared expert); () for a single dense MLP
+    parts: tuple[int, ...] = ()
+    #: the first ``tied`` parts always keep the same width (routed experts share one 3D tensor)
+    tied: int = 0
+    #: widths of tied parts are multiples of this (16-byte rows for transformers' grouped_mm kernel)
+    tied_multiple: int = 1
+
+    def part_multiple(self, i: int, multiple: int) -> int:
+        """Width granularity of part ``i`` under ``mlp_multiple``."""
+        return math.lcm(multiple, self.tied_multiple) if i < self.tied else multiple
+
+    def step_channels(self, multiple: int) -> int:
+        """The smallest change of the layer's kept channels: one multiple, or one per tied expert."""
+        return self.tied * self.part_multiple(0, multiple) if self.tied > 1 else multiple
+
+    def min_channels(self, multiple: int = 1) -> int:
+        """The fewest channels the layer can keep: one multiple in every part."""
+        return sum(min(self.part_multiple(i, multiple), n) for i, n in enumerate(self.sizes))
+
+    def split(self, channels: float, multiple: int = 1) -> tuple[int, ...]:
+        """Per-part widths keeping the same fraction ``channels / self.channels`` of every part
+        (tied parts equal), each a legal multiple and at least one multiple."""
+        frac = channels / self.channels
+        out = []
+        for i, n in enumerate(self.sizes):
+            m = self.part_multiple(i, multiple)
+            k = int(round(frac * n / m)) * m
+            out.append(max(min(k, n), min(m, n), 1))
+        return tuple(out)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Channels of every part (``(channels,)`` for a dense MLP)."""
+        return self.parts or (self.channels,)
 
     @property
     def cost_per_channel(self) -> int:
@@ -127,24 +164,82 @@ class Adapter:
         raise NotImplementedError
 
     def mlp_shape(self, layer: nn.Module) -> MLPShape:
-        (ins, out) = self.mlp_linears(layer)
+        parts = self.mlp_parts(layer)
+        first = parts[0]
+        sizes = tuple(p.size for p in parts)
         return MLPShape(
-            channels=out.in_features,
-            hidden_size=out.out_features,
-            gated=len(ins) == 2,
-            bias=ins[0].bias is not None,
+            channels=sum(sizes),
+            hidden_size=first.out_weight().shape[0],
+            gated=len(first.in_weights()) == 2,
+            bias=first.in_biases()[0] is not None,
+            parts=sizes if len(parts) > 1 else (),
+            tied=self.tied_parts(layer),
+            tied_multiple=self.tied_multiple,
         )
 
     def layer_widths(self, layer: nn.Module) -> dict:
         a = self.attention_shape(layer)
-        return {"heads": a.num_heads, "kv_heads": a.num_kv_heads, "mlp": self.mlp_shape(layer).channels}
+        m = self.mlp_shape(layer)
+        w = {"heads": a.num_heads, "kv_heads": a.num_kv_heads, "mlp": m.channels}
+        if m.parts:
+            w["mlp_parts"] = list(m.parts)
+        return w
+
+    # -- MLP parts (one dense MLP, or experts): see adapters/parts.py ------------------------
+    def mlp_parts(self, layer: nn.Module) -> list[MLPPart]:
+        """The layer's MLP modules whose channels are structures, in layer channel order.
+
+        Rebuilt on every call: cuts replace the parameters a part views."""
+        ins, out = self.mlp_linears(layer)
+        return [LinearMLPPart([(lin, [0]) for lin in ins], out)]
+
+    #: granularity of tied parts' widths (see :class:`MLPShape`)
+    tied_multiple: int = 1
+
+    def tied_parts(self, layer: nn.Module) -> int:
+        """How many leading parts must keep the same width (0: every part is free)."""
+        return 0
+
+    def mlp_output_module(self, layer: nn.Module) -> nn.Module:
+        """The module whose forward output is the MLP's whole contribution to the residual stream."""
+        return self.mlp_linears(layer)[1]
+
+    def cut_mlp(self, layer: nn.Module, keeps: list[torch.Tensor]) -> None:
+        """Cut every part to its kept local channel indices (sorted)."""
+        for part, keep in zip(self.mlp_parts(layer), keeps):
+            part.keep(keep)
+
+    def register_mlp_capture(self, layer: nn.Module, emit: Callable) -> list:
+        """Hooks calling ``emit(part, z=..., x=...)`` with each part's inner activations ``z``
+        ([tokens, n], weighted as the forward weights them) and its inputs ``x`` ([tokens, d]);
+        returns the hook handles. ``z`` and ``x`` may come in separate calls; every call with
+        ``z`` covers all tokens of the chunk (zeros where a part is not used)."""
+        handles = []
+        for i, part in enumerate(self.mlp_parts(layer)):
+            first = part.ins[0][0]
+            handles.append(part.out.register_forward_pre_hook(lambda m, a, i=i: emit(i, z=a[0])))
+            handles.append(first.register_forward_pre_hook(lambda m, a, i=i: emit(i, x=a[0])))
+        return handles
+
+    # -- attention rows (fused q/k/v: Phi-3) ----------------------------------------------
+    def qkv_weights(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[rows, d]`` views of the q, k and v projections' weights."""
+        (q, k, v), _ = self.attn_linears(layer)
+        return q.weight, k.weight, v.weight
+
+    def attn_input_rows(self, layer: nn.Module, q_rows: torch.Tensor,
+                        kv_rows: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
+        """``(linear, rows to keep)`` for every attention input projection, given kept q and k/v rows."""
+        (q, k, v), _ = self.attn_linears(layer)
+        return [(q, q_rows), (k, kv_rows), (v, kv_rows)]
 
     # -- cutting --------------------------------------------------------------------------
     def set_attention_heads(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         """Update the attention module's bookkeeping after its projections were sliced."""
         raise NotImplementedError
 
-    def prunable_linears(self, layer: nn.Module) -> list[nn.Linear]:
+    def prunable_linears(self, layer: nn.Module) -> list[nn.Module]:
+        """The modules whose parameters sparsity counts (projections; experts modules for MoE)."""
         qkv, o = self.attn_linears(layer)
         ins, out = self.mlp_linears(layer)
         return [*qkv, o, *ins, out]

@@ -22,26 +22,29 @@ from .widths import LayerWidths, widths_for_budget
 log = logging.getLogger(__name__)
 
 
-def _linear_inputs(adapter: Adapter, layer, stats):
-    """Each prunable linear with the L2 norms of its input features over the calibration tokens."""
+def _weight_inputs(adapter: Adapter, layer, stats):
+    """Each prunable weight matrix with the L2 norms of its input features over the calibration
+    tokens (an expert's inputs: the tokens routed to it)."""
     qkv, o = adapter.attn_linears(layer)
-    ins, out = adapter.mlp_linears(layer)
     a, m = stats["attn"], stats["mlp"]
-    return [(lin, a.xnorm) for lin in qkv] + [(o, a.norm)] + [(lin, m.xnorm) for lin in ins] + [(out, m.norm)]
+    pairs = [(lin.weight, a.xnorm) for lin in qkv] + [(o.weight, a.norm)]
+    part_stats = m.parts or [m]
+    for part, st in zip(adapter.mlp_parts(layer), part_stats):
+        pairs += [(w, st.xnorm) for w in part.in_weights()] + [(part.out_weight(), st.norm)]
+    return pairs
 
 
 @torch.no_grad()
 def outlier_ratio(adapter: Adapter, layer, stats, m: float = 5.0) -> float:
     """Fraction of the layer's ``|W| * ||x||`` entries above ``m`` times their mean (OWL's ``D_l``)."""
-    pairs = _linear_inputs(adapter, layer, stats)
+    pairs = _weight_inputs(adapter, layer, stats)
     # Two passes (mean, then count) instead of one concatenation: a 7B layer has 200M entries.
     total, n = 0.0, 0
-    for lin, xn in pairs:
-        total += (lin.weight.float().abs() * xn.to(lin.weight.device)[None, :]).sum().item()
-        n += lin.weight.numel()
+    for w, xn in pairs:
+        total += (w.float().abs() * xn.to(w.device)[None, :]).sum().item()
+        n += w.numel()
     thr = m * total / n
-    above = sum(int(((lin.weight.float().abs() * xn.to(lin.weight.device)[None, :]) > thr).sum())
-                for lin, xn in pairs)
+    above = sum(int(((w.float().abs() * xn.to(w.device)[None, :]) > thr).sum()) for w, xn in pairs)
     return above / n
 
 
@@ -74,7 +77,7 @@ def owl_widths(shapes: Shapes, ratios: list[float], sparsity: float, lam: float 
     r = owl_retention(ratios, sparsity, lam)
     b = r * full
     b = b * budget / b.sum()  # layers of unequal size: rescale so the budget holds
-    lo = torch.tensor([float(a.cost(1, 1) + m.cost_per_channel * min(multiple, m.channels)) for a, m in shapes],
+    lo = torch.tensor([float(a.cost(1, 1) + m.cost_per_channel * m.min_channels(multiple)) for a, m in shapes],
                       dtype=torch.float64)
     b = _clip_budgets(b, lo, full, budget)
     ws = [widths_for_budget(a, m, float(bi / fi), float(bi), multiple) for (a, m), bi, fi in zip(shapes, b, full)]

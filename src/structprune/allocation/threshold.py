@@ -15,7 +15,7 @@ import logging
 import torch
 
 from ..adapters.base import AttentionShape, MLPShape
-from .widths import LayerWidths, layer_cost, widths_for_budget
+from .widths import LayerWidths, layer_cost, moved, widths_for_budget
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +83,19 @@ def fit_budget(shapes: Shapes, widths: list[LayerWidths], budget: float, multipl
     moves by more than a few channels.
     """
     ws = list(widths)
-
-    def step(i: int) -> int:
-        return min(multiple, shapes[i][1].channels)
-
     total = sum(layer_cost(a, m, w) for (a, m), w in zip(shapes, ws))
     i, stuck = 0, 0
     while stuck < len(ws):
         attn, mlp = shapes[i]
         w = ws[i]
-        d = step(i) * mlp.cost_per_channel
-        if total < budget and w.channels + step(i) <= mlp.channels and abs(total + d - budget) < abs(total - budget):
-            ws[i] = LayerWidths(w.kv_heads, w.per_group, w.channels + step(i))
+        up = moved(mlp, w, 1, multiple) if total < budget else None
+        down = moved(mlp, w, -1, multiple) if total > budget else None
+        nxt = up or down
+        if nxt is not None:
+            d = (nxt.channels - w.channels) * mlp.cost_per_channel
+        if nxt is not None and abs(total + d - budget) < abs(total - budget):
+            ws[i] = nxt
             total, stuck = total + d, 0
-        elif total > budget and w.channels - step(i) >= step(i) and abs(total - d - budget) < abs(total - budget):
-            ws[i] = LayerWidths(w.kv_heads, w.per_group, w.channels - step(i))
-            total, stuck = total - d, 0
         else:
             stuck += 1
         i = (i + 1) % len(ws)

@@ -14,16 +14,49 @@ from ..adapters.base import AttentionShape, MLPShape
 
 @dataclass(frozen=True)
 class LayerWidths:
+    """Kept widths of one layer; ``parts``: kept channels of each MLP part (experts), else None."""
+
     kv_heads: int
     per_group: int
     channels: int
+    parts: tuple[int, ...] | None = None
 
     @property
     def heads(self) -> int:
         return self.kv_heads * self.per_group
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.parts is None:
+            d.pop("parts")
+        else:
+            d["parts"] = list(self.parts)
+        return d
+
+
+def mlp_widths(mlp: MLPShape, kv_heads: int, per_group: int, channels: float, multiple: int = 1) -> LayerWidths:
+    """Widths keeping about ``channels`` MLP channels: rounded to ``multiple``, or, with several
+    parts (experts), the same fraction of every part (see :meth:`MLPShape.split`)."""
+    if not mlp.parts:
+        return LayerWidths(kv_heads, per_group, round_channels(channels, mlp.channels, multiple))
+    parts = mlp.split(channels, multiple)
+    return LayerWidths(kv_heads, per_group, sum(parts), parts)
+
+
+def moved(mlp: MLPShape, w: LayerWidths, sign: int, multiple: int = 1) -> LayerWidths | None:
+    """``w`` with one MLP step (:meth:`MLPShape.step_channels`) more (``sign=1``) or fewer kept,
+    or None where no legal step is left. Several parts: the tied experts move together."""
+    if not mlp.parts:
+        step = min(multiple, mlp.channels)
+        c = w.channels + sign * step
+        return LayerWidths(w.kv_heads, w.per_group, c) if step <= c <= mlp.channels else None
+    parts = list(w.parts)
+    for i in range(max(mlp.tied, 1)):
+        m = mlp.part_multiple(i, multiple)
+        parts[i] += sign * m
+        if not min(m, mlp.sizes[i]) <= parts[i] <= mlp.sizes[i]:
+            return None
+    return LayerWidths(w.kv_heads, w.per_group, sum(parts), tuple(parts))
 
 
 def layer_cost(attn: AttentionShape, mlp: MLPShape, w: LayerWidths) -> int:
@@ -48,7 +81,7 @@ def widths_for_budget(attn: AttentionShape, mlp: MLPShape, attn_keep_frac: float
     """Widths of one layer: attention nearest ``attn_keep_frac`` of its cost, MLP fills ``budget``."""
     g, m = nearest_attention_option(attn, attn_keep_frac * attn.cost(attn.num_kv_heads, attn.group_size))
     rest = budget - attn.cost(g, m)
-    return LayerWidths(g, m, round_channels(rest / mlp.cost_per_channel, mlp.channels, multiple))
+    return mlp_widths(mlp, g, m, rest / mlp.cost_per_channel, multiple)
 
 
 def uniform_widths(shapes: list[tuple[AttentionShape, MLPShape]], sparsity: float,

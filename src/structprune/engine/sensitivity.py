@@ -162,7 +162,7 @@ def _close_all(boundaries: dict[int, LayerInputs]) -> None:
 
 def _layer_backward(adapter: Adapter, layer, inputs: LayerInputs, grads: list[torch.Tensor], device):
     _, o = adapter.attn_linears(layer)
-    _, down = adapter.mlp_linears(layer)
+    down = adapter.mlp_output_module(layer)  # down_proj, or an MoE block (every expert's output)
     acc = {"attn": 0.0, "mlp": 0.0}
     count = 0
     captured = {}

@@ -29,6 +29,18 @@ class ModuleStats:
     zsq: torch.Tensor  # [n] sum of z^2 (diag of gram, kept even when gram is off)
     xsq: torch.Tensor  # [d] sum of x^2 over tokens
     count: int = 0
+    #: per MLP part (experts), when the module has more than one; the fields above then hold the
+    #: concatenation over parts (``gram`` None: solvers use each part's)
+    parts: list["ModuleStats"] | None = None
+
+    @classmethod
+    def concat(cls, parts: list["ModuleStats"]) -> "ModuleStats":
+        """One module's view of several parts: per-channel vectors concatenated in part order.
+
+        Every part counts every token (zeros where an expert was not routed), so counts agree;
+        ``xsq`` is the first part's (each part's own inputs are in ``parts``)."""
+        return cls(gram=None, zsum=torch.cat([p.zsum for p in parts]), zsq=torch.cat([p.zsq for p in parts]),
+                   xsq=parts[0].xsq, count=parts[0].count, parts=parts)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -71,23 +83,42 @@ class _Accumulator:
                 zsum=torch.zeros(n, **f), zsq=torch.zeros(n, **f), xsq=torch.zeros(d, **f))
         return self.stats[name]
 
+    def add_z(self, name: str, z: torch.Tensor, d: int, count: int | None = None) -> None:
+        """Add inner activations ``z``; ``count`` tokens (default: ``z``'s rows; more when the rows
+        left out are zeros, e.g. tokens not routed to an expert)."""
+        z = z.detach().reshape(-1, z.shape[-1]).float()  # [tokens, n]
+        s = self._get(name, z.shape[1], d, z.device)
+        if s.gram is not None:
+            s.gram.addmm_(z.T, z)
+        s.zsum += z.sum(0)
+        s.zsq += (z * z).sum(0)
+        s.count += z.shape[0] if count is None else count
+
+    def add_x(self, name: str, x: torch.Tensor, n: int) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        s = self._get(name, n, x.shape[1], x.device)
+        s.xsq += (x * x).sum(0)
+
     def z_hook(self, name: str, d: int):
         def hook(module, args):
-            z = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, n]
-            s = self._get(name, z.shape[1], d, z.device)
-            if s.gram is not None:
-                s.gram.addmm_(z.T, z)
-            s.zsum += z.sum(0)
-            s.zsq += (z * z).sum(0)
-            s.count += z.shape[0]
+            self.add_z(name, args[0], d)
         return hook
 
     def x_hook(self, name: str, n: int):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            s = self._get(name, n, x.shape[1], x.device)
-            s.xsq += (x * x).sum(0)
+            self.add_x(name, args[0], n)
         return hook
+
+    def part_emitter(self, sizes: list[int], d: int):
+        """``emit(part, z=, x=, count=)`` for :meth:`Adapter.register_mlp_capture`: stats under
+        ``"mlp"`` for one part, ``"mlp.<i>"`` for several."""
+        def emit(i, z=None, x=None, count=None):
+            name = "mlp" if len(sizes) == 1 else f"mlp.{i}"
+            if z is not None:
+                self.add_z(name, z, d, count)
+            if x is not None:
+                self.add_x(name, x, sizes[i])
+        return emit
 
 
 def collect_stats(adapter: Adapter, layer, inputs: LayerInputs, device, modules=MODULES,
@@ -95,10 +126,17 @@ def collect_stats(adapter: Adapter, layer, inputs: LayerInputs, device, modules=
     """Run ``layer`` over ``inputs`` and return ``{module: ModuleStats}`` (and the outputs)."""
     acc = _Accumulator(gram=gram)
     handles = []
+    sizes = []
     for name in modules:
-        ins, out = adapter.attn_linears(layer) if name == "attn" else adapter.mlp_linears(layer)
-        handles.append(out.register_forward_pre_hook(acc.z_hook(name, ins[0].in_features)))
-        handles.append(ins[0].register_forward_pre_hook(acc.x_hook(name, out.in_features)))
+        if name == "attn":
+            ins, out = adapter.attn_linears(layer)
+            handles.append(out.register_forward_pre_hook(acc.z_hook(name, ins[0].in_features)))
+            handles.append(ins[0].register_forward_pre_hook(acc.x_hook(name, out.in_features)))
+        else:  # one or more MLP parts (experts), captured by the adapter
+            parts = adapter.mlp_parts(layer)
+            sizes = [p.size for p in parts]
+            d = parts[0].in_weights()[0].shape[1]
+            handles += adapter.register_mlp_capture(layer, acc.part_emitter(sizes, d))
     try:
         outputs = run_layer(layer, inputs, device)
     finally:
@@ -106,4 +144,7 @@ def collect_stats(adapter: Adapter, layer, inputs: LayerInputs, device, modules=
             h.remove()
     for name, s in acc.stats.items():
         s.check_finite(f"{where} {name}")
-    return (acc.stats, outputs) if return_outputs else acc.stats
+    stats = acc.stats
+    if len(sizes) > 1:  # the adapter emits every part on every chunk (an unrouted expert: zero rows)
+        stats["mlp"] = ModuleStats.concat([stats.pop(f"mlp.{i}") for i in range(len(sizes))])
+    return (stats, outputs) if return_outputs else stats

@@ -35,6 +35,7 @@ from ..adapters import get_adapter
 from ..errors import StructPruneError
 from ..files import apply_umask
 from ..provenance import file_sha256
+from . import fused_moe
 from .modeling import modeling_structprune as modeling
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ MODELING_FILE = Path(modeling.__file__)
 EXPORT_FORMAT_VERSION = 2
 # Config keys that describe the in-memory object, not the exported model.
 _DROP_KEYS = ("architectures", "auto_map", "transformers_version", "model_type", "structprune",
-              "structprune_base_model_type", "_name_or_path", *modeling.PER_LAYER_KEYS)
+              "structprune_base_model_type", "_name_or_path", *modeling.PER_LAYER_KEYS, *fused_moe.EXTRA_PER_LAYER_KEYS)
 # Qwen2 / Mistral keys that only matter with sliding-window attention (dropped when
 # such a model is written as a stock LLaMA config, which it then equals exactly).
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
@@ -128,12 +129,12 @@ def layer_layouts(model) -> list[dict]:
     adapter = get_adapter(model)
     out = []
     for layer in adapter.layers():
-        (q, _, _), o = adapter.attn_linears(layer)
-        ins, down = adapter.mlp_linears(layer)
+        (q, *_), o = adapter.attn_linears(layer)  # q: the first input projection (Phi-3: fused qkv_proj)
+        part = adapter.mlp_parts(layer)[0]  # experts share one layout; only dense parts take refit biases
         w = adapter.layer_widths(layer)
         out.append({**w, "head_dim": adapter.attention_shape(layer).head_dim, "qkv_bias": q.bias is not None,
-                    "o_bias": o.bias is not None, "mlp_in_bias": ins[0].bias is not None,
-                    "mlp_out_bias": down.bias is not None})
+                    "o_bias": o.bias is not None, "mlp_in_bias": part.in_biases()[0] is not None,
+                    "mlp_out_bias": part.out_bias() is not None})
     return out
 
 
@@ -216,6 +217,15 @@ def _stock_config(model, lay: list[dict]) -> tuple[ExportConfig | None, str]:
         d.update(num_attention_heads=heads, ffn_dim=inter, enable_bias=any(biases))
         fills = _opt_zero_biases(model, lay) if any(biases) and not all(biases) else {}
         return ExportConfig(_make_config("opt", d), "stock", "uniform widths", fills), ""
+    if base in fused_moe.FAMILIES:  # Phi-3, Mixtral, Qwen2-MoE (export/fused_moe.py)
+        fields, why = fused_moe.stock_fields(model.config, base, first)
+        if fields is None:
+            return None, why
+        d.update(fields)
+        try:
+            return ExportConfig(_make_config(base, d), "stock", "uniform widths"), ""
+        except Exception as exc:  # transformers' config validation
+            return None, f"stock {base} config rejects these widths ({str(exc).strip().splitlines()[-1].strip()})"
 
     d.update(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter, head_dim=dh)
     target = base
@@ -302,6 +312,8 @@ def _custom_config(model, lay: list[dict], reason: str) -> ExportConfig:
         layer_mlp_out_bias=[l["mlp_out_bias"] for l in lay],
         structprune_base_model_type=base,
     )
+    if base in fused_moe.FAMILIES:  # expert widths instead of the layer's total MLP channels
+        d.update(fused_moe.per_layer_fields(model.config, base, lay))
     config = config_cls(**d)
     config.auto_map = {"AutoConfig": f"{MODELING_FILE.stem}.{config_cls.__name__}",
                        "AutoModelForCausalLM": f"{MODELING_FILE.stem}.{model_cls.__name__}"}
@@ -368,7 +380,8 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report: dict | Non
     out.mkdir(parents=True, exist_ok=True)
     export = export_config(model)
     log.info("exporting a %s %s config (%s)", export.format, export.config.model_type, export.reason)
-    model.save_pretrained(out, state_dict=_state_dict(model, export.zero_biases), max_shard_size=max_shard_size)
+    model.save_pretrained(out, state_dict=_state_dict(model, export.zero_biases), max_shard_size=max_shard_size,
+                          **fused_moe.save_kwargs(model, base_model_type(model)))
     write_export_files(export, base_model_type(model), out, tokenizer, report=report, plans=plans)
     return export
 

@@ -5,10 +5,10 @@ where ``stats`` are the layer's :class:`~structprune.engine.ModuleStats`.
 """
 
 from .basic import SCORERS as _BASIC
-from .basic import magnitude_sp, per_head, wanda_sp
+from .basic import magnitude_sp, mlp_column_sums, per_head, wanda_sp
 from .flap import flap_keys, fluctuation, fluctuation_channels, standardise
 
 SCORERS = {**_BASIC, "flap": fluctuation}
 
-__all__ = ["SCORERS", "magnitude_sp", "per_head", "wanda_sp", "flap_keys", "fluctuation", "fluctuation_channels",
+__all__ = ["SCORERS", "magnitude_sp", "mlp_column_sums", "per_head", "wanda_sp", "flap_keys", "fluctuation", "fluctuation_channels",
            "standardise"]

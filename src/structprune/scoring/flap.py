@@ -13,15 +13,14 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapter
-from .basic import per_head
+from .basic import mlp_column_sums, per_head
 
 
 def fluctuation_channels(adapter: Adapter, layer, stats) -> dict[str, torch.Tensor]:
     """Per-channel fluctuation of both modules: ``{"attn": [H*dh], "mlp": [n]}`` (on CPU)."""
     _, o = adapter.attn_linears(layer)
-    _, out = adapter.mlp_linears(layer)
     attn = stats["attn"].variance.cpu() * o.weight.float().pow(2).sum(0).cpu()
-    mlp = stats["mlp"].variance.cpu() * out.weight.float().pow(2).sum(0).cpu()
+    mlp = stats["mlp"].variance.cpu() * mlp_column_sums(adapter, layer, 2)
     return {"attn": attn, "mlp": mlp}
 
 

@@ -23,6 +23,7 @@ import logging
 import torch
 
 from ..adapters.base import LayerPlan
+from ..adapters.parts import split_channels
 from ..scoring import flap_keys, fluctuation
 from ..surgery import apply_layer_plan, head_rows, set_output_projection
 from .local import allocate_widths
@@ -33,10 +34,13 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def mean_compensation(linear, mean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``W[:, removed] @ mean[removed]``: what the removed inputs added on average ([d], float32)."""
-    removed = torch.ones(linear.in_features, dtype=torch.bool, device=linear.weight.device)
+    """``W[:, removed] @ mean[removed]``: what the removed inputs added on average ([d], float32).
+
+    ``linear``: an ``nn.Linear`` or its ``[d, n]`` weight (an MLP part's output projection)."""
+    weight = linear if isinstance(linear, torch.Tensor) else linear.weight
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
     removed[keep.to(removed.device)] = False
-    w = linear.weight.float()[:, removed]
+    w = weight.float()[:, removed]
     return w @ mean.to(w.device)[removed]
 
 
@@ -45,13 +49,20 @@ def cut_with_bias_compensation(adapter, layer, plan: LayerPlan, stats) -> None:
     """Apply ``plan`` and fold the removed structures' mean output into each output projection's bias."""
     shape = adapter.attention_shape(layer)
     _, o = adapter.attn_linears(layer)
-    _, out = adapter.mlp_linears(layer)
     comp_o = mean_compensation(o, stats["attn"].mean, head_rows(plan.heads, shape.head_dim))
-    comp_out = mean_compensation(out, stats["mlp"].mean, torch.as_tensor(plan.channels, dtype=torch.long))
+    parts = adapter.mlp_parts(layer)
+    sizes = [p.size for p in parts]
+    means = stats["mlp"].mean.split(sizes)
+    # Parts whose output cannot hold a bias (experts, Qwen2-MoE's gated shared expert) go uncompensated.
+    comps = [mean_compensation(p.out_weight(), m, keep) if p.bias_ok else None
+             for p, m, keep in zip(parts, means, split_channels(plan.channels, sizes))]
     apply_layer_plan(adapter, layer, plan)
-    for lin, comp in ((o, comp_o), (out, comp_out)):
-        bias = comp if lin.bias is None else lin.bias.float() + comp.to(lin.bias.device)
-        set_output_projection(lin, lin.weight, bias)
+    bias = comp_o if o.bias is None else o.bias.float() + comp_o.to(o.bias.device)
+    set_output_projection(o, o.weight, bias)
+    for part, comp in zip(adapter.mlp_parts(layer), comps):
+        if comp is not None:
+            b = part.out_bias()
+            part.set_output(part.out_weight(), comp if b is None else b.float() + comp.to(b.device))
 
 
 def prune_flap(run) -> list[LayerPlan]:
@@ -61,7 +72,8 @@ def prune_flap(run) -> list[LayerPlan]:
     for ctx in run.stream(desc="flap", cuts=True):
         stats = ctx.collect(gram=False)
         scores = fluctuation(run.adapter, ctx.layer, stats)
-        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores, widths[ctx.index])
+        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores, widths[ctx.index],
+                           run.adapter.mlp_shape(ctx.layer))
         cut_with_bias_compensation(run.adapter, ctx.layer, plan, stats)
         plans.append(plan)
     return plans

@@ -68,13 +68,16 @@ def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "fi
         raise StructPruneError(f"unknown global score {kind!r}: use taylor or fisher")
     home = next(model.parameters()).device
     layers = list(adapter.layers())
-    outs = [(adapter.attn_linears(l)[1], adapter.mlp_linears(l)[1]) for l in layers]
+    # (o_proj, MLP parts): a part's output weight may be a view into a 3D experts parameter.
+    outs = [(adapter.attn_linears(l)[1], adapter.mlp_parts(l)) for l in layers]
     dh = [adapter.attention_shape(l).head_dim for l in layers]
     acc = [{"attn": torch.zeros(o.in_features // h, dtype=torch.float64, device="cpu"),  # CPU accumulators
-            "mlp": torch.zeros(d.in_features, dtype=torch.float64, device="cpu")} for (o, d), h in zip(outs, dh)]
-    model.to(device)
+            "mlp": torch.zeros(sum(p.size for p in parts), dtype=torch.float64, device="cpu")}
+           for (o, parts), h in zip(outs, dh)]
+    params = list({id(p): p for o, parts in outs for p in [o.weight, *(q.out_parameter() for q in parts)]}.values())
+    model.to(device)  # in place: the parts' parameters stay the model's
     try:
-        with grads_only_for(model, [lin.weight for pair in outs for lin in pair]), torch.enable_grad():
+        with grads_only_for(model, params), torch.enable_grad():
             for i in tqdm(range(calib.shape[0]), desc="global backprop", disable=not progress):
                 ids = calib[i:i + 1].to(device)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -91,12 +94,16 @@ def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "fi
 
 def _accumulate(acc, outs, dh, kind: str) -> None:
     """Add this window's per-structure mask gradients ``sum g*W`` (|.| or squared) and drop the grads."""
-    for a, pair, h in zip(acc, outs, dh):
-        for name, lin in zip(("attn", "mlp"), pair):
-            g = (lin.weight.grad.float() * lin.weight.float()).sum(0).double().cpu()  # [n] columns
-            g = per_head(g, h) if name == "attn" else g  # a head's mask covers all its columns
-            lin.weight.grad = None
-            a[name] += g.abs() if kind == "taylor" else g * g
+    for a, (o, parts), h in zip(acc, outs, dh):
+        g = per_head((o.weight.grad.float() * o.weight.float()).sum(0).double().cpu(), h)  # a head's mask: its columns
+        a["attn"] += g.abs() if kind == "taylor" else g * g
+        g = torch.cat([(p.out_view(p.out_parameter().grad).float() * p.out_weight().float()).sum(0).double().cpu()
+                       for p in parts])  # [n] columns, every part
+        a["mlp"] += g.abs() if kind == "taylor" else g * g
+    for o, parts in outs:
+        o.weight.grad = None
+        for p in parts:
+            p.out_parameter().grad = None
 
 
 def prune_global(run) -> list[LayerPlan]:
@@ -114,7 +121,8 @@ def prune_global(run) -> list[LayerPlan]:
                     "widths": [w.to_dict() for w in widths]})
     plans = []
     for ctx in run.stream(desc="global refit", cuts=True):
-        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores[ctx.index], widths[ctx.index])
+        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores[ctx.index], widths[ctx.index],
+                           run.adapter.mlp_shape(ctx.layer))
         refit_layer(run, ctx, plan)
         plans.append(plan)
     return plans

@@ -15,11 +15,13 @@ import logging
 import torch
 
 from ..adapters.base import LayerPlan
+from ..adapters.parts import split_channels
 from ..allocation import cost_normalised, outlier_ratio, owl_widths, threshold_widths, uniform_widths
 from ..errors import StructPruneError
 from ..scoring import SCORERS
 from ..surgery import apply_layer_plan, head_rows, set_output_projection
 from .obs import obs_prune_attention, obs_prune_mlp, refit
+from .parts import kept_after, part_block, parts_path, problems, refit_parts, set_part_outputs
 from .profile import profile_layers
 from .select import select_plan
 
@@ -77,7 +79,7 @@ def prune_local(run) -> list[LayerPlan]:
         passes = ((ctx.index, ctx.layer, ctx.collect(gram=False)) for ctx in run.stream(cfg.method, cuts=True))
     for i, layer, stats in passes:
         scores = scorer(run.adapter, layer, stats)
-        plan = select_plan(run.adapter.attention_shape(layer), scores, widths[i])
+        plan = select_plan(run.adapter.attention_shape(layer), scores, widths[i], run.adapter.mlp_shape(layer))
         apply_layer_plan(run.adapter, layer, plan)
         plans.append(plan)
     return plans
@@ -97,10 +99,15 @@ def cut_attention(adapter, layer, heads, kv_heads, weight, bias) -> None:
 
 
 def cut_mlp(adapter, layer, channels, weight, bias) -> None:
-    """Keep MLP ``channels`` (attention untouched) and set the refitted output projection."""
+    """Keep MLP ``channels`` of a single-part MLP (attention untouched) and set the refitted output projection."""
+    cut_mlp_parts(adapter, layer, channels, [(weight, bias)])
+
+
+def cut_mlp_parts(adapter, layer, channels, fits) -> None:
+    """Keep MLP ``channels`` (layer indices, every part) and set each part's refitted ``(W, bias)``."""
     a = adapter.attention_shape(layer)
     apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), list(channels)))
-    set_output_projection(adapter.mlp_linears(layer)[1], weight, bias)
+    set_part_outputs(adapter, layer, fits)
 
 
 def refit_layer(run, ctx, plan: LayerPlan) -> None:
@@ -114,11 +121,25 @@ def refit_layer(run, ctx, plan: LayerPlan) -> None:
                  fit_bias=cfg.refit_bias, damp=cfg.damp)
     cut_attention(adapter, layer, sorted(plan.heads), sorted(plan.kv_heads), w, b)
     st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
-    out = adapter.mlp_linears(layer)[1]
-    keep = torch.as_tensor(sorted(plan.channels), dtype=torch.long)
-    w, b = refit(st.gram, st.zsum, st.count, keep, W=out.weight.detach(), bias=_detached(out.bias),
-                 fit_bias=cfg.refit_bias, damp=cfg.damp)
-    cut_mlp(adapter, layer, keep.tolist(), w, b)
+    channels = sorted(plan.channels)
+    fits = refit_parts(adapter.mlp_parts(layer), st, channels, cfg.refit_bias, cfg.damp)  # one fit per part
+    cut_mlp_parts(adapter, layer, channels, fits)
+
+
+def obs_prune_parts(adapter, layer, stats, widths, cfg):
+    """Greedy OBS over an MLP's parts (experts) down to ``widths`` per part; returns
+    ``(kept layer channels, [(W_K, bias)] per part)`` with the OBS-updated weights."""
+    mshape = adapter.mlp_shape(layer)
+    parts = adapter.mlp_parts(layer)
+    probs = problems(parts, stats, cfg.refit_bias, cfg.damp)
+    blocks = [part_block(n, 64, mshape.part_multiple(i, cfg.mlp_multiple)) for i, n in enumerate(mshape.sizes)]
+    path = parts_path(probs, mshape, list(widths), blocks)
+    channels = kept_after(path, len(path.steps), mshape.channels)
+    fits = []
+    for prob, keep in zip(probs, split_channels(channels, mshape.sizes)):
+        Wn, b = prob.weights()
+        fits.append((Wn[:, keep.to(Wn.device)], b))
+    return channels, fits
 
 
 def prune_obs_local(run) -> list[LayerPlan]:
@@ -141,9 +162,14 @@ def prune_obs_local(run) -> list[LayerPlan]:
                                                    bias=_detached(o.bias), fit_bias=cfg.refit_bias, damp=cfg.damp)
         cut_attention(adapter, layer, heads, groups, wk, b)
         st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
-        out = adapter.mlp_linears(layer)[1]
-        channels, wk, b = obs_prune_mlp(out.weight.detach(), st.gram, st.zsum, st.count, w.channels,
-                                        bias=_detached(out.bias), fit_bias=cfg.refit_bias, damp=cfg.damp)
-        cut_mlp(adapter, layer, channels, wk, b)
+        if w.parts is None:
+            out = adapter.mlp_parts(layer)[0]
+            channels, wk, b = obs_prune_mlp(out.out_weight().detach(), st.gram, st.zsum, st.count, w.channels,
+                                            bias=_detached(out.out_bias()), fit_bias=cfg.refit_bias and out.bias_ok,
+                                            damp=cfg.damp)
+            cut_mlp(adapter, layer, channels, wk, b)
+        else:
+            channels, fits = obs_prune_parts(adapter, layer, st, w.parts, cfg)
+            cut_mlp_parts(adapter, layer, channels, fits)
         plans.append(LayerPlan(list(heads), list(groups), list(channels)))
     return plans

@@ -41,6 +41,8 @@ from ..engine.capture import layer_kwargs, run_layer, to_device
 from ..engine.sensitivity import module_sensitivities
 from ..surgery import apply_layer_plan, head_rows, set_output_projection
 from .obs import ModuleProblem, attention_path, channel_path, refit
+from .parts import kept_after, part_block, part_min_keep, parts_path, refit_parts, set_part_outputs
+from .parts import problems as part_problems
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class _TargetStats:
 def _capture_module_outputs(adapter, layer, inputs: LayerInputs, device):
     """Dense layer on dense inputs: per chunk, attention output, MLP output (CPU), layer output."""
     _, o = adapter.attn_linears(layer)
-    _, down = adapter.mlp_linears(layer)
+    down = adapter.mlp_output_module(layer)  # down_proj, or a whole MoE block
     attn_out, mlp_out = ActivationStore(), ActivationStore()  # RAM within the activation budget, disk beyond
     hs = [o.register_forward_hook(lambda m, a, y: attn_out.append(y.detach().cpu())),
           down.register_forward_hook(lambda m, a, y: mlp_out.append(y.detach().cpu()))]
@@ -105,7 +107,6 @@ def _target_stats(adapter, layer, module: str, pruned: LayerInputs, dense: Layer
     (dense module output plus the residual gap); the anchor is the dense module's output
     (``own=False``) or the module's own output on the pruned inputs (``own=True``)."""
     _, o = adapter.attn_linears(layer)
-    _, down = adapter.mlp_linears(layer)
     st, cur = _TargetStats(), {}
 
     def target(y_dense, gap, y_own):
@@ -127,7 +128,9 @@ def _target_stats(adapter, layer, module: str, pruned: LayerInputs, dense: Layer
             mid_p = pruned.hidden[c].to(device) + cur["attn_out"]
             st.add(a[0], target(y_mlp[c].to(device), mid_d - mid_p, y.detach()))
 
-    hs = [o.register_forward_hook(attn_post), down.register_forward_hook(mlp_post)]
+    hs = [o.register_forward_hook(attn_post)]
+    if module == "mlp":  # a single-part MLP: its down projection's input is z
+        hs.append(adapter.mlp_parts(layer)[0].out.register_forward_hook(mlp_post))
     try:
         with torch.no_grad():
             for c, (h, kw) in enumerate(zip(pruned.hidden, pruned.kwargs)):
@@ -175,6 +178,27 @@ def _block(n: int, cfg) -> int:
     return block
 
 
+def _parts_path(adapter, layer, stats, cfg, widths=None):
+    """The joint removal path of a multi-part MLP (experts) against each part's own output, down
+    to ``widths`` per part (uniform allocation) or to every part's ``r_min`` minimum."""
+    mshape = adapter.mlp_shape(layer)
+    probs = part_problems(adapter.mlp_parts(layer), stats, cfg.refit_bias, cfg.damp, dtype=torch.float32)
+    mults = [mshape.part_multiple(i, cfg.mlp_multiple) for i in range(len(mshape.sizes))]
+    floor = list(widths) if widths is not None else [part_min_keep(n, cfg.r_min, m) for n, m in zip(mshape.sizes, mults)]
+    blocks = [part_block(n, cfg.path_steps, m) for n, m in zip(mshape.sizes, mults)]
+    return parts_path(probs, mshape, floor, blocks)
+
+
+def _cut_mlp_parts(adapter, layer, path, k, stats, cfg):
+    """Cut a multi-part MLP to the first ``k`` steps of ``path``, each part refitted to its own output."""
+    channels = kept_after(path, k, adapter.mlp_shape(layer).channels)
+    fits = refit_parts(adapter.mlp_parts(layer), stats, channels, cfg.refit_bias, cfg.damp)
+    a = adapter.attention_shape(layer)
+    apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), channels))
+    set_part_outputs(adapter, layer, fits)
+    return channels
+
+
 def _menu(layer_idx, module, full_cost, path, weight) -> Menu:
     return Menu(layer_idx, module, float(full_cost), [float(c) for c in path.costs],
                 [weight * e for e in path.errors])
@@ -191,10 +215,15 @@ def profile_menus(run, sens) -> list[Menu]:
     menus = []
     for ctx in run.stream(desc="structprune profile"):
         stats = ctx.collect()
-        (_, o), (_, down) = adapter.attn_linears(ctx.layer), adapter.mlp_linears(ctx.layer)
+        _, o = adapter.attn_linears(ctx.layer)
         pa = _problem(stats["attn"], o.weight, o.bias, cfg, target=False)
-        pm = _problem(stats["mlp"], down.weight, down.bias, cfg, target=False)
-        path_a, path_m = _paths(adapter, ctx.layer, pa, pm, cfg)
+        if adapter.mlp_shape(ctx.layer).parts:  # experts: a joint path over the parts
+            path_a = attention_path(pa, adapter.attention_shape(ctx.layer))
+            path_m = _parts_path(adapter, ctx.layer, stats["mlp"], cfg)
+        else:
+            down = adapter.mlp_parts(ctx.layer)[0]
+            pm = _problem(stats["mlp"], down.out_weight(), down.out_bias(), cfg, target=False)
+            path_a, path_m = _paths(adapter, ctx.layer, pa, pm, cfg)
         ca, cm = _full_costs(adapter, ctx.layer)
         menus += [_menu(ctx.index, "attn", ca, path_a, sens[ctx.index]["attn"]),
                   _menu(ctx.index, "mlp", cm, path_m, sens[ctx.index]["mlp"])]
@@ -221,12 +250,12 @@ def _cut_mlp(adapter, layer, path, k, st, cfg):
     removed = {c for step in path.steps[:k] for c in step}
     n = adapter.mlp_shape(layer).channels
     channels = [c for c in range(n) if c not in removed]
-    down = adapter.mlp_linears(layer)[1]
-    W, b = refit(st.H, st.zsum, st.count, torch.tensor(channels, device=st.H.device), C=st.C, W=down.weight,
-                 bias=down.bias, fit_bias=cfg.refit_bias, damp=cfg.damp)
+    down = adapter.mlp_parts(layer)[0]
+    W, b = refit(st.H, st.zsum, st.count, torch.tensor(channels, device=st.H.device), C=st.C, W=down.out_weight(),
+                 bias=down.out_bias(), fit_bias=cfg.refit_bias and down.bias_ok, damp=cfg.damp)
     a = adapter.attention_shape(layer)
     apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), channels))
-    set_output_projection(adapter.mlp_linears(layer)[1], W, b)
+    adapter.mlp_parts(layer)[0].set_output(W, b)
     return channels
 
 
@@ -261,20 +290,25 @@ def prune_pass(run, kept_target: list[float] | None, sens, alpha: float, desc: s
             ka = len(path_a.steps)
         heads, groups = _cut_attention(adapter, layer, path_a, ka, st, cfg)
 
-        st = _target_stats(adapter, layer, "mlp", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
-        st.check(f"layer {i} mlp")
         mshape = adapter.mlp_shape(layer)
-        down = adapter.mlp_linears(layer)[1]
-        path_m = channel_path(_problem(st, down.weight, down.bias, cfg),
-                              _min_keep(mshape.channels, cfg) if w is None else w.channels, mshape.cost_per_channel,
-                              _block(mshape.channels, cfg))
+        if mshape.parts:  # experts: each part against its own output on the pruned inputs (solvers/parts.py)
+            st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
+            path_m = _parts_path(adapter, layer, st, cfg, None if w is None else w.parts)
+        else:
+            st = _target_stats(adapter, layer, "mlp", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
+            st.check(f"layer {i} mlp")
+            down = adapter.mlp_parts(layer)[0]
+            path_m = channel_path(_problem(st, down.out_weight(), down.out_bias(), cfg),
+                                  _min_keep(mshape.channels, cfg) if w is None else w.channels,
+                                  mshape.cost_per_channel, _block(mshape.channels, cfg))
         mm = _menu(i, "mlp", cm, path_m, 1.0)
         if w is None:
             km = mm.nearest_prefix(kept_target[2 * i + 1] + carry)
             carry += kept_target[2 * i + 1] - mm.kept[km]
         else:
             km = len(path_m.steps)
-        channels = _cut_mlp(adapter, layer, path_m, km, st, cfg)
+        cut = _cut_mlp_parts if mshape.parts else _cut_mlp
+        channels = cut(adapter, layer, path_m, km, st, cfg)
 
         menus += [_menu(i, "attn", ca, path_a, sens[i]["attn"]), _menu(i, "mlp", cm, path_m, sens[i]["mlp"])]
         plans.append(LayerPlan(heads, groups, channels))

@@ -15,25 +15,10 @@ import torch
 from torch import nn
 
 from ..adapters.base import Adapter, LayerPlan
+from ..adapters.parts import slice_linear, split_channels
 
-
-def _index(keep: Sequence[int], device) -> torch.Tensor:
-    return torch.as_tensor(list(keep), dtype=torch.long, device=device)
-
-
-@torch.no_grad()
-def slice_linear(linear: nn.Linear, keep: Sequence[int] | torch.Tensor, dim: int) -> None:
-    """Keep rows (``dim=0``) or columns (``dim=1``) ``keep`` of ``linear``, in place."""
-    idx = keep if isinstance(keep, torch.Tensor) else _index(keep, linear.weight.device)
-    idx = idx.to(linear.weight.device)
-    w = linear.weight.index_select(dim, idx).contiguous()
-    linear.weight = nn.Parameter(w, requires_grad=linear.weight.requires_grad)
-    if dim == 0:
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.index_select(0, idx).contiguous(), requires_grad=False)
-        linear.out_features = w.shape[0]
-    else:
-        linear.in_features = w.shape[1]
+__all__ = ["apply_layer_plan", "head_rows", "mask_layer_plan", "set_output_projection", "slice_linear",
+           "validate_plan"]
 
 
 def head_rows(heads: Sequence[int], head_dim: int, device=None) -> torch.Tensor:
@@ -59,9 +44,15 @@ def validate_plan(adapter: Adapter, layer: nn.Module, plan: LayerPlan) -> None:
         per_group[h // g] += 1
     if len(set(per_group.values())) != 1:
         raise ValueError(f"kept KV groups must keep the same number of heads, got {per_group}")
-    n = adapter.mlp_shape(layer).channels
+    m = adapter.mlp_shape(layer)
+    n = m.channels
     if not plan.channels or len(set(plan.channels)) != len(plan.channels) or not all(0 <= c < n for c in plan.channels):
         raise ValueError("MLP channel indices must be distinct, within range, and at least one")
+    kept = [len(k) for k in split_channels(plan.channels, m.sizes)]
+    if min(kept) < 1:
+        raise ValueError(f"every MLP part (expert) must keep at least one channel, got {kept}")
+    if m.tied > 1 and len(set(kept[:m.tied])) != 1:
+        raise ValueError(f"the experts of a layer must keep the same number of channels, got {kept[:m.tied]}")
 
 
 @torch.no_grad()
@@ -70,20 +61,16 @@ def apply_layer_plan(adapter: Adapter, layer: nn.Module, plan: LayerPlan) -> Non
     validate_plan(adapter, layer, plan)
     shape = adapter.attention_shape(layer)
     heads, kv = sorted(plan.heads), sorted(plan.kv_heads)
-    (q, k, v), o = adapter.attn_linears(layer)
+    _, o = adapter.attn_linears(layer)
     q_rows = head_rows(heads, shape.head_dim)
     kv_rows = head_rows(kv, shape.head_dim)
-    slice_linear(q, q_rows, 0)
-    slice_linear(k, kv_rows, 0)
-    slice_linear(v, kv_rows, 0)
+    # Fused projections (Phi-3's qkv_proj) get the rows of every segment at once.
+    for lin, rows in adapter.attn_input_rows(layer, q_rows, kv_rows):
+        slice_linear(lin, rows, 0)
     slice_linear(o, q_rows, 1)
     adapter.set_attention_heads(layer, len(heads), len(kv))
 
-    ins, out = adapter.mlp_linears(layer)
-    ch = _index(sorted(plan.channels), out.weight.device)
-    for lin in ins:
-        slice_linear(lin, ch, 0)
-    slice_linear(out, ch, 1)
+    adapter.cut_mlp(layer, split_channels(plan.channels, adapter.mlp_shape(layer).sizes))
 
 
 @torch.no_grad()
@@ -94,10 +81,11 @@ def mask_layer_plan(adapter: Adapter, layer: nn.Module, plan: LayerPlan) -> None
     keep = torch.zeros(o.in_features, dtype=torch.bool)
     keep[head_rows(plan.heads, shape.head_dim)] = True
     o.weight[:, ~keep.to(o.weight.device)] = 0
-    _, out = adapter.mlp_linears(layer)
-    keep = torch.zeros(out.in_features, dtype=torch.bool)
-    keep[list(plan.channels)] = True
-    out.weight[:, ~keep.to(out.weight.device)] = 0
+    parts = adapter.mlp_parts(layer)
+    for part, keep in zip(parts, split_channels(plan.channels, [p.size for p in parts])):
+        removed = torch.ones(part.size, dtype=torch.bool)
+        removed[keep] = False
+        part.mask(removed.nonzero().squeeze(1))
 
 
 @torch.no_grad()

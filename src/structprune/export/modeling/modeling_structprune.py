@@ -249,3 +249,157 @@ CLASSES = {
     "gemma3_text": (StructPruneGemma3TextConfig, StructPruneGemma3ForCausalLM),
     "opt": (StructPruneOPTConfig, StructPruneOPTForCausalLM),
 }
+
+
+# -- fused (Phi-3) and mixture-of-experts (Mixtral, Qwen2-MoE) families ----------------------------
+# ``layer_intermediate_size`` is the width of each routed expert of a layer (all experts of a layer
+# share one 3D tensor), ``layer_shared_intermediate_size`` Qwen2-MoE's shared expert's.
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    MixtralConfig,
+    MixtralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+
+
+class _LayerConfig:
+    """A read-through view of the shared config with one layer's head counts (Phi-3's attention
+    splits its fused qkv output at ``self.config.num_attention_heads * head_dim``)."""
+
+    def __init__(self, base, **overrides):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", dict(overrides))
+
+    def __getattr__(self, name):
+        overrides = object.__getattribute__(self, "_overrides")
+        if name in overrides:
+            return overrides[name]
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._base, name, value)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return _LayerConfig(copy.deepcopy(self._base, memo), **self._overrides)
+
+
+def _resize_phi3_layers(model) -> None:
+    """Resize every Phi-3 layer: fused qkv_proj rows ``(heads + 2 kv) * head_dim``, gate_up_proj ``2 * inter``."""
+    config = model.config
+    hidden = config.hidden_size
+    for layer, (heads, kv, inter, o_bias, out_bias) in zip(model.model.layers,
+                                                           _per_layer(config, len(model.model.layers))):
+        attn = layer.self_attn
+        dh = attn.head_dim
+        attn.qkv_proj = _new_linear(hidden, (heads + 2 * kv) * dh, attn.qkv_proj.bias is not None, attn.qkv_proj)
+        attn.o_proj = _new_linear(heads * dh, hidden, bool(o_bias), attn.o_proj)
+        attn.num_key_value_heads = kv
+        attn.num_key_value_groups = heads // kv
+        attn.config = _LayerConfig(config, num_attention_heads=heads, num_key_value_heads=kv)
+        mlp = layer.mlp
+        mlp.gate_up_proj = _new_linear(hidden, 2 * inter, mlp.gate_up_proj.bias is not None, mlp.gate_up_proj)
+        mlp.down_proj = _new_linear(inter, hidden, bool(out_bias), mlp.down_proj)
+
+
+def _new_expert_params(experts, inter: int) -> None:
+    """Replace a 3D experts module's parameters with ones of ``inter`` channels per expert."""
+    gu, down = experts.gate_up_proj, experts.down_proj
+    t = bool(getattr(experts, "is_transposed", False))
+    E, hidden = gu.shape[0], down.shape[2 if t else 1]
+    kw = dict(device=gu.device, dtype=gu.dtype)
+    experts.gate_up_proj = nn.Parameter(torch.empty((E, hidden, 2 * inter) if t else (E, 2 * inter, hidden), **kw))
+    experts.down_proj = nn.Parameter(torch.empty((E, inter, hidden) if t else (E, hidden, inter), **kw))
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = inter
+
+
+def _resize_gated_mlp(mlp, hidden: int, inter: int, out_bias: bool) -> None:
+    in_bias = mlp.gate_proj.bias is not None
+    mlp.gate_proj = _new_linear(hidden, inter, in_bias, mlp.gate_proj)
+    mlp.up_proj = _new_linear(hidden, inter, in_bias, mlp.up_proj)
+    mlp.down_proj = _new_linear(inter, hidden, out_bias, mlp.down_proj)
+    mlp.intermediate_size = inter
+
+
+def _resize_moe_layers(model) -> None:
+    """Resize every Mixtral / Qwen2-MoE layer: GQA attention as LLaMA, every expert to the layer's width."""
+    config = model.config
+    hidden = config.hidden_size
+    layers = model.model.layers
+    shared = getattr(config, "layer_shared_intermediate_size", None) or [0] * len(layers)
+    for layer, (heads, kv, inter, o_bias, out_bias), s in zip(layers, _per_layer(config, len(layers)), shared):
+        attn = layer.self_attn
+        dh = attn.head_dim
+        qkv_bias = attn.q_proj.bias is not None
+        attn.q_proj = _new_linear(hidden, heads * dh, qkv_bias, attn.q_proj)
+        attn.k_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.k_proj)
+        attn.v_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.v_proj)
+        attn.o_proj = _new_linear(heads * dh, hidden, bool(o_bias), attn.o_proj)
+        attn.num_key_value_groups = heads // kv
+        mlp = layer.mlp
+        if not hasattr(mlp, "experts"):  # Qwen2-MoE's dense layers
+            _resize_gated_mlp(mlp, hidden, inter, bool(out_bias))
+            continue
+        _new_expert_params(mlp.experts, inter)
+        if getattr(mlp, "shared_expert", None) is not None:
+            _resize_gated_mlp(mlp.shared_expert, hidden, s, False)
+
+
+class StructPrunePhi3Config(_PerLayerConfig, Phi3Config):
+    """Phi-3 config with per-layer widths."""
+
+    model_type = "structprune_phi3"
+
+
+class StructPruneMixtralConfig(_PerLayerConfig, MixtralConfig):
+    """Mixtral config with per-layer widths (``layer_intermediate_size``: every expert's)."""
+
+    model_type = "structprune_mixtral"
+
+
+class StructPruneQwen2MoeConfig(_PerLayerConfig, Qwen2MoeConfig):
+    """Qwen2-MoE config with per-layer widths (experts' and the shared expert's)."""
+
+    model_type = "structprune_qwen2_moe"
+
+
+class StructPrunePhi3ForCausalLM(Phi3ForCausalLM):
+    """Phi3ForCausalLM whose decoder layers have the widths listed in the config."""
+
+    config_class = StructPrunePhi3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_phi3_layers(self)
+
+
+class StructPruneMixtralForCausalLM(MixtralForCausalLM):
+    """MixtralForCausalLM whose decoder layers (and experts) have the widths listed in the config."""
+
+    config_class = StructPruneMixtralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_moe_layers(self)
+
+
+class StructPruneQwen2MoeForCausalLM(Qwen2MoeForCausalLM):
+    """Qwen2MoeForCausalLM whose decoder layers (and experts) have the widths listed in the config."""
+
+    config_class = StructPruneQwen2MoeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_moe_layers(self)
+
+
+CLASSES.update({
+    "phi3": (StructPrunePhi3Config, StructPrunePhi3ForCausalLM),
+    "mixtral": (StructPruneMixtralConfig, StructPruneMixtralForCausalLM),
+    "qwen2_moe": (StructPruneQwen2MoeConfig, StructPruneQwen2MoeForCausalLM),
+})
