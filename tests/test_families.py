@@ -260,7 +260,12 @@ def test_every_method_reaches_its_target(family, method):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_checkpoint_path_equals_in_memory(family, tmp_path):
-    check_checkpoint_path_equals_in_memory(FAMILIES[family], "structprune", tmp_path)
+    # One method per family, in turn, so every streamed method is run from disk across the
+    # registry (each is run on every family in memory above; `global` is O(N) by design and
+    # refuses the disk path).
+    disk_methods = [m for m in METHODS if m != "global"]
+    method = disk_methods[FAMILY_NAMES.index(family) % len(disk_methods)]
+    check_checkpoint_path_equals_in_memory(FAMILIES[family], method, tmp_path)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "opt"])  # stock OPT cannot drop heads
@@ -325,3 +330,22 @@ def test_gemma2_final_softcap_is_part_of_the_head():
     out = logits(model, ids)
     assert out.abs().max() <= model.config.final_logit_softcapping
     max_diff(out, streamed_logits(model, ids), "gemma2 streamed with soft-capping")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text"])
+def test_gguf_checkpoints_load_prune_and_export(family, tmp_path):
+    """A GGUF file (llama.cpp's layout, float32) of the family loads through ``load_model`` equal to
+    the model it was written from, prunes, and exports (the GGUF quantization record dropped)."""
+    from tiny_gguf import GGUF_FAMILIES, write_gguf
+
+    from structprune import load_model
+
+    dense = GGUF_FAMILIES[family]()
+    path = write_gguf(dense, tmp_path / f"{family}.gguf")
+    model, tokenizer = load_model(str(path))
+    assert model.config.model_type == dense.config.model_type and len(tokenizer) <= dense.config.vocab_size
+    ids = calib_ids(4, 16)
+    max_diff(logits(dense, ids), logits(model, ids), f"{family} GGUF vs source")
+    prune(model, ids, config_for("wanda-sp"), device="cpu", progress=False)
+    assert save_pruned(model, tokenizer, tmp_path / "out").format == "stock"
+    assert_same_model(model, load_pruned(tmp_path / "out"), f"{family} from GGUF, pruned, reloaded")
