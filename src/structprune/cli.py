@@ -189,11 +189,14 @@ def cmd_prune(args) -> dict:
     # Everything that can be checked without the weights is checked before the slow load:
     # output folder, sequence lengths, calibration text, evaluation sets.
     check_output_dir(args.output, overwrite=args.overwrite)
+    from .export.shards import parse_size
+
+    parse_size(args.max_shard_size)  # not only when the first shard is written
     tok, model_config = load_tokenizer_and_config(args.model, trust_remote_code=args.trust_remote_code)
     if model_config is not None:  # an unsupported family is refused before the calibration text and the weights
         _check_family(model_config)
     ctx = config_context_length(model_config) if model_config is not None else None
-    for what, n in (("--seqlen", seqlen), ("--eval-seqlen", args.eval_seqlen)):
+    for what, n in (("--seqlen", seqlen), ("--eval-seqlen", args.eval_seqlen if datasets else 0)):
         if ctx is not None and n > ctx:
             raise StructPruneError(f"{what} {n} exceeds the model's context of {ctx} tokens")
     calib = build_calibration(tok, config) if needs_calibration(config) else None

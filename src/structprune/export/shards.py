@@ -15,6 +15,7 @@ folder byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import StructPruneError, io_error_message
+from ..errors import StructPruneError
 from ..files import current_umask
 from ..models.checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, own_copy
 
@@ -54,10 +55,10 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _write_errors() -> tuple[type[BaseException], ...]:
+def _safetensors_error() -> type[BaseException]:
     from safetensors import SafetensorError
 
-    return (SafetensorError, OSError)
+    return SafetensorError
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -171,9 +172,10 @@ class ShardWriter:
             _fsync_file(tmp)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)  # never leave a half-written shard (a full disk, Ctrl-C)
-            if isinstance(exc, _write_errors()):
-                raise StructPruneError(f"could not write the shard {tmp.with_name(part)}: {io_error_message(exc)}") \
-                    from exc
+            if isinstance(exc, _safetensors_error()):  # an OS error inside safetensors: raise it as one
+                code = re.search(r"code: (\d+)", str(exc))
+                code = int(code.group(1)) if code else errno.EIO
+                raise OSError(code, os.strerror(code), str(tmp)) from exc
             raise
         os.replace(tmp, self.folder / part)
         entry = {"file": part, "size": (self.folder / part).stat().st_size,

@@ -224,6 +224,10 @@ def _load_error(spec: str, resolved: ResolvedModel, exc: Exception) -> StructPru
         return StructPruneError(
             f"model '{spec}' was not found locally and the Hugging Face hub was unreachable "
             "or the name is wrong; pass a local folder, a .gguf file or smollm2-135m")
+    if "trust_remote_code" in str(exc):  # transformers' advice comes after the first line: say it in ours
+        return StructPruneError(f"{resolved.path} needs its own code to load (config.json's auto_map) and StructPrune "
+                                "runs none unless asked: pass --trust-remote-code (trust_remote_code=True) if you "
+                                "trust that code")
     return StructPruneError(f"could not load model from {resolved.path}: {exc}".splitlines()[0])
 
 

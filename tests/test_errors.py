@@ -1,0 +1,652 @@
+"""Every refused input and failure listed in docs/errors.md, with its message (issue 12).
+
+Each test names the rows it covers (``@covers("id")``); ``test_every_row_of_the_page_is_covered``
+checks that the page's rows and the covered ids are the same set. Inputs that concern the model
+run on tiny LLaMA (GQA), Qwen2 and OPT models (tests/tiny.py); from the command line, with a
+97-character tokenizer that fits their 101-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import FACTORIES, VOCAB, calib_ids
+
+from structprune import api
+from structprune.cli import main
+from structprune.config import PruneConfig
+from structprune.errors import StructPruneError
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+COVERED: set[str] = set()
+FAMILIES = list(FACTORIES)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def covers(*ids):
+    COVERED.update(ids)
+    return lambda f: f
+
+
+def test_every_row_of_the_page_is_covered():
+    rows = set(re.findall(r"^\| `([a-z0-9-]+)` \|", PAGE.read_text(), flags=re.M))
+    assert rows, "no rows found in docs/errors.md"
+    assert rows == COVERED, (sorted(rows - COVERED), sorted(COVERED - rows))
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """Printable ASCII, one token per character, plus <unk> and <eos>: 97 tokens, below VOCAB."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {c: i for i, c in enumerate(chars)} | {"<unk>": len(chars), "<eos>": len(chars) + 1}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    assert len(tok) < VOCAB
+    return tok
+
+
+@pytest.fixture
+def folder(tmp_path, char_tokenizer):
+    """``folder(family, name, tokenizer=..., **save_kw)``: a tiny model saved with a tokenizer."""
+    def make(family="llama-gqa", name="model", tokenizer=None, edit=None, **save_kw):
+        model = FACTORIES[family]()
+        if edit is not None:
+            edit(model)
+        path = tmp_path / name
+        model.save_pretrained(path, **save_kw)
+        (tokenizer or char_tokenizer).save_pretrained(path)
+        return path
+    return make
+
+
+@pytest.fixture
+def calib(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(" ".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(60)))
+    return p
+
+
+def prune_args(model, out, calib, *extra, method="wanda-sp"):
+    return ["prune", str(model), "--sparsity", "0.3", "--method", method, "--calib", str(calib), "--nsamples", "2",
+            "--seqlen", "16", "--eval", "", "--mlp-multiple", "1", "--output", str(out), "-q", *extra]
+
+
+def run(argv, capsys) -> tuple[int, str]:
+    """Exit status and the last line of stderr (the error line)."""
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any(l.startswith("Traceback") for l in err)
+    return rc, err[-1] if err else ""
+
+
+def refused(argv, capsys, pattern, rc=2) -> str:
+    code, line = run(argv, capsys)
+    assert code == rc, (code, line)
+    assert line.startswith("structprune: error: "), line
+    assert re.search(pattern, line), line
+    return line
+
+
+def no_leftovers(out: Path):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
+
+
+# -- options and values ------------------------------------------------------------------------------
+
+@covers("method-unknown", "sparsity-range", "allocation-unknown", "allocation-method", "knob-ignored",
+        "integer", "positive", "seqlen-min", "sens-nsamples", "damp", "knob-value", "activation-budget",
+        "uniform-widths")
+@pytest.mark.parametrize("kw,pattern", [
+    ({"method": "sparsegpt"}, r"unknown method 'sparsegpt': choose one of .*structprune"),
+    ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1\.0"),
+    ({"sparsity": math.nan}, r"sparsity must be in \[0, 1\), got nan"),
+    ({"allocation": "greedy"}, r"unknown allocation 'greedy': choose one of uniform, owl, threshold, softmax"),
+    ({"allocation": "owl"}, r"allocation 'owl' is not available for method 'structprune': it supports "
+                            r"softmax, threshold, uniform"),
+    ({"method": "wanda-sp", "temperature": 0.5}, r"temperature=0\.5 is ignored by method 'wanda-sp' with allocation "
+                                                 r"'uniform' \(read by: structprune \(softmax\)\); leave it at its "
+                                                 r"default 1\.0"),
+    ({"iterations": 1.5}, r"iterations must be an integer, got 1\.5"),
+    ({"nsamples": 0}, r"nsamples must be a positive integer, got 0"),
+    ({"seqlen": 1}, r"seqlen must be at least 2, got 1"),
+    ({"sens_nsamples": -1}, r"sens_nsamples must be >= 0 \(0: all calibration windows\), got -1"),
+    ({"damp": 0.0}, r"damp must be finite and > 0 \(e\.g\. 0\.01\), got 0\.0"),
+    ({"temperature": -1.0}, r"temperature must be >= 0 \(inf allowed\), got -1\.0"),
+    ({"rho": math.inf}, r"rho must be finite and >= 0, got inf"),
+    ({"r_min": 1.0}, r"r_min must be in \[0, 1\), got 1\.0"),
+    ({"target": "best"}, r"unknown target 'best': choose one of dense, own"),
+    ({"method": "global", "global_score": "l2"}, r"unknown global_score 'l2': choose one of taylor, fisher"),
+    ({"method": "wanda-sp", "allocation": "owl", "owl_lambda": -1.0}, r"owl_lambda must be finite and >= 0"),
+    ({"method": "wanda-sp", "allocation": "owl", "owl_m": 0.0}, r"owl_m must be finite and > 0"),
+    ({"activation_budget": "lots"}, r"activation_budget must be a size such as 4GiB, 512M or inf, got 'lots'"),
+    ({"uniform_widths": True, "allocation": "softmax"}, r"uniform_widths needs allocation 'uniform', got 'softmax'"),
+])
+def test_config_values_are_refused(kw, pattern):
+    with pytest.raises(StructPruneError, match=pattern):
+        PruneConfig(**kw)
+
+
+@covers("cli-counts", "shard-size", "device-cuda")
+@pytest.mark.parametrize("flag,value,pattern", [
+    ("--nsamples", "0", r"--nsamples must be at least 1, got 0"),
+    ("--seqlen", "1", r"--seqlen must be at least 2, got 1"),
+    ("--eval-limit", "-2", r"--eval-limit must be >= 0 \(0: every window\), got -2"),
+    ("--max-shard-size", "big", r"max_shard_size 'big' is not a size such as 2GB, 500MB or 1GiB"),
+    ("--device", "cuda", r"--device cuda requested but no CUDA GPU is available"),
+])
+def test_cli_values_are_refused(folder, calib, tmp_path, capsys, flag, value, pattern):
+    if flag == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "out"
+    args = prune_args(folder(), out, calib)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    refused(args, capsys, pattern)
+    no_leftovers(out)
+
+
+@covers("sparsity-range")
+def test_cli_sparsity_out_of_range(folder, calib, tmp_path, capsys):
+    args = prune_args(folder(), tmp_path / "out", calib)
+    args[args.index("--sparsity") + 1] = "1.5"
+    refused(args, capsys, r"sparsity must be in \[0, 1\), got 1\.5")
+
+
+@covers("global-streamed")
+def test_global_is_refused_on_a_checkpoint(folder, tmp_path):
+    with pytest.raises(StructPruneError, match=r"the 'global' reference needs the whole model in memory"):
+        api.prune_checkpoint(folder(), tmp_path / "out", calib_ids(2, 16), method="global", device="cpu",
+                             nsamples=2, seqlen=16)
+
+
+# -- targets and numerics (per family) ---------------------------------------------------------------
+
+@covers("unreachable")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unreachable_target(family, folder, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = prune_args(folder(family), out, calib)
+    args[args.index("--sparsity") + 1] = "0.97"
+    refused(args, capsys, r"sparsity 0\.97 cannot be reached by wanda-sp: .*largest reachable sparsity is 0\.\d{4}; "
+                          r"ask for at most that, or lower mlp_multiple")
+    no_leftovers(out)
+
+
+@covers("missed-target")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_missed_target(family, monkeypatch):
+    monkeypatch.setitem(api.METHODS, "wanda-sp", lambda run: [])
+    with pytest.raises(StructPruneError, match=r"wanda-sp missed its target: target 0\.4, achieved 0\.0000, more "
+                                               r"than one removal step \(0\.\d{4}\) apart"):
+        api.prune(FACTORIES[family](), calib_ids(2, 16), device="cpu", progress=False, method="wanda-sp",
+                  sparsity=0.4, nsamples=2, seqlen=16)
+
+
+@covers("sensitivity-nonfinite")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nonfinite_sensitivity(family):
+    model = FACTORIES[family]()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] = math.inf
+    with pytest.raises(StructPruneError, match=r"sensitivity of layer \d+ (attn|mlp) is .*not finite.*: the loss "
+                                               r"gradient reaching it is NaN/Inf"):
+        api.prune(model, calib_ids(2, 16), device="cpu", progress=False, sparsity=0.3, nsamples=2, seqlen=16)
+
+
+def _nan_in_first_mlp(model):
+    from structprune.adapters import get_adapter
+
+    a = get_adapter(model)
+    with torch.no_grad():
+        a.mlp_linears(a.layers()[0])[0][0].weight[0, 0] = math.nan
+
+
+@covers("statistics-nonfinite")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nonfinite_statistics(family, folder, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    refused(prune_args(folder(family, edit=_nan_in_first_mlp), out, calib), capsys,
+            r"NaN or Inf in calibration statistics \(\w+\) of layer 0 \w+: check the calibration text and the model "
+            r"weights")
+    no_leftovers(out)
+
+
+@covers("seqlen-context")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seqlen_beyond_context(family, folder, calib, tmp_path, capsys, monkeypatch):
+    import structprune.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded the weights first"))
+    args = prune_args(folder(family), tmp_path / "out", calib)
+    args[args.index("--seqlen") + 1] = "256"
+    refused(args, capsys, r"--seqlen 256 exceeds the model's context of 128 tokens")
+    with pytest.raises(StructPruneError, match=r"sequence length 256 exceeds the model's context of 128 tokens"):
+        api.prune(FACTORIES[family](), calib_ids(2, 256), device="cpu", nsamples=2, seqlen=256)
+
+
+@covers("calib-ids", "calib-shape", "calib-none")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bad_calibration_tensors(family):
+    model = FACTORIES[family]()
+    kw = dict(device="cpu", progress=False, nsamples=2, seqlen=16)
+    with pytest.raises(StructPruneError, match=rf"calibration token ids must lie in \[0, {VOCAB}\); is it the "
+                                               r"model's tokenizer\?"):
+        api.prune(model, calib_ids(2, 16) + VOCAB, **kw)
+    with pytest.raises(StructPruneError, match=r"calibration must be \[nsamples, seqlen\] token ids, got shape \(16,\)"):
+        api.prune(model, calib_ids(2, 16)[0], **kw)
+    with pytest.raises(StructPruneError, match=r"pass calibration token ids or a tokenizer to draw them with"):
+        api.prune(model, **kw)
+
+
+# -- the model's files ------------------------------------------------------------------------------
+
+@covers("model-not-found")
+def test_model_not_found(tmp_path, calib, capsys):
+    refused(prune_args(tmp_path / "nope", tmp_path / "out", calib), capsys,
+            r"model path not found: .*nope; check the path or use smollm2-135m")
+
+
+@covers("no-config")
+def test_folder_without_config(tmp_path, calib, capsys):
+    (tmp_path / "empty").mkdir()
+    refused(prune_args(tmp_path / "empty", tmp_path / "out", calib), capsys,
+            r"empty is a folder without config\.json; pass a Hugging Face model folder")
+
+
+@covers("unsupported-architecture")
+def test_unsupported_architecture_is_refused_from_the_config(tmp_path, calib, capsys, char_tokenizer, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import structprune.data.calibration as calibration
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    monkeypatch.setattr(calibration, "get_calibration", lambda *a, **k: pytest.fail("read the calibration first"))
+    refused(prune_args(path, tmp_path / "out", calib), capsys,
+            r"unsupported architecture 'gpt2': StructPrune supports .*llama.*opt.*qwen2")
+
+
+@covers("no-model-type")
+def test_config_without_model_type(folder, tmp_path, calib, capsys):
+    path = folder()
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["model_type"], cfg["architectures"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    refused(prune_args(path, tmp_path / "out", calib), capsys,
+            r"could not load model from .*: Unrecognized model in .*\. Should have a `model_type` key in its "
+            r"config\.json")
+
+
+@covers("tokenizer-mismatch")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_of_another_model(family, folder, byte_tokenizer, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    refused(prune_args(folder(family, tokenizer=byte_tokenizer), out, calib), capsys,
+            rf"the tokenizer has 25\d tokens but the model embeds only {VOCAB}: it is not this "
+            r"model's tokenizer")
+    no_leftovers(out)
+    with pytest.raises(StructPruneError, match=r"the tokenizer has \d+ tokens but the model embeds only"):
+        api.prune(FACTORIES[family](), tokenizer=byte_tokenizer, device="cpu", nsamples=2, seqlen=16)
+
+
+def _sharded(folder, family):
+    path = folder(family, max_shard_size="20KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    return path, index
+
+
+@covers("shard-truncated")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_truncated_shard(family, folder, calib, tmp_path, capsys):
+    path = folder(family)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:len(data) // 2])
+    out = tmp_path / "out"
+    refused(prune_args(path, out, calib), capsys, r"weights file .*model\.safetensors is truncated or corrupt \(")
+    no_leftovers(out)
+
+
+@covers("shard-missing")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_missing_shard(family, folder, calib, tmp_path, capsys):
+    path, index = _sharded(folder, family)
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (path / gone).unlink()
+    refused(prune_args(path, tmp_path / "out", calib), capsys,
+            rf"weights shard .*{re.escape(gone)} named in .*model\.safetensors\.index\.json is missing")
+
+
+@covers("shard-escape")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shard_name_leaving_the_folder(family, folder, calib, tmp_path, capsys):
+    from structprune import load_pruned
+
+    path, index = _sharded(folder, family)
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../etc/passwd"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    pattern = r"model\.safetensors\.index\.json names the shard '\.\./\.\./etc/passwd', a path outside the folder; " \
+              r"refusing to read it"
+    refused(prune_args(path, tmp_path / "out", calib), capsys, pattern)
+    with pytest.raises(StructPruneError, match=pattern):
+        load_pruned(path)
+
+
+@covers("index-invalid")
+def test_index_not_json(folder, calib, tmp_path, capsys):
+    path, _ = _sharded(folder, "llama-gqa")
+    (path / "model.safetensors.index.json").write_text("{not json")
+    refused(prune_args(path, tmp_path / "out", calib), capsys,
+            r"model\.safetensors\.index\.json is not a valid safetensors index \(")
+
+
+@covers("tensor-missing")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_lacking_a_tensor(family, folder, calib, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    path = folder(family)
+    sd = load_file(path / "model.safetensors")
+    victim = next(k for k in sd if "layers.1." in k)
+    del sd[victim]
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    refused(prune_args(path, tmp_path / "out", calib), capsys,
+            rf"the weights in .* lack 1 tensor\(s\) the model needs: \['{re.escape(victim)}'\]")
+
+
+@covers("pickle")
+def test_pickled_weights_are_never_unpickled(folder, calib, tmp_path, capsys):
+    path = folder("llama-gqa")
+    (path / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"model.embed_tokens.weight": Payload()}, path / "pytorch_model.bin")
+    out = tmp_path / "out"
+    refused(prune_args(path, out, calib), capsys,
+            r"the pickled weights in .* hold objects other than tensors; StructPrune never unpickles those")
+    assert not marker.exists()
+    no_leftovers(out)
+
+
+def _remote_code_folder(folder, tmp_path, model_type, module="evil"):
+    path = folder()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = model_type
+    cfg["auto_map"] = {"AutoConfig": f"{module}.EvilConfig", "AutoModelForCausalLM": f"{module}.EvilModel"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "RAN"
+    (path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return path, marker
+
+
+@covers("remote-code")
+def test_remote_code_never_runs_unasked(folder, calib, tmp_path, capsys):
+    path, marker = _remote_code_folder(folder, tmp_path, "evil_llama")
+    refused(prune_args(path, tmp_path / "out", calib), capsys,
+            r"model needs its own code to load \(config\.json's auto_map\) and StructPrune runs none unless asked: "
+            r"pass --trust-remote-code")
+    assert not marker.exists()
+    # A known family with an auto_map: the stock code is used, the folder's never runs.
+    path, marker = _remote_code_folder(folder, tmp_path, "llama")
+    assert run(prune_args(path, tmp_path / "out2", calib), capsys)[0] == 0
+    assert not marker.exists()
+
+
+@covers("auto-map-escape")
+@pytest.mark.parametrize("module", ["../../evil", "someone/repo--evil"])
+def test_auto_map_outside_the_folder_is_refused_even_when_trusted(folder, calib, tmp_path, capsys, module):
+    path, marker = _remote_code_folder(folder, tmp_path, "evil_llama", module=module)
+    refused(prune_args(path, tmp_path / "out", calib, "--trust-remote-code"), capsys,
+            rf"config\.json maps AutoConfig to '{re.escape(module)}\.EvilConfig', code outside the folder; refusing")
+    assert not marker.exists()
+
+
+# -- calibration text -------------------------------------------------------------------------------
+
+@covers("calib-not-found", "calib-empty", "calib-binary", "calib-non-utf8", "calib-nul", "calib-too-short",
+        "calib-json-invalid", "calib-json-items", "corpus-unknown")
+@pytest.mark.parametrize("name,content,pattern", [
+    ("missing.txt", None, r"text file not found: .*missing\.txt; pass an existing \.txt/\.json/\.jsonl\(\.gz\) file"),
+    ("empty.txt", b"  \n\n ", r"empty\.txt is empty; pass a file with text in it"),
+    ("ls", bytes(range(256)) * 64, r"ls is not UTF-8 text \(UnicodeDecodeError: is it a binary file\?\); pass a "
+                                   r"plain text or JSON file"),
+    ("latin1.txt", "café crème brûlée ".encode("latin-1") * 50, r"latin1\.txt is not UTF-8 text \(UnicodeDecodeError"),
+    ("zeros.txt", b"\x00" * 4096, r"zeros\.txt is not UTF-8 text \(it holds NUL bytes: is it a binary file\?\)"),
+    ("short.txt", b"too short", r"calibration text '.*short\.txt' has 9 tokens, fewer than seqlen\+1=17; use a "
+                                r"longer text or a shorter --seqlen"),
+    ("bad.json", b"[1, 2", r"bad\.json is not valid JSON or JSON lines \(.*\); pass a \.txt file for plain text"),
+    ("items.jsonl", b'{"title": "no text"}\n', r"items\.jsonl: expected JSON strings or objects with a 'text' field"),
+    ("wikitext3", None, r"unknown corpus 'wikitext3'; use one of wikitext2, ptb, c4 or a path to a "
+                        r"\.txt/\.json/\.jsonl file"),
+])
+def test_bad_calibration_text(folder, tmp_path, capsys, monkeypatch, name, content, pattern):
+    import structprune.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded the weights first"))
+    path = tmp_path / name if name != "wikitext3" else name
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "sub" / "out"
+    refused(prune_args(folder(), out, path), capsys, pattern)
+    assert not (tmp_path / "sub").exists()
+
+
+# -- the output -------------------------------------------------------------------------------------
+
+@covers("output-exists")
+def test_output_exists(folder, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    refused(prune_args(folder(), out, calib), capsys,
+            r"output path .*out exists and is not empty; pass --overwrite or choose another")
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+@covers("output-unwritable")
+def test_output_not_writable(folder, calib, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused(prune_args(folder(), blocker / "out", calib), capsys,
+            rf"cannot write the output under {re.escape(str(blocker))}: not a writable folder")
+    if os.geteuid() != 0:  # root writes anywhere: the permission case needs an ordinary user
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        refused(prune_args(folder(), locked / "out", calib), capsys, r"cannot write the output under .*locked")
+
+
+def _full_disk(monkeypatch, where):
+    """Make one writer fail as a full disk does, after writing part of its file."""
+    def fail(path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if where == "shard":  # streamed path: ShardWriter -> safetensors
+        import safetensors.torch
+
+        monkeypatch.setattr(safetensors.torch, "save_file", lambda t, path, metadata=None: fail(path))
+    elif where == "save_pretrained":  # in-memory path: transformers -> safetensors
+        import transformers.modeling_utils as mu
+
+        monkeypatch.setattr(mu, "safe_save_file", lambda t, path, metadata=None: fail(path))
+    else:  # report.json, the last file written
+        import structprune.export as export
+
+        monkeypatch.setattr(export, "write_json", lambda path, obj: fail(path))
+
+
+@covers("disk-full")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("where", ["shard", "save_pretrained", "report"])
+def test_full_disk_while_saving(family, where, folder, calib, tmp_path, capsys, monkeypatch):
+    model = folder(family)
+    _full_disk(monkeypatch, where)
+    out = tmp_path / "deep" / "out"
+    extra = ("--in-memory",) if where == "save_pretrained" else ()
+    line = refused(prune_args(model, out, calib, *extra), capsys,
+                   r"No space left on device.*\(free some space or write elsewhere\).*; nothing was written to .*out$")
+    assert line.count("No space left") == 1
+    assert not (tmp_path / "deep").exists()
+
+
+@covers("interrupt-saving")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("path", ["streamed", "in-memory"])
+def test_ctrl_c_while_saving(family, path, folder, calib, tmp_path, capsys, monkeypatch):
+    import structprune.export.writer as writer
+
+    real = writer.write_export_files
+
+    def interrupted(export_cfg, base, out, *a, **k):  # config and tokenizer written, then Ctrl-C
+        real(export_cfg, base, out, *a, **k)
+        assert any(Path(out).iterdir())
+        raise KeyboardInterrupt
+    monkeypatch.setattr(writer, "write_export_files", interrupted)
+    out = tmp_path / "deep" / "out"
+    extra = ("--in-memory",) if path == "in-memory" else ()
+    code, line = run(prune_args(folder(family), out, calib, *extra), capsys)
+    assert code == 130 and line == "structprune: interrupted; no output was written"
+    assert not (tmp_path / "deep").exists()
+
+
+# -- exports read back --------------------------------------------------------------------------------
+
+def _per_layer_export(family, tmp_path):
+    """A per-layer (custom) export: layers cut to different MLP widths."""
+    from structprune.adapters import get_adapter
+    from structprune.adapters.base import LayerPlan
+    from structprune.export import save_pruned
+    from structprune.surgery import apply_layer_plan
+
+    model = FACTORIES[family]()
+    a = get_adapter(model)
+    for i, layer in enumerate(a.layers()):
+        s, m = a.attention_shape(layer), a.mlp_shape(layer)
+        apply_layer_plan(a, layer, LayerPlan(list(range(s.num_heads)), list(range(s.num_kv_heads)),
+                                             list(range(m.channels - 3 * (i + 1)))))
+    out = tmp_path / f"export-{family}"
+    export = save_pruned(model, None, out, report={})
+    assert export.format == "custom"
+    return out
+
+
+@covers("modeling-modified", "modeling-unverifiable", "modeling-missing", "auto-map-export")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_modeling_file_is_verified(family, tmp_path):
+    from structprune import load_pruned
+    from structprune.export.loader import MODELING_NAME
+    from structprune.provenance import file_sha256
+
+    out = _per_layer_export(family, tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    recorded = cfg["structprune"]["modeling_sha256"]
+    assert recorded == file_sha256(out / MODELING_NAME)
+    assert json.loads((out / "report.json").read_text())["export"]["modeling_sha256"] == recorded
+    load_pruned(out)
+    load_pruned(out, trust_remote_code=True)
+
+    original = (out / MODELING_NAME).read_text()
+    (out / MODELING_NAME).write_text(original + "\nimport os  # added later\n")
+    for trust in (False, True):
+        with pytest.raises(StructPruneError, match=rf"{MODELING_NAME} was modified after the export \(SHA-256 "
+                                                   r"[0-9a-f]{12}\.\.\., recorded [0-9a-f]{12}\.\.\.\): refusing to "
+                                                   r"load it; restore the file or re-export the model"):
+            load_pruned(out, trust_remote_code=trust)
+    (out / MODELING_NAME).write_text(original)
+
+    del cfg["structprune"]["modeling_sha256"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StructPruneError, match=rf"records no SHA-256 of {MODELING_NAME}, so the file cannot be "
+                                               r"verified before it runs"):
+        load_pruned(out, trust_remote_code=True)
+    load_pruned(out)  # the packaged code runs, not the folder's
+
+    cfg["structprune"]["modeling_sha256"] = recorded
+    cfg["auto_map"]["AutoModelForCausalLM"] = "evil.EvilModel"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StructPruneError, match=rf"maps AutoModelForCausalLM to 'evil\.EvilModel', code outside "
+                                               rf"{MODELING_NAME}; refusing to load it"):
+        load_pruned(out)
+
+    del cfg["auto_map"]["AutoModelForCausalLM"]
+    cfg["auto_map"]["AutoModelForCausalLM"] = "modeling_structprune." + cfg["architectures"][0]
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / MODELING_NAME).unlink()
+    with pytest.raises(StructPruneError, match=rf"{MODELING_NAME} is missing: this per-layer export cannot load "
+                                               r"with trust_remote_code"):
+        load_pruned(out, trust_remote_code=True)
+
+
+@covers("export-widths", "export-weights")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_whose_config_disagrees_with_its_weights(family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from structprune import load_pruned
+
+    out = _per_layer_export(family, tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["layer_intermediate_size"][0] += 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StructPruneError, match=r"config\.json's widths disagree with the weights in"):
+        load_pruned(out)
+    cfg["layer_intermediate_size"][0] -= 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(out / "model.safetensors")
+    sd["model.extra.weight"] = torch.zeros(2)
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StructPruneError, match=r"weights in .* do not match its config\.json: .*unexpected"):
+        load_pruned(out)
+
+
+@covers("export-not-model")
+def test_load_pruned_of_something_else(tmp_path):
+    from structprune import load_pruned
+
+    with pytest.raises(StructPruneError, match=r"is not a folder; pass a folder written by `structprune prune --output`"):
+        load_pruned(tmp_path / "nothing")
+    with pytest.raises(StructPruneError, match=r"is not a model folder \(no config\.json\)"):
+        load_pruned(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(StructPruneError, match=r"config\.json has no model_type: not a Hugging Face model folder"):
+        load_pruned(tmp_path)
+
+
+# -- no pickle, no unasked remote code, anywhere in the source -------------------------------------------
+
+@covers("security-source")
+def test_the_source_never_unpickles_nor_trusts_remote_code_by_itself():
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "structprune"
+    unpicklers = {"load", "loads", "Unpickler"}  # torch.load, pickle.load(s), numpy.load, joblib.load
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = ast.unparse(node.func.value)
+            if node.func.attr in unpicklers:
+                assert owner not in ("torch", "pickle", "np", "numpy", "joblib", "dill"), (path, ast.unparse(node))
+            for kw in node.keywords:  # remote code runs only when the caller's own flag says so
+                if kw.arg == "trust_remote_code":
+                    assert not isinstance(kw.value, ast.Constant) or kw.value.value is False, (path, ast.unparse(node))
