@@ -91,7 +91,8 @@ def removal_step(adapter: Adapter, config: PruneConfig) -> float:
     coarsest, rounding = 0, 0.0
     for l in adapter.layers():
         a, m = adapter.attention_shape(l), adapter.mlp_shape(l)
-        step = m.cost_per_channel * max(config.mlp_multiple, _block(m.channels, config)
+        # step_channels: the tied experts of an MoE layer move together
+        step = m.cost_per_channel * max(m.step_channels(config.mlp_multiple), _block(m.channels, config)
                                         if config.method == "structprune" else 1)
         coarsest = max(coarsest, a.cost(1, a.group_size), step)
         rounding += step / 2
