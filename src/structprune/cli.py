@@ -24,6 +24,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # CPU-sized defaults: the protocol's 128x2048 calibration takes hours on a 2-core CPU.
 CPU_DEFAULTS = {"nsamples": 8, "seqlen": 512, "eval_limit": 4}
 GPU_DEFAULTS = {"nsamples": 128, "seqlen": 2048, "eval_limit": None}
+EVAL_SEQLEN = 2048  # --eval-seqlen's default (docs/protocol.md)
 
 
 def _datasets(s: str) -> list[str]:
@@ -37,7 +38,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--eval-limit", type=int, default=-1,
                    help="score only the first N windows of each dataset (default: all on GPU, 4 on CPU; 0: all)")
-    p.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (protocol: 2048)")
+    p.add_argument("--eval-seqlen", type=int, default=EVAL_SEQLEN, help="evaluation window length (protocol: 2048)")
+    p.add_argument("--protocol", default=None, choices=("cpu", "gpu"),
+                   help="docs/protocol.md's sizes: cpu = calibration 32x2048, evaluation on the first 40 WikiText-2 "
+                        "and 20 PTB and C4 windows of 2048; gpu = 128x2048 and every window (default: neither, "
+                        "the device's defaults)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -59,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: 2048 GPU, 512 CPU)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per chunk through a layer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval", default="wikitext2", help="comma-separated: wikitext2,ptb,c4 (empty: none)")
+    p.add_argument("--eval", default=None,
+                   help="comma-separated: wikitext2,ptb,c4 (empty: none; default: wikitext2, the protocol's three "
+                        "with --protocol)")
     p.add_argument("--mlp-multiple", type=int, default=8,
                    help="round kept MLP widths to this multiple (default 8 for MLP channels; 1: no rounding)")
     p.add_argument("--uniform-widths", action="store_true", help="same kept widths in every layer")
@@ -121,10 +128,33 @@ def _eval(model, tok, datasets, args, limit, device) -> dict:
     return {k: v.to_dict() for k, v in res.items()}
 
 
-def _counts(args, defaults: dict) -> tuple[int, int, int | None]:
-    """``(nsamples, seqlen, eval limit)``: the device's defaults where not given; 0 is refused
-    for the calibration sizes (it once silently meant the default) and means "every window"
-    for ``--eval-limit``."""
+def _protocol(args):
+    """The ``--protocol`` (eval/protocol.py) or None; it fixes the sizes, so giving them too is refused."""
+    from .eval.protocol import get_protocol
+
+    if getattr(args, "protocol", None) is None:
+        return None
+    protocol = get_protocol(args.protocol)
+    given = [flag for flag, value, unset in (("--nsamples", getattr(args, "nsamples", None), None),
+                                             ("--seqlen", getattr(args, "seqlen", None), None),
+                                             ("--eval-limit", args.eval_limit, -1),
+                                             ("--eval-seqlen", args.eval_seqlen, EVAL_SEQLEN))
+             if value != unset and not (flag == "--eval-seqlen" and value == protocol.eval_seqlen)]
+    if given:
+        raise StructPruneError(f"--protocol {protocol.name} fixes the calibration and evaluation sizes; drop "
+                               f"{', '.join(given)} (or drop --protocol)")
+    args.eval_seqlen = protocol.eval_seqlen  # read by every evaluation below
+    return protocol
+
+
+def _counts(args, defaults: dict) -> tuple[int, int, int | None | dict]:
+    """``(nsamples, seqlen, eval limit)``: the protocol's with ``--protocol`` (the limit then a
+    mapping per dataset), else the device's defaults where not given; 0 is refused for the
+    calibration sizes (it once silently meant the default) and means "every window" for
+    ``--eval-limit``."""
+    protocol = _protocol(args)
+    if protocol is not None:
+        return protocol.calib_nsamples, protocol.calib_seqlen, dict(protocol.eval_limits)
     if args.nsamples is not None and args.nsamples < 1:
         raise StructPruneError(f"--nsamples must be at least 1, got {args.nsamples}")
     if args.seqlen is not None and args.seqlen < 2:
@@ -165,8 +195,10 @@ def _check_family(model_config) -> None:
 def cmd_prune(args) -> dict:
     from .api import build_calibration, needs_calibration, prune
     from .config import PruneConfig
+    from .eval.intervals import comparison
     from .eval.perplexity import encode_corpus
     from .export import atomic_output_dir, check_output_dir, save_pruned, write_json
+    from .plots import write_run_plots
     from .memory import process_peak_rss
     from .models.loading import config_context_length, load_model, load_tokenizer_and_config
 
@@ -179,8 +211,11 @@ def cmd_prune(args) -> dict:
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,
                          mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths,
                          activation_budget=args.activation_budget, offload_dir=args.offload_dir, **overrides)
-    datasets = _datasets(args.eval)
-    if device.type == "cpu" and (args.nsamples is None or args.seqlen is None or args.eval_limit == -1):
+    protocol = _protocol(args)
+    datasets = _datasets(args.eval if args.eval is not None else
+                         ",".join(protocol.datasets) if protocol else "wikitext2")
+    if protocol is None and device.type == "cpu" and (args.nsamples is None or args.seqlen is None
+                                                      or args.eval_limit == -1):
         print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "
               f"first {limit or 'all'} windows of {args.eval_seqlen} (protocol: 128x2048 and all windows; "
               "pass --nsamples, --seqlen, --eval-limit to change; --eval-limit 0 scores every window)",
@@ -232,15 +267,15 @@ def cmd_prune(args) -> dict:
             export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
             report["export"] = export.to_dict()
         report["model"] = args.model
-        report["ppl"] = {d: {"dense": dense_ppl[d]["ppl"], "pruned": pruned_ppl[d]["ppl"],
-                             "nwindows": pruned_ppl[d]["nwindows"], "seqlen": pruned_ppl[d]["seqlen"],
-                             "window_nlls": {"dense": dense_ppl[d].get("window_nlls"),
-                                             "pruned": pruned_ppl[d].get("window_nlls")}}
-                         for d in datasets}
+        # Per dataset: both perplexities with 95% bootstrap intervals over windows, the paired
+        # ratio pruned/dense on the same windows with its interval, the per-window NLLs.
+        report["ppl"] = {d: comparison(dense_ppl[d], pruned_ppl[d]) for d in datasets}
+        report["protocol"] = protocol.to_dict() if protocol else None
         report["command"] = "structprune " + " ".join(sys.argv[1:])
         report["versions"] = _versions()
         report["total_seconds"] = time.perf_counter() - t_start
         report["process_peak_rss_bytes"] = process_peak_rss()
+        report["plots"] = write_run_plots(report, tmp)  # never fails the run: a missing matplotlib is a note
         write_json(tmp / "report.json", report)
     print_summary(report, args.output)
     return report
@@ -271,8 +306,13 @@ def print_summary(r: dict, out: str) -> None:
         "peak GPU memory     " + (mib(r["peak_gpu_mem_bytes"]) if r["peak_gpu_mem_bytes"] else "n/a (no GPU)"),
     ]
     for d, p in r.get("ppl", {}).items():
-        lines.append(f"ppl {d:<15} dense {p['dense']:.3f} -> pruned {p['pruned']:.3f} "
-                     f"({p['nwindows']} windows of {p['seqlen']})")
+        ci = {k: f" [{p[k][0]:.2f}, {p[k][1]:.2f}]" if p.get(k) else "" for k in ("dense_interval", "pruned_interval")}
+        ratio = p.get("ratio_pruned_to_dense")
+        lines.append(f"ppl {d:<15} dense {p['dense']:.3f}{ci['dense_interval']} -> pruned {p['pruned']:.3f}"
+                     f"{ci['pruned_interval']} ({p['nwindows']} windows of {p['seqlen']})"
+                     + (f"; ratio {ratio['value']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]" if ratio else ""))
+    for kind, path in (r.get("plots") or {}).items():
+        lines.append(f"plot {kind:<15} {path}")
     lines.append("layer widths        " + " ".join(f"{i}:{l['heads']}h/{l['kv_heads']}kv/{l['mlp']}"
                                                   for i, l in enumerate(r["layers"])))
     lines.append(f"saved to            {out}")
@@ -283,17 +323,23 @@ def cmd_eval(args) -> dict:
     from .models.loading import load_model
 
     device, dtype, defaults = resolve_runtime(args)
-    limit = defaults["eval_limit"] if args.eval_limit == -1 else (args.eval_limit or None)
+    protocol = _protocol(args)
+    limit = dict(protocol.eval_limits) if protocol else (defaults["eval_limit"] if args.eval_limit == -1
+                                                         else (args.eval_limit or None))
     if args.zero_shot:  # fail before loading the model if lm-eval is missing
         from .eval.zeroshot import _import_lm_eval
 
         _import_lm_eval()
     model, tok = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    datasets = _datasets(args.datasets if args.datasets is not None else ("" if args.zero_shot else "wikitext2"))
+    default = "" if args.zero_shot else (",".join(protocol.datasets) if protocol else "wikitext2")
+    datasets = _datasets(args.datasets if args.datasets is not None else default)
     res = _eval(model, tok, datasets, args, limit, device)
     for d, v in res.items():
-        print(f"ppl {d:<10} {v['ppl']:.4f} ({v['nwindows']} windows of {v['seqlen']}, {v['ntokens']} tokens)")
-    out = {"model": args.model, "ppl": res, "versions": _versions()}
+        ci = f" [{v['ppl_interval'][0]:.4f}, {v['ppl_interval'][1]:.4f}] (95% bootstrap)" if v["ppl_interval"] else ""
+        print(f"ppl {d:<10} {v['ppl']:.4f}{ci} ({v['nwindows']} windows of {v['seqlen']}, {v['ntokens']} tokens)")
+    # Per dataset: perplexity, its interval and the per-window NLLs (for paired ratios with another run).
+    out = {"model": args.model, "ppl": res, "protocol": protocol.to_dict() if protocol else None,
+           "versions": _versions()}
     if args.zero_shot:
         from .eval.zeroshot import format_zero_shot, zero_shot
 

@@ -2,7 +2,9 @@
 
 The corpus is tokenised once, cut into non-overlapping windows of ``seqlen`` tokens
 (``nsamples = numel // seqlen``, tail dropped), and perplexity is exp of the mean
-next-token NLL over all scored tokens (``seqlen - 1`` per window).
+next-token NLL over all scored tokens (``seqlen - 1`` per window). Every result keeps each
+window's mean NLL, from which ``eval/intervals.py`` computes the protocol's bootstrap
+interval (and paired ratios between two models on the same windows).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ..data.calibration import encode_text
 from ..data.corpora import C4_EVAL_MAX_WINDOWS
 from ..errors import StructPruneError
 from ..models.loading import model_context_length
+from .intervals import ppl_interval
+from .protocol import limit_for
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +36,24 @@ class PerplexityResult:
     nwindows: int
     ntokens: int  # scored tokens: nwindows * (seqlen - 1)
     seqlen: int
+    # Each window's mean NLL over its seqlen - 1 scored tokens, in window order (None: not kept).
+    window_nlls: tuple[float, ...] | None = None
+
+    def interval(self):
+        """The perplexity's 95% bootstrap interval over windows (``eval/intervals.py``), or None
+        without per-window NLLs or when one is not finite (a broken model has no interval)."""
+        if not self.window_nlls or not all(math.isfinite(x) for x in self.window_nlls):
+            return None
+        return ppl_interval(self.window_nlls)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Strict-JSON-ready fields, ``window_nlls`` as a list and ``ppl_interval`` ``[low, high]``
+        (null when there is none)."""
+        d = asdict(self)
+        d["window_nlls"] = None if self.window_nlls is None else list(self.window_nlls)
+        ci = self.interval()
+        d["ppl_interval"] = None if ci is None else [ci.low, ci.high]
+        return d
 
 
 def encode_corpus(tokenizer, name: str) -> torch.Tensor:
@@ -96,6 +115,7 @@ def perplexity_from_ids(
 
     nll_sum = 0.0  # Python float: float64 accumulation across windows
     count = 0
+    window_sums: list[float] = []
     bar = tqdm(total=nwindows, desc=f"ppl {dataset}", disable=not progress, unit="win")
     for start in range(0, nwindows, batch_size):
         batch = windows[start : start + batch_size].to(device)
@@ -103,7 +123,9 @@ def perplexity_from_ids(
         shift_logits = logits[:, :-1, :].float()
         labels = batch[:, 1:]
         nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), labels.reshape(-1), reduction="none")
-        nll_sum += nll.double().sum().item()
+        per_window = nll.double().view(batch.size(0), -1).sum(1)
+        window_sums.extend(per_window.tolist())
+        nll_sum += per_window.sum().item()
         count += labels.numel()
         del logits, shift_logits, nll
         bar.update(batch.size(0))
@@ -113,7 +135,8 @@ def perplexity_from_ids(
     if not math.isfinite(mean_nll):
         logger.warning("non-finite NLL on %s: the model produced NaN/inf logits", dataset)
     ppl = float("nan") if math.isnan(mean_nll) else (math.exp(mean_nll) if mean_nll < 709 else float("inf"))
-    result = PerplexityResult(dataset=dataset, ppl=ppl, nwindows=nwindows, ntokens=count, seqlen=seqlen)
+    result = PerplexityResult(dataset=dataset, ppl=ppl, nwindows=nwindows, ntokens=count, seqlen=seqlen,
+                              window_nlls=tuple(x / (seqlen - 1) for x in window_sums))
     logger.info("%s: ppl %.4f over %d windows of %d (%d tokens)", dataset, ppl, nwindows, seqlen, count)
     return result
 
@@ -151,15 +174,18 @@ def evaluate_datasets(
     tokenizer,
     datasets: list[str],
     seqlen: int = 2048,
-    limit: int | None = None,
+    limit: int | None | dict[str, int | None] = None,
     device: str | torch.device | None = None,
     batch_size: int = 1,
     progress: bool = True,
 ) -> dict[str, PerplexityResult]:
-    """:func:`perplexity` on each dataset, same windows and settings; keyed by dataset name."""
+    """:func:`perplexity` on each dataset, same settings; keyed by dataset name. ``limit`` is
+    one window limit for every dataset or a mapping ``{dataset: limit}`` (a protocol's,
+    ``eval/protocol.py``)."""
     return {
         name: perplexity(
-            model, tokenizer, name, seqlen=seqlen, limit=limit, device=device, batch_size=batch_size, progress=progress
+            model, tokenizer, name, seqlen=seqlen, limit=limit_for(limit, name), device=device, batch_size=batch_size,
+            progress=progress,
         )
         for name in datasets
     }

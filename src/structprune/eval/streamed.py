@@ -157,31 +157,36 @@ def streamed_perplexity(
     if not math.isfinite(mean_nll):
         log.warning("non-finite NLL on %s: the model produced NaN/inf logits", dataset)
     ppl = float("nan") if math.isnan(mean_nll) else (math.exp(mean_nll) if mean_nll < 709 else float("inf"))
-    result = PerplexityResult(dataset=dataset, ppl=ppl, nwindows=nwindows, ntokens=count, seqlen=seqlen)
+    nlls = [s / (seqlen - 1) for s in window_sums]
+    result = PerplexityResult(dataset=dataset, ppl=ppl, nwindows=nwindows, ntokens=count, seqlen=seqlen,
+                              window_nlls=tuple(nlls))
     log.info("%s: ppl %.4f over %d windows of %d (%d tokens, streamed)", dataset, ppl, nwindows, seqlen, count)
-    return result, [s / (seqlen - 1) for s in window_sums]
+    return result, nlls
 
 
-def evaluate_checkpoint(folder, tokenizer, datasets: list[str], seqlen: int = 2048, limit: int | None = None,
+def evaluate_checkpoint(folder, tokenizer, datasets: list[str], seqlen: int = 2048,
+                        limit: int | None | dict[str, int | None] = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         progress: bool = True) -> dict[str, dict]:
     """Perplexity of the checkpoint in ``folder`` on each dataset, one layer resident (the
-    protocol's windows, C4 capped as :func:`~structprune.eval.perplexity.perplexity` does).
-    Returns ``{dataset: {**PerplexityResult, "window_nlls": [...]}}``."""
+    protocol's windows, C4 capped as :func:`~structprune.eval.perplexity.perplexity` does;
+    ``limit`` one limit or ``{dataset: limit}``). Returns ``{dataset: PerplexityResult.to_dict()}``
+    (per-window NLLs and the bootstrap interval included)."""
     from ..data.corpora import C4_EVAL_MAX_WINDOWS
     from ..models.checkpoint import load_skeleton
     from .perplexity import encode_corpus
+    from .protocol import limit_for
 
     model, reader = load_skeleton(folder, dtype=dtype)
     out = {}
     try:
         for name in datasets:
-            cap = limit
+            cap = limit_for(limit, name)
             if name.lower() == "c4":
-                cap = C4_EVAL_MAX_WINDOWS if limit is None else min(limit, C4_EVAL_MAX_WINDOWS)
-            res, nlls = streamed_perplexity(model, reader, None, encode_corpus(tokenizer, name), seqlen, limit=cap,
-                                            device=device, dtype=dtype, dataset=name, progress=progress)
-            out[name] = {**res.to_dict(), "window_nlls": nlls}
+                cap = C4_EVAL_MAX_WINDOWS if cap is None else min(cap, C4_EVAL_MAX_WINDOWS)
+            res, _ = streamed_perplexity(model, reader, None, encode_corpus(tokenizer, name), seqlen, limit=cap,
+                                         device=device, dtype=dtype, dataset=name, progress=progress)
+            out[name] = res.to_dict()
     finally:
         reader.close()
     return out

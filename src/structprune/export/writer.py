@@ -399,6 +399,10 @@ def write_export_files(export: ExportConfig, base: str, out: Path, tokenizer=Non
     if report is not None:
         report = dict(report)
         report["export"] = export.to_dict()
+        if "plots" not in report:  # kept widths per layer (plots.py); a missing matplotlib is a note, not an error
+            from ..plots import write_run_plots
+
+            report["plots"] = write_run_plots(report, out)
         write_json(out / "report.json", report)
     if plans is not None:
         write_json(out / "plan.json", [p.to_dict() for p in plans])
