@@ -54,10 +54,12 @@ def write_gguf(model, path: Path) -> Path:
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"<t{i}>" for i in range(TOKENS)])
+    # Two merges: transformers 5.17's BPE converters need a merge table, and its GGUF reader
+    # turns a one-element array into a plain string.
+    w.add_token_list(["a", "b", "ab", "abb"] + [f"<t{i}>" for i in range(4, TOKENS)])
     w.add_token_scores([0.0] * TOKENS)
     w.add_token_types([1] * TOKENS)
-    w.add_token_merges([])
+    w.add_token_merges(["a b", "ab b"])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
