@@ -67,8 +67,17 @@ def random_plan(adapter, layer, rng: random.Random) -> LayerPlan:
     kv = sorted(rng.sample(range(s.num_kv_heads), rng.randint(1, s.num_kv_heads)))
     per_group = rng.randint(1, max(1, g - 1))  # at least one query head removed where a group has several
     heads = sorted(k * g + h for k in kv for h in rng.sample(range(g), per_group))
-    n = adapter.mlp_shape(layer).channels
-    return LayerPlan(heads, kv, sorted(rng.sample(range(n), rng.randint(1, n - 1))))
+    m = adapter.mlp_shape(layer)
+    if not m.tied:
+        return LayerPlan(heads, kv, sorted(rng.sample(range(m.channels), rng.randint(1, m.channels - 1))))
+    # MoE: the experts of a layer keep one width, a multiple of m.tied_multiple (adapters/moe.py)
+    width = rng.randrange(m.tied_multiple, m.sizes[0], m.tied_multiple)
+    channels, start = [], 0
+    for i, n in enumerate(m.sizes):
+        k = width if i < m.tied else rng.randint(1, n - 1)
+        channels += [start + c for c in sorted(rng.sample(range(n), k))]
+        start += n
+    return LayerPlan(heads, kv, channels)
 
 
 def full_plan(adapter, layer) -> LayerPlan:
@@ -83,15 +92,22 @@ def uniform_plan(adapter, layer, channels: int = 20) -> LayerPlan:
     kv = max(1, s.num_kv_heads // 2)
     per_group = next(p for p in range(s.group_size - 1 or 1, 0, -1) if s.hidden_size % (kv * p) == 0)
     heads = [k * s.group_size + h for k in range(kv) for h in range(per_group)]
+    m = adapter.mlp_shape(layer)
+    if m.tied:  # MoE: every expert (and a shared expert) keeps its first channels, experts a multiple of 8
+        starts = [sum(m.sizes[:i]) for i in range(len(m.sizes))]
+        keep = [channels // m.tied_multiple * m.tied_multiple if i < m.tied else channels for i in range(len(m.sizes))]
+        return LayerPlan(heads, list(range(kv)), [s0 + c for s0, k in zip(starts, keep) for c in range(k)])
     return LayerPlan(heads, list(range(kv)), list(range(channels)))
 
 
 def add_refit_biases(adapter, layer, seed: int) -> None:
     """What a refit with bias compensation does: o and down get a bias the family may not have."""
     g = torch.Generator().manual_seed(seed)
-    (_, o), (_, down) = adapter.attn_linears(layer), adapter.mlp_linears(layer)
-    for lin in (o, down):
-        set_output_projection(lin, lin.weight, 0.1 * torch.randn(lin.out_features, generator=g))
+    _, o = adapter.attn_linears(layer)
+    set_output_projection(o, o.weight, 0.1 * torch.randn(o.out_features, generator=g))
+    for part in adapter.mlp_parts(layer):  # experts cannot hold a bias (adapters/moe.py)
+        if part.bias_ok:
+            part.set_output(part.out_weight(), 0.1 * torch.randn(part.out_weight().shape[0], generator=g))
 
 
 def streamed_logits(model, ids: torch.Tensor, factory=None) -> torch.Tensor:
@@ -221,7 +237,7 @@ def check_per_layer_export(make, tmp_path, biases: bool = True) -> None:
         apply_layer_plan(adapter, layer, random_plan(adapter, layer, rng))
         if biases and i % 2 == 0:
             add_refit_biases(adapter, layer, i)
-    assert len({tuple(adapter.layer_widths(l).values()) for l in adapter.layers()}) > 1
+    assert len({json.dumps(adapter.layer_widths(l)) for l in adapter.layers()}) > 1
     export = save_pruned(model, None, tmp_path)
     assert export.format == "custom"
     cfg = json.loads((tmp_path / "config.json").read_text())

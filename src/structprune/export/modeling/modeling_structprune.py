@@ -274,6 +274,8 @@ class _LayerConfig:
         object.__setattr__(self, "_overrides", dict(overrides))
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # copy/pickle protocol lookups: default behaviour (state = __dict__)
+            raise AttributeError(name)
         overrides = object.__getattribute__(self, "_overrides")
         if name in overrides:
             return overrides[name]
@@ -281,11 +283,6 @@ class _LayerConfig:
 
     def __setattr__(self, name, value):
         setattr(self._base, name, value)
-
-    def __deepcopy__(self, memo):
-        import copy
-
-        return _LayerConfig(copy.deepcopy(self._base, memo), **self._overrides)
 
 
 def _resize_phi3_layers(model) -> None:
