@@ -650,3 +650,21 @@ def test_the_source_never_unpickles_nor_trusts_remote_code_by_itself():
             for kw in node.keywords:  # remote code runs only when the caller's own flag says so
                 if kw.arg == "trust_remote_code":
                     assert not isinstance(kw.value, ast.Constant) or kw.value.value is False, (path, ast.unparse(node))
+
+
+@covers("disk-full")
+def test_safetensors_wrapped_os_error_is_named(folder, calib, tmp_path, capsys, monkeypatch):
+    """safetensors reports a failed write as its own error with the OS code in the text (a real
+    `ulimit -f` run gave "I/O error: File too large (os error 27)"): it is one line naming the OS error."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def too_large(t, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    monkeypatch.setattr(safetensors.torch, "save_file", too_large)
+    out = tmp_path / "deep" / "out"
+    refused(prune_args(folder(), out, calib), capsys,
+            r"File too large: .*\.safetensors\.tmp \(the file system or a limit refuses files this large; write "
+            r"elsewhere\); nothing was written to .*out$")
+    assert not (tmp_path / "deep").exists()

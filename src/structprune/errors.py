@@ -27,8 +27,8 @@ def io_error_message(exc: BaseException) -> str:
     """One line for an operating-system failure (full disk, permissions, read-only file system...),
     given as an ``OSError`` or as the ``SafetensorError`` a weights writer raises around one."""
     code, what = getattr(exc, "errno", None), getattr(exc, "strerror", None)
-    if code is None:  # safetensors (Rust) wraps the OS error in its message: "IoError(Os { code: 28, ...})"
-        m = re.search(r"code: (\d+)", str(exc))
+    if code is None:  # safetensors (Rust) wraps the OS error in its message: "... (os error 28)"
+        m = re.search(r"(?:code: |os error )(\d+)", str(exc))
         code = int(m.group(1)) if m else None
     what = what or (os.strerror(code) if code else " ".join(str(exc).split())[:200])
     where = getattr(exc, "filename", None)

@@ -173,7 +173,7 @@ class ShardWriter:
         except BaseException as exc:
             tmp.unlink(missing_ok=True)  # never leave a half-written shard (a full disk, Ctrl-C)
             if isinstance(exc, _safetensors_error()):  # an OS error inside safetensors: raise it as one
-                code = re.search(r"code: (\d+)", str(exc))
+                code = re.search(r"(?:code: |os error )(\d+)", str(exc))
                 code = int(code.group(1)) if code else errno.EIO
                 raise OSError(code, os.strerror(code), str(tmp)) from exc
             raise
