@@ -449,3 +449,26 @@ def test_skeleton_of_a_per_layer_export(tmp_path):
     assert type(skeleton).__name__.startswith("StructPrune") and not is_materialized(skeleton)
     got, _ = streamed_perplexity(skeleton, reader, None, ids, 16, progress=False)
     assert got.ppl == pytest.approx(expected.ppl, rel=1e-5)
+
+
+def test_streamed_perplexity_budget_follows_the_activation_budget(saved, monkeypatch):
+    """Without ``ram_budget`` the evaluation sizes its groups of windows by the activation budget in
+    force (here ``$STRUCTPRUNE_ACTIVATION_BUDGET`` of two windows), not a fixed 2 GiB: three groups,
+    so every layer is read three times, and the same perplexity."""
+    from structprune.engine.disk import DiskLayerStore
+    from structprune.eval.streamed import eval_ram_budget
+
+    folder = saved["llama-gqa", "20KB"]
+    ids = calib_ids(7, 16, seed=3).reshape(-1)
+    model, reader = load_skeleton(folder)
+    hidden = model.config.hidden_size
+    ref, _ = streamed_perplexity(model, reader, None, ids, 16, limit=6, batch_size=2, progress=False)
+    fetches = []
+    orig = DiskLayerStore.fetch
+    monkeypatch.setattr(DiskLayerStore, "fetch", lambda self, i: fetches.append(i) or orig(self, i))
+    monkeypatch.setenv("STRUCTPRUNE_ACTIVATION_BUDGET", str(2 * 2 * 16 * hidden * 4))
+    assert eval_ram_budget() == 2 * 2 * 16 * hidden * 4
+    got, _ = streamed_perplexity(model, reader, None, ids, 16, limit=6, batch_size=2, progress=False)
+    assert fetches.count(0) == 3 and got.ppl == pytest.approx(ref.ppl, rel=1e-6)
+    monkeypatch.delenv("STRUCTPRUNE_ACTIVATION_BUDGET")
+    assert eval_ram_budget() > 2 * 2 * 16 * hidden * 4  # a quarter of the available memory

@@ -246,7 +246,7 @@ def cmd_prune(args) -> dict:
 
             def evaluate(folder):
                 return evaluate_checkpoint(folder, tok, datasets, seqlen=args.eval_seqlen, limit=limit, device=device,
-                                           dtype=dtype, progress=not args.quiet)
+                                           dtype=dtype, progress=not args.quiet, ram_budget=args.activation_budget)
 
             dense_ppl = evaluate(streamed) if datasets else {}
             result = prune_checkpoint(streamed, tmp, calib, config, tokenizer=tok, device=device, dtype=dtype,

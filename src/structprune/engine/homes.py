@@ -89,16 +89,18 @@ class DiskHome:
     def _stored_dtype(self, name: str, t: torch.Tensor) -> torch.dtype:
         """The dtype ``name`` had in the checkpoint (a float32 norm in a bf16 model stays float32);
         tensors new to the pruned model (refit biases) take the checkpoint's dtype."""
-        stored = self.reader.resolve(name)
         if not t.is_floating_point():
             return t.dtype
-        return self.reader.dtypes[stored] if stored is not None else self.out_dtype
+        stored = self.reader.stored_dtype_of(name)  # a converted tensor (3D MoE experts): its sources'
+        return stored if stored is not None else self.out_dtype
 
     @contextlib.contextmanager
     def cutting(self, final: bool):
         from ..export.shards import ShardWriter
 
-        writer = self.writer if final else ShardWriter(self.scratch / f"pass-{next(self._passes)}", "1GB")
+        # A scratch pass holds no more in RAM than the output writer does (its shard size).
+        writer = self.writer if final else ShardWriter(self.scratch / f"pass-{next(self._passes)}",
+                                                        self.writer.max_shard_size)
         self.factory.on_release = self._sink(writer)
         try:
             yield
@@ -136,7 +138,7 @@ class DiskHome:
                     self.writer.add(name, self.reader.get(name))
         seen = set()
         for name, t in self.model.state_dict(keep_vars=True).items():
-            if name in layer_names or id(t) in seen or self.reader.resolve(name) is None:
+            if name in layer_names or id(t) in seen or not self.reader.stored_names(name):
                 continue  # a layer; tied to a tensor already written (lm_head = embeddings); computed
             seen.add(id(t))
             self.writer.add(name, self.reader.get(name))

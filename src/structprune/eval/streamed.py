@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter, get_adapter
+from ..engine.activations import current_budget, parse_size
 from ..engine.capture import capture_first_layer_inputs, run_layer
 from ..engine.disk import DiskLayerStore, module_prefixes
 from ..engine.residency import LayerStore, moved_to
+from ..memory import available_memory
 from ..models.loading import model_context_length
 from .perplexity import PerplexityResult, protocol_windows
 
@@ -78,7 +80,7 @@ def streamed_perplexity(
     limit: int | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 1,
-    ram_budget: int = 2 * 2**30,
+    ram_budget: int | str | None = None,
     dtype: torch.dtype | None = None,
     dataset: str = "ids",
     progress: bool = True,
@@ -90,8 +92,8 @@ def streamed_perplexity(
     model), a store factory ``(layers, device) -> LayerStore``, or a
     :class:`~structprune.models.checkpoint.CheckpointReader` (a disk store reading in
     ``dtype`` is built). Windows are the protocol's (non-overlapping, tail dropped, the
-    first ``limit``), batched by ``batch_size``; ``ram_budget`` bytes bound the CPU
-    hidden states of a group of windows. NLL is float32 cross-entropy summed in float64.
+    first ``limit``), batched by ``batch_size``; ``ram_budget`` bytes (or ``"512MiB"``) bound the
+    CPU hidden states of a group of windows (default: :func:`eval_ram_budget`). NLL is float32 cross-entropy summed in float64.
     ``window_nlls`` is each window's mean NLL over its ``seqlen - 1`` scored tokens.
     """
     adapter = adapter if adapter is not None else get_adapter(model)
@@ -106,7 +108,8 @@ def streamed_perplexity(
         store.on_release = None
     act_dtype = getattr(store, "dtype", None) or dtype or _model_dtype(model)
     per_window = seqlen * model.config.hidden_size * act_dtype.itemsize * 2  # two boundaries at once
-    group = max(batch_size, (ram_budget // per_window) // batch_size * batch_size)
+    budget = eval_ram_budget() if ram_budget is None else int(parse_size(ram_budget))
+    group = max(batch_size, (budget // per_window) // batch_size * batch_size)
     layers = adapter.layers()
     ngroups = math.ceil(nwindows / group)
     bar = tqdm(total=ngroups * (len(layers) + 2), desc=f"ppl {dataset} (streamed)", disable=not progress)
@@ -164,10 +167,22 @@ def streamed_perplexity(
     return result, nlls
 
 
+def eval_ram_budget() -> int:
+    """RAM for a streamed evaluation's hidden states: the activation budget in force (an
+    :func:`~structprune.engine.activations.activation_budget` block or
+    ``$STRUCTPRUNE_ACTIVATION_BUDGET``), else a quarter of the memory available now (cgroup-aware),
+    as the streamed pruning path does: a model that does not fit must not be evaluated with
+    activations sized for one that does."""
+    limit = current_budget().limit
+    if math.isfinite(limit):
+        return int(limit)
+    return int(0.25 * (available_memory() or 16 * 2**30))
+
+
 def evaluate_checkpoint(folder, tokenizer, datasets: list[str], seqlen: int = 2048,
                         limit: int | None | dict[str, int | None] = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        progress: bool = True) -> dict[str, dict]:
+                        progress: bool = True, ram_budget: int | str | None = None) -> dict[str, dict]:
     """Perplexity of the checkpoint in ``folder`` on each dataset, one layer resident (the
     protocol's windows, C4 capped as :func:`~structprune.eval.perplexity.perplexity` does;
     ``limit`` one limit or ``{dataset: limit}``). Returns ``{dataset: PerplexityResult.to_dict()}``
@@ -185,7 +200,8 @@ def evaluate_checkpoint(folder, tokenizer, datasets: list[str], seqlen: int = 20
             if name.lower() == "c4":
                 cap = C4_EVAL_MAX_WINDOWS if cap is None else min(cap, C4_EVAL_MAX_WINDOWS)
             res, _ = streamed_perplexity(model, reader, None, encode_corpus(tokenizer, name), seqlen, limit=cap,
-                                         device=device, dtype=dtype, dataset=name, progress=progress)
+                                         device=device, dtype=dtype, dataset=name, progress=progress,
+                                         ram_budget=ram_budget)
             out[name] = res.to_dict()
     finally:
         reader.close()
