@@ -12,15 +12,28 @@ handles grows the RSS to the size of the checkpoint. Measured on LLaMA-7B-shaped
 layers (386 MiB): peak RSS over repeated fetches of two layers was 1.2 layers above the
 baseline with a fresh open per read, 3.0 layers (one more per distinct layer) with
 handles kept open. Opening costs ~0.1 ms, reading a layer ~0.5 s.
+
+Stored names need not be the model's. transformers 5.x keeps a mixture-of-experts layer's
+experts as 3D parameters (``mlp.experts.gate_up_proj`` ``[E, 2n, d]``, ``down_proj``
+``[E, d, n]``) while Hub checkpoints, and its own ``save_pretrained``, store one matrix per
+expert (Mixtral: ``block_sparse_moe.experts.{e}.w1/w2/w3.weight``; Qwen2-MoE:
+``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``); ``from_pretrained`` converts with the
+rules in ``transformers.conversion_mapping``. :func:`load_skeleton` plans the same
+conversion from those rules (:meth:`CheckpointReader.plan_conversions`), and
+:meth:`CheckpointReader.get` builds a converted tensor when it is read: a layer's experts
+are assembled from their per-expert tensors while that layer is fetched, never the whole
+model. Checkpoints already in the model's layout (StructPrune's exports) are read as they are.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,7 +93,9 @@ class CheckpointReader:
     ``aliases`` maps a model's tensor name to the stored one (tied embeddings, a
     checkpoint saved without the ``model.`` prefix); ``computed`` holds tensors that are
     not in the files (non-persistent buffers such as rotary ``inv_freq``), filled by
-    :func:`load_skeleton`.
+    :func:`load_skeleton`. ``conversions`` maps a model tensor name to the stored tensors it
+    is built from by one of transformers' weight converters (per-expert MoE weights stacked
+    into the model's 3D experts); see :meth:`plan_conversions`.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -100,6 +115,7 @@ class CheckpointReader:
         self._read_headers()
         self.aliases: dict[str, str] = {}
         self.computed: dict[str, torch.Tensor] = {}
+        self.conversions: dict[str, Conversion] = {}
 
     # -- layout -----------------------------------------------------------------------------
     def _weight_map(self) -> dict[str, Path]:
@@ -199,12 +215,30 @@ class CheckpointReader:
         return alias if alias in self.weight_map else None
 
     def __contains__(self, name: str) -> bool:
-        return self.resolve(name) is not None or name in self.computed
+        return self.resolve(name) is not None or name in self.conversions or name in self.computed
+
+    def stored_names(self, name: str) -> list[str]:
+        """The stored tensors a model tensor is read from: one, several (a conversion), none (computed)."""
+        stored = self.resolve(name)
+        if stored is not None:
+            return [stored]
+        conv = self.conversions.get(name)
+        return [n for names in conv.sources.values() for n in names] if conv is not None else []
+
+    def stored_dtype_of(self, name: str) -> torch.dtype | None:
+        """The dtype a model tensor has on disk (a converted one: its sources'), None if not stored."""
+        stored = self.resolve(name)
+        if stored is not None:
+            return self.dtypes[stored]
+        conv = self.conversions.get(name)
+        return conv.dtype if conv is not None else None
 
     def shape(self, name: str) -> tuple[int, ...]:
         stored = self.resolve(name)
         if stored is not None:
             return self.shapes[stored]
+        if name in self.conversions:
+            return self.conversions[name].shape
         if name in self.computed:
             return tuple(self.computed[name].shape)
         raise StructPruneError(f"tensor {name!r} is not in the checkpoint {self.folder}")
@@ -220,6 +254,8 @@ class CheckpointReader:
 
         stored = self.resolve(name)
         if stored is None:
+            if name in self.conversions:
+                return self._converted(name, dtype, device)
             if name in self.computed:
                 return own_copy(self.computed[name], dtype, device)
             raise StructPruneError(f"tensor {name!r} is not in the checkpoint {self.folder}")
@@ -231,8 +267,112 @@ class CheckpointReader:
             raise _open_error(path, exc) from exc
         return own_copy(view, dtype, device)
 
+    def _converted(self, name: str, dtype: torch.dtype | None, device) -> torch.Tensor:
+        """Read the sources of ``name`` (own copies, in their stored dtype) and run its converter on
+        the CPU; then cast and move the result. At most the sources and the result are in memory."""
+        conv = self.conversions[name]
+        tensors = {p: [self.get(n) for n in names] for p, names in conv.sources.items()}
+        out = conv.run(name, tensors)  # new memory, or a view of the copies just read: never the file's
+        del tensors
+        if torch.device(device).type == "cpu":
+            return out if dtype is None or out.dtype == dtype else out.to(dtype)
+        return own_copy(out, dtype, device)
+
+    def plan_conversions(self, model: nn.Module) -> None:
+        """Map model tensors the files hold under other names or layouts, by transformers' own rules.
+
+        ``transformers.conversion_mapping.get_model_conversion_mapping(model)`` lists the
+        renamings and converters ``from_pretrained`` applies to ``model``'s checkpoints
+        (Mixtral: ``block_sparse_moe`` -> ``mlp``, per-expert ``w1``/``w3`` stacked and
+        concatenated into ``gate_up_proj``, ``w2`` stacked into ``down_proj``; Qwen2-MoE the
+        same from ``gate_proj``/``up_proj``/``down_proj``). Each stored name is renamed as
+        ``from_pretrained`` renames it; a rename becomes an alias, a converter's target a
+        :class:`Conversion`. Its shape is found by running the converter on ``meta`` tensors,
+        so a checkpoint with experts missing or misshapen is refused here, before any read.
+        Model tensors stored under their own name are left alone (the layout StructPrune writes).
+        """
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:  # a transformers without load-time conversions: names map one to one
+            return
+        try:
+            transforms = get_model_conversion_mapping(model)
+        except Exception as exc:  # noqa: BLE001 - a model transformers cannot map is read one to one
+            log.debug("no weight conversions for %s: %s", type(model).__name__, exc)
+            return
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        if not renamings and not converters:
+            return
+        want = model.state_dict(keep_vars=True)
+        prefix = getattr(model, "base_model_prefix", None) or None
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        groups: dict[str, dict[str, list[str]]] = {}
+        templates: dict[str, object] = {}
+        # Natural order (expert 2 before expert 10), as from_pretrained collects them: the
+        # converters stack the experts in the order their tensors arrive.
+        for stored in sorted(self.weight_map, key=_natural_key):
+            if stored in want:
+                continue
+            target, pattern = rename_source_key(stored, renamings, converters, prefix, want)
+            if target not in want or target in self.weight_map:
+                continue
+            if pattern is None:
+                self.aliases.setdefault(target, stored)
+                continue
+            templates.setdefault(target, by_pattern[pattern])
+            groups.setdefault(target, {}).setdefault(pattern, []).append(stored)
+        for target, sources in groups.items():
+            template = templates[target]
+            # Sources in the converter's pattern order (gate before up), as its ops expect.
+            ordered = {p: sources[p] for p in template.source_patterns if p in sources}
+            conv = Conversion(template, ordered, getattr(model, "config", None), (), torch.float32)
+            metas = {p: [torch.empty(self.shapes[n], dtype=self.dtypes[n], device="meta") for n in names]
+                     for p, names in ordered.items()}
+            try:
+                out = conv.run(target, metas)
+            except StructPruneError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an op refusing the stored shapes
+                raise StructPruneError(f"the weights in {self.folder} cannot be converted to {target!r} "
+                                       f"({' '.join(str(exc).split())[:200]})") from exc
+            conv.shape, conv.dtype = tuple(out.shape), out.dtype
+            self.conversions[target] = conv
+
     def close(self) -> None:
         """Nothing is held open between reads (see the module docstring); kept for symmetry."""
+
+
+@dataclass
+class Conversion:
+    """A model tensor built from stored tensors by one of transformers' ``WeightConverter``s.
+
+    ``sources`` maps each of the converter's source patterns to the stored names it
+    collects, in order (expert 0, 1, ...); ``shape`` and ``dtype`` are the result's.
+    """
+
+    converter: object  # transformers.core_model_loading.WeightConverter (a template, never filled)
+    sources: dict[str, list[str]]
+    config: object
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def run(self, target: str, tensors: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """The converter applied to ``tensors`` (pattern -> tensors, as ``sources``); the ``target`` tensor."""
+        conv = copy.deepcopy(self.converter)  # converters collect tensors in themselves: use a fresh one
+        for pattern, ts in tensors.items():
+            conv.collected_tensors[pattern] = list(ts)
+        with torch.no_grad():
+            out = conv.convert(target, config=self.config)
+        if target not in out:
+            raise StructPruneError(f"transformers' converter for {target!r} produced {sorted(out)[:4]} instead")
+        return out[target]
+
+
+def _natural_key(name: str) -> list:
+    """Sort key ordering digit runs by value: ``experts.2`` before ``experts.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 def own_copy(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
@@ -320,13 +460,16 @@ def load_skeleton(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     model.tie_weights()
     tied = _tied_aliases(model)
     prefix = getattr(model, "base_model_prefix", "") or ""
+    reader.plan_conversions(model)  # Hub layouts (per-expert MoE weights) -> the model's names
     missing = []
     for mod, attr, full, t, is_param, persistent in list(_tensors(model)):
         if not t.is_meta:
             if not persistent or full not in reader.weight_map:
                 reader.computed[full] = t.detach().clone()
             _set(mod, attr, t.detach().to("meta"), is_param)
-        if full in reader.computed or full in reader.weight_map:
+        if full in reader.computed or full in reader.weight_map or full in reader.conversions:
+            continue
+        if full in reader.aliases:  # renamed by transformers' rules
             continue
         candidates = []
         for name in (full, tied.get(full)):  # a tied weight may itself be stored without the prefix
