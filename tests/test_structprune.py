@@ -60,8 +60,9 @@ def test_streamed_sensitivities_equal_full_backward():
     adapter = get_adapter(model)
     ids = calib_ids(4, 16)
     inputs = capture_first_layer_inputs(model, adapter, ids, torch.device("cpu"), batch_size=2)
-    sens = module_sensitivities(model, adapter, inputs, ids, "cpu", progress=False)
-    # Reference: whole model, autograd, same per-chunk mean loss.
+    # The plain mean over every token (no positions skipped, no trimming): what the reference computes.
+    sens = module_sensitivities(model, adapter, inputs, ids, "cpu", progress=False, skip_positions=0, trim=0.0)
+    # Reference: whole model, autograd, the same loss (each window's mean token NLL, summed over windows).
     sq = {(i, k): 0.0 for i in range(3) for k in ("attn", "mlp")}
     for start in (0, 2):
         hooks = []
@@ -72,7 +73,8 @@ def test_streamed_sensitivities_equal_full_backward():
                 hooks.append(mod.register_forward_hook(fw))
         chunk = ids[start:start + 2]
         logits = model(chunk).logits[:, :-1]
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1)).backward()
+        (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum")
+         / (chunk.shape[1] - 1)).backward()
         for h in hooks:
             h.remove()
     model.zero_grad(set_to_none=True)

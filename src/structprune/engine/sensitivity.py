@@ -23,6 +23,28 @@ layer outside the last segment. The boundaries are activation stores, so the act
 budget still decides what of those stays in RAM and what goes to disk. Recomputation runs
 the same layer on the same stored bits, so the sensitivities are exactly those obtained
 with every boundary kept (``checkpoint_every=1``).
+
+**Float32 whatever the model's dtype.** Every layer and the head run on float32 copies of
+their weights (one layer's worth, made while the layer is resident; nothing for a float32
+model), the boundaries and gradients are float32, and squared gradients are summed in
+float64. A bfloat16 model's gradients back-propagated in bfloat16 carry 8 mantissa bits
+through 30+ layers; the sensitivities then measured the rounding as much as the weights
+(up to 70x between the fp32 and bf16 copies of SmolLM2, issue 11). Boundaries of a half
+precision model take twice the memory of the model dtype (they are activation stores: the
+budget spills them as usual).
+
+**The estimator.** The gradient energy is kept per window and position
+(:func:`gradient_energy`), then reduced by :func:`reduce_energy`: the first
+``skip_positions`` positions of every window are left out (on SmolLM2, position 0 carries
+80% of the gradient energy at layer 0's attention output, so the estimate depended on which
+token happened to open each window; with position 0 alone skipped, positions 1-3 still made
+fp32 and bf16 weights disagree 5.4x on one module), the per-window means are combined by a
+symmetric ``trim`` trimmed mean (one outlying window cannot decide a module's weight),
+and the result is divided by the module's output width. The defaults (skip 4, trim 1/8) were
+chosen by ``benchmarks/sensitivity_agreement.py`` (agreement between disjoint calibration
+subsets and between fp32 and bf16 weights, ``benchmarks/results/sensitivity_agreement*.md``).
+The loss is the sum over windows of each window's mean token NLL, so a token's gradient does
+not depend on how many windows share a chunk.
 """
 
 from __future__ import annotations
@@ -31,6 +53,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter
@@ -39,13 +62,54 @@ from .activations import ActivationStore
 from .capture import LayerInputs, layer_kwargs, run_layer, to_device
 from .residency import LayerStore, SwapLayerStore, moved_to
 
+# Chosen by benchmarks/sensitivity_agreement.py on SmolLM2-135M (docs/experiments.md, issue 11): with
+# two disjoint 8x512 C4 subsets the largest module ratio (common scale removed) fell from 31.2 (old
+# estimator) to 1.11, and between fp32 and bf16 weights from 24.9 to 1.01. Skipping 4 positions alone
+# fixes the dtype disagreement (1.00) but leaves 1.27 between subsets; trimming one window of eight at
+# each end alone leaves 1.04 between dtypes; larger skips (16, 64) were no better.
+SKIP_POSITIONS = 4
+TRIM = 0.125
+# Never skip more than this fraction of a window: short windows (tests, toy runs) keep most positions.
+MAX_SKIP_FRACTION = 0.25
+MODULES = ("attn", "mlp")
 
-def _head_loss(adapter: Adapter, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+
+class Float32Module:
+    """Calls ``module`` on float32 copies of its floating-point weights and buffers, with its
+    floating inputs cast to float32; the module itself is not modified (hooks on its
+    submodules still fire). For a float32 module the copies are the tensors themselves."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.tensors = {name: t.float() if t.is_floating_point() else t
+                        for name, t in (*module.named_parameters(), *module.named_buffers())}
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.module, self.tensors, float32_tensors(args), float32_tensors(kwargs))
+
+
+def float32_tensors(obj):
+    """``obj`` with every floating tensor inside nested tuples/lists/dicts cast to float32
+    (an additive attention mask must match float32 queries in scaled-dot-product attention)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(float32_tensors(o) for o in obj)
+    if isinstance(obj, list):
+        return [float32_tensors(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: float32_tensors(v) for k, v in obj.items()}
+    return obj
+
+
+def _head_loss(head: list[Float32Module], h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum over the windows of ``h`` of each window's mean next-token NLL, in float32."""
     x = h
-    for m in adapter.head_modules():
+    for m in head:
         x = m(x)
     logits = x[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    return nll / (ids.shape[1] - 1)
 
 
 def checkpoint_interval(num_layers: int) -> int:
@@ -53,14 +117,75 @@ def checkpoint_interval(num_layers: int) -> int:
     return math.isqrt(max(num_layers, 1) - 1) + 1
 
 
+def effective_skip(skip_positions: int, seqlen: int) -> int:
+    """Positions actually left out of windows of ``seqlen``: ``skip_positions``, at most a
+    quarter of the window."""
+    if skip_positions < 0:
+        raise ValueError(f"skip_positions must be >= 0, got {skip_positions}")
+    return min(int(skip_positions), int(MAX_SKIP_FRACTION * seqlen))
+
+
+def trimmed_mean(values: torch.Tensor, trim: float) -> float:
+    """Mean of ``values`` (1-D) without the ``floor(trim * n)`` smallest and as many largest."""
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    v = values.double().sort().values
+    cut = int(math.floor(trim * v.numel()))
+    kept = v[cut:v.numel() - cut]
+    return float(kept.mean())
+
+
+def reduce_energy(energy: torch.Tensor, width: int, skip_positions: int = SKIP_POSITIONS,
+                  trim: float = TRIM) -> float:
+    """Sensitivity of one module from its gradient energy ``[windows, seqlen]`` (the squared
+    gradient norm at its output, summed over the ``width`` output features): the ``trim``
+    trimmed mean over windows of the mean over positions ``>= skip`` (see
+    :func:`effective_skip`), per output feature. ``skip_positions=0, trim=0`` is the plain
+    mean over every token, the estimator used before issue 11."""
+    skip = effective_skip(skip_positions, energy.shape[1])
+    per_window = energy[:, skip:].double().mean(dim=1)
+    return trimmed_mean(per_window, trim) / width
+
+
 def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: torch.Tensor, device,
-                         swap: bool = False, progress: bool = True,
-                         checkpoint_every: int | None = None, store_factory=None) -> list[dict[str, float]]:
-    """``[{"attn": s, "mlp": s}, ...]`` per layer: mean squared gradient norm per token and
-    feature at each module's output, for the LM loss on the windows of ``inputs``.
+                         swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
+                         store_factory=None, skip_positions: int = SKIP_POSITIONS,
+                         trim: float = TRIM) -> list[dict[str, float]]:
+    """``[{"attn": s, "mlp": s}, ...]`` per layer: the squared gradient norm per token and
+    output feature at each module's output for the LM loss on the windows of ``inputs``,
+    reduced by :func:`reduce_energy` (``skip_positions``, ``trim``). Raises
+    :class:`StructPruneError` naming the layer and module when one is not finite and positive.
 
     ``checkpoint_every``: layers between kept boundaries (default ``ceil(sqrt(L))``; 1 keeps
     every boundary and recomputes nothing)."""
+    energy, widths = gradient_energy(model, adapter, inputs, calib, device, swap=swap, progress=progress,
+                                     checkpoint_every=checkpoint_every, store_factory=store_factory)
+    out = []
+    for i, (e, w) in enumerate(zip(energy, widths)):
+        sens = {m: reduce_energy(e[m], w[m], skip_positions, trim) for m in MODULES}
+        check_sensitivity(sens, i)
+        out.append(sens)
+    return out
+
+
+def check_sensitivity(sens: dict[str, float], layer: int) -> None:
+    """A NaN/Inf or zero sensitivity would make the allocation keep (or cut) everything silently."""
+    for module, v in sens.items():
+        if not (math.isfinite(v) and v > 0):
+            what = "not finite" if not math.isfinite(v) else "not positive"
+            raise StructPruneError(f"sensitivity of layer {layer} {module} is {v} ({what}): the loss gradient "
+                                   "reaching it is NaN/Inf or zero; check the model's weights (LM head, final norm, "
+                                   "that layer) for NaN/Inf")
+
+
+def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.Tensor, device,
+                    swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
+                    store_factory=None) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, int]]]:
+    """``(energy, widths)``: per layer, ``{"attn": E, "mlp": E}`` with ``E[w, t]`` the squared
+    norm (float64, summed over output features) of the loss gradient at the module's output
+    for window ``w``, position ``t``; and each module's output width. Computed in float32
+    whatever the model's dtype (module docstring). Non-finite gradients raise at once,
+    naming the layer."""
     device = torch.device(device)
     layers = adapter.layers()
     num = len(layers)
@@ -76,11 +201,12 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
     ckpt: dict[int, LayerInputs] = {0: inputs}  # boundary j (input of layer j) for j % k == 0
     seg: dict[int, LayerInputs] = {}  # the other boundaries of the segment at hand
     grads, final = None, inputs  # final: the last boundary (the inputs when there are no layers)
+    nwindows, seqlen = int(calib.shape[0]), int(calib.shape[1])
 
     def forward(i: int, h: LayerInputs) -> LayerInputs:
         layer = store.fetch(i)
         try:
-            return run_layer(layer, h, device)
+            return run_layer(Float32Module(layer), h, device, dtype=torch.float32)
         finally:
             store.release(i)
 
@@ -100,19 +226,22 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
         # 2. gradient of the loss at the last boundary; head modules go to the device.
         head = adapter.head_modules()
         with resident(head, device) if resident else moved_to(head, device):
-            grads, start = ActivationStore(), 0
+            head32 = [Float32Module(m) for m in head]
+            grads, start = ActivationStore(dtype=torch.float32), 0
             for x in final.hidden:
                 ids = calib[start:start + x.shape[0]].to(device)
                 start += x.shape[0]
                 with torch.enable_grad():
-                    x = x.to(device, final.hidden.source_dtype or x.dtype).detach().requires_grad_(True)
-                    _head_loss(adapter, x, ids).backward()
+                    x = x.to(device, torch.float32).detach().requires_grad_(True)
+                    _head_loss(head32, x, ids).backward()
                 grads.append(x.grad)
+            del head32
         if final is not inputs:
             final.close()
         final = None
         # 3. backward, one layer at a time.
-        out = [None] * num
+        energy: list = [None] * num
+        widths: list = [None] * num
         for i in tqdm(reversed(range(num)), total=num, desc="sensitivity bwd", disable=not progress):
             s = i - i % k
             if i > s and i not in seg:  # entering segment [s, s + k) from above: recompute it
@@ -123,15 +252,21 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
             b = seg.pop(i) if i > s else ckpt.pop(s)
             layer = store.fetch(i)
             try:
-                out[i], new_grads = _layer_backward(adapter, layer, b, grads, device)
+                energy[i], widths[i], new_grads = _layer_backward(adapter, layer, b, grads, device,
+                                                                   (nwindows, seqlen))
             finally:
                 store.release(i)
-            _check_finite(out[i], i, new_grads)
+            bad = [m for m in MODULES if not bool(torch.isfinite(energy[i][m]).all())]
+            if bad:
+                new_grads.close()
+                raise StructPruneError(f"sensitivity of layer {i} {bad[0]} is not finite: the loss gradient reaching "
+                                       "it is NaN/Inf; check the model's weights (LM head, final norm, that layer) "
+                                       "for NaN/Inf")
             grads.close()
             grads = new_grads
             if b is not inputs:
                 b.close()  # free it now, not at garbage collection
-        return out
+        return energy, widths
     finally:
         for b in (*ckpt.values(), *seg.values(), final):
             if b is not None and b is not inputs:
@@ -143,53 +278,50 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
             p.requires_grad_(g)
 
 
-def _check_finite(sens: dict[str, float], i: int, new_grads) -> None:
-    """A NaN/Inf or zero sensitivity would make the allocation keep (or cut) everything silently."""
-    for module, v in sens.items():
-        if not (math.isfinite(v) and v > 0):
-            new_grads.close()
-            what = "not finite" if not math.isfinite(v) else "not positive"
-            raise StructPruneError(f"sensitivity of layer {i} {module} is {v} ({what}): the loss gradient reaching "
-                                   "it is NaN/Inf or zero; check the model's weights (LM head, final norm, that "
-                                   "layer) for NaN/Inf, or compute in float32/bfloat16 instead of float16")
-
-
 def _close_all(boundaries: dict[int, LayerInputs]) -> None:
     for b in boundaries.values():
         b.close()
     boundaries.clear()
 
 
-def _layer_backward(adapter: Adapter, layer, inputs: LayerInputs, grads: list[torch.Tensor], device):
+def _layer_backward(adapter: Adapter, layer, inputs: LayerInputs, grads, device, shape: tuple[int, int]):
+    """One layer's backward in float32: ``(energy, widths, input gradients)``."""
     _, o = adapter.attn_linears(layer)
     down = adapter.mlp_output_module(layer)  # down_proj, or an MoE block (every expert's output)
-    acc = {"attn": 0.0, "mlp": 0.0}
-    count = 0
-    captured = {}
+    energy = {m: torch.zeros(shape, dtype=torch.float64) for m in MODULES}
+    widths = {}
+    chunk = [0, 0]  # first window and number of windows of the chunk being back-propagated (read by the hooks)
 
     def keep(name):
         def hook(module, args, output):
-            output.register_hook(lambda g: acc.__setitem__(name, acc[name] + float(g.float().pow(2).sum())))
-            captured[name] = output.shape[-1]
+            output = output[0] if isinstance(output, (tuple, list)) else output
+            widths[name] = output.shape[-1]
+            r, n = chunk
+
+            def on_grad(g):
+                # [windows, positions] whatever the module's layout (an MoE block may flatten the tokens)
+                energy[name][r:r + n] += g.float().pow(2).sum(-1).reshape(n, -1).double().cpu()
+            output.register_hook(on_grad)
         return hook
 
     handles = [o.register_forward_hook(keep("attn")), down.register_forward_hook(keep("mlp"))]
-    new_grads = ActivationStore()
+    new_grads = ActivationStore(dtype=torch.float32)
+    layer32 = Float32Module(layer)
     try:
         for h, kw, g in zip(inputs.hidden, inputs.kwargs, grads):
+            chunk[1] = h.shape[0]
             with torch.enable_grad():
                 # detach: never flag (or attach a .grad to) the stored chunk itself
-                x = h.to(device, inputs.hidden.source_dtype or h.dtype).detach().requires_grad_(True)
-                y = layer(x, **to_device(layer_kwargs(layer, kw), device))
+                x = h.to(device, torch.float32).detach().requires_grad_(True)
+                y = layer32(x, **to_device(layer_kwargs(layer, kw), device))
                 y = y[0] if isinstance(y, (tuple, list)) else y
-                y.backward(g.to(device, y.dtype))
+                y.backward(g.to(device, torch.float32))
             new_grads.append(x.grad)
-            count += h.shape[0] * h.shape[1]
+            chunk[0] += h.shape[0]
     except BaseException:
         new_grads.close()
         raise
     finally:
         for hd in handles:
             hd.remove()
-    d = captured.get("attn", 1)
-    return {k: v / (count * d) for k, v in acc.items()}, new_grads
+    return energy, widths, new_grads
