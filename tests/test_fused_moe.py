@@ -279,6 +279,12 @@ def test_incomplete_per_expert_checkpoint_is_refused_before_reading(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(StructPruneError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj"):
         load_skeleton(tmp_path)
+    # A whole expert missing stacks without complaint, one short: refused by its shape.
+    for w in ("w1", "w2"):
+        del tensors[f"model.layers.0.block_sparse_moe.experts.2.{w}.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(StructPruneError, match=r"experts\.(gate_up|down)_proj' the shape \[2, .*expects \[3, "):
+        load_skeleton(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mixtral"
 
 

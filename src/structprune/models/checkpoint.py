@@ -338,6 +338,10 @@ class CheckpointReader:
                 raise StructPruneError(f"the weights in {self.folder} cannot be converted to {target!r} "
                                        f"({' '.join(str(exc).split())[:200]})") from exc
             conv.shape, conv.dtype = tuple(out.shape), out.dtype
+            if conv.shape != tuple(want[target].shape):  # e.g. a whole expert missing: one fewer to stack
+                raise StructPruneError(f"the weights in {self.folder} give {target!r} the shape {list(conv.shape)} "
+                                       f"(from {sum(map(len, ordered.values()))} stored tensors), the model "
+                                       f"expects {list(want[target].shape)}")
             self.conversions[target] = conv
 
     def close(self) -> None:
