@@ -217,8 +217,9 @@ def cmd_prune(args) -> dict:
     if protocol is None and device.type == "cpu" and (args.nsamples is None or args.seqlen is None
                                                       or args.eval_limit == -1):
         print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "
-              f"first {limit or 'all'} windows of {args.eval_seqlen} (protocol: 128x2048 and all windows; "
-              "pass --nsamples, --seqlen, --eval-limit to change; --eval-limit 0 scores every window)",
+              f"first {limit or 'all'} windows of {args.eval_seqlen}, a smoke test (--protocol cpu: the CPU protocol "
+              "of docs/protocol.md, 32x2048 and 40/20/20 windows with intervals; pass --nsamples, --seqlen, "
+              "--eval-limit to change; --eval-limit 0 scores every window)",
               file=sys.stderr)
 
     # Everything that can be checked without the weights is checked before the slow load:
