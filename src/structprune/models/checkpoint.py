@@ -315,7 +315,8 @@ class CheckpointReader:
         for stored in sorted(self.weight_map, key=_natural_key):
             if stored in want:
                 continue
-            target, pattern = rename_source_key(stored, renamings, converters, prefix, want)
+            target, pattern = rename_source_key(stored, renamings, converters, base_model_prefix=prefix,
+                                                meta_state_dict=want)
             if target not in want or target in self.weight_map:
                 continue
             if pattern is None:
