@@ -150,14 +150,14 @@ def test_an_error_mid_run_leaves_the_model_as_found(family, monkeypatch):
 
     model = _mixed(FACTORIES[family]())
     before = _state(model)
-    real, seen = sp._cut_mlp, []
+    real, seen = sp.cut_mlp, []
 
     def fail_on_second_layer(*a, **k):  # after sensitivities (which turn gradients off) and one cut layer
         seen.append(1)
         if len(seen) == 2:
             raise RuntimeError("injected failure")
         return real(*a, **k)
-    monkeypatch.setattr(sp, "_cut_mlp", fail_on_second_layer)
+    monkeypatch.setattr(sp, "cut_mlp", fail_on_second_layer)
     with pytest.raises(RuntimeError, match="injected"):
         _prune(model, method="structprune", allocation="auto")
     training, tensors = _state(model)

@@ -29,7 +29,7 @@ def test_allocation_a_method_does_not_run_is_refused(method, allocation):
 
 
 @pytest.mark.parametrize("method,allocation,knob,value", [
-    ("wanda-sp", "uniform", "temperature", 0.5), ("wanda-sp", "uniform", "rho", 1.0),
+    ("wanda-sp", "uniform", "temperature", 0.5), ("wanda-sp", "uniform", "rho", 0.5),
     ("magnitude-sp", "uniform", "iterations", 2), ("flap", "auto", "path_steps", 8),
     ("flap", "auto", "target", "dense"), ("wanda-sp", "uniform", "global_score", "taylor"),
     ("wanda-sp", "uniform", "owl_lambda", 0.2), ("wanda-sp", "threshold", "owl_m", 3.0),

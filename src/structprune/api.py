@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import Adapter, LayerPlan, count_params, get_adapter
+from .adapters import Adapter, LayerPlan, count_params, get_adapter, prunable_params, removable_cost
 from .config import PruneConfig
 from .engine import LayerStream
 from .engine.activations import ENV_BUDGET, activation_budget, current_budget
@@ -30,6 +30,7 @@ from .modelstate import ModelState
 from .models.loading import check_tokenizer, model_context_length
 from .provenance import calibration_sha256, library_versions, model_fingerprint
 from .solvers import DATA_FREE_METHODS, METHODS
+from .solvers.parts import path_block, path_min_keep
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prunable_params(adapter: Adapter) -> int:
-    """Parameters of every layer's q, k, v, o and MLP projections (what sparsity is a fraction of)."""
-    return sum(count_params(adapter.prunable_linears(l)) for l in adapter.layers())
-
-
 def _min_channels(n: int, config: PruneConfig) -> int:
     """The fewest MLP channels a layer keeps: StructPrune's removal paths stop at r_min (rounded up to
     mlp_multiple); the width-based allocations (uniform, owl, threshold: allocation/widths.py) at one
     mlp_multiple."""
     if config.method == "structprune" and config.allocation != "uniform":
-        from .solvers.structprune import _min_keep
-
-        return min(n, _min_keep(n, config))
+        return path_min_keep(n, config.r_min, config.mlp_multiple)
     return min(n, max(1, config.mlp_multiple))
 
 
@@ -58,16 +52,11 @@ def max_sparsity(adapter: Adapter, config: PruneConfig) -> float:
     """The largest sparsity ``config``'s method can reach on ``adapter``'s model: every layer keeps at
     least one KV group with one query head and its minimum MLP channels (output biases always stay)."""
     total = prunable_params(adapter)
-    fixed = total - sum(_full_cost(adapter, l) for l in adapter.layers())  # biases of o_proj/down_proj
+    fixed = total - removable_cost(adapter)  # biases of o_proj/down_proj
     least = sum(adapter.attention_shape(l).cost(1, 1)
                 + adapter.mlp_shape(l).cost(_min_channels(adapter.mlp_shape(l).channels, config))
                 for l in adapter.layers())
     return 1 - (least + fixed) / total
-
-
-def _full_cost(adapter: Adapter, layer) -> int:
-    a, m = adapter.attention_shape(layer), adapter.mlp_shape(layer)
-    return a.cost(a.num_kv_heads, a.group_size) + m.cost(m.channels)
 
 
 def check_reachable(adapter: Adapter, config: PruneConfig) -> None:
@@ -84,16 +73,14 @@ def removal_step(adapter: Adapter, config: PruneConfig) -> float:
     """How far (as a fraction of prunable parameters) a correct run may land from its target: the
     coarsest single structure (a KV group with its heads, an MLP block), or half an MLP step per layer
     of rounding where every layer rounds alike (uniform), plus the output biases that never go."""
-    from .solvers.structprune import _block
-
     total = prunable_params(adapter)
-    fixed = total - sum(_full_cost(adapter, l) for l in adapter.layers())
+    fixed = total - removable_cost(adapter)
     coarsest, rounding = 0, 0.0
     for l in adapter.layers():
         a, m = adapter.attention_shape(l), adapter.mlp_shape(l)
         # step_channels: the tied experts of an MoE layer move together
-        step = m.cost_per_channel * max(m.step_channels(config.mlp_multiple), _block(m.channels, config)
-                                        if config.method == "structprune" else 1)
+        block = path_block(m.channels, config.path_steps, config.mlp_multiple) if config.method == "structprune" else 1
+        step = m.cost_per_channel * max(m.step_channels(config.mlp_multiple), block)
         coarsest = max(coarsest, a.cost(1, a.group_size), step)
         rounding += step / 2
     return (max(coarsest, rounding) + fixed) / total

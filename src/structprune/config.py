@@ -26,7 +26,7 @@ METHOD_OPTIONS = {
     "global": {"allocations": ("threshold",), "knobs": ("global_score", "damp", "refit_bias")},
     "structprune": {"allocations": ("softmax", "threshold", "uniform"),
                     "knobs": ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps",
-                              "damp", "refit_bias")},
+                              "damp", "refit_bias", "tol_abs", "tol_rel")},
 }
 # Knobs read only under some allocations (StructPrune's uniform limit needs no menus or sensitivities).
 ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",),
@@ -39,7 +39,7 @@ def reads(method: str, allocation: str, knob: str) -> bool:
 
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
-         "global_score", "owl_lambda", "owl_m")
+         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel")
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,10 @@ class PruneConfig:
     r_min: float = 0.05
     owl_lambda: float = 0.08
     owl_m: float = 5.0
-    iterations: int = 1  # StructPrune outer iterations (docs/structprune.md: how chosen)
-    rho: float = 0.0  # StructPrune pull toward the dense trajectory (docs/structprune.md: 0 by held-out sweep)
+    iterations: int = 1  # StructPrune ADMM iterations at most; 1 = the one-shot pass (docs/structprune.md: how chosen)
+    rho: float = 1.0  # StructPrune ADMM penalty at the first iteration (rebalanced by the residuals; unused with 1)
+    tol_abs: float = 1e-4  # StructPrune ADMM stopping: absolute tolerance per output entry
+    tol_rel: float = 1e-2  # StructPrune ADMM stopping: tolerance relative to the outputs / duals
     path_steps: int = 32  # StructPrune: MLP removal-path steps per module (block = channels // path_steps)
     target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs, or the dense module's
     damp: float = 0.01
@@ -111,6 +113,12 @@ class PruneConfig:
             raise StructPruneError(f"unknown target {self.target!r}: choose one of {', '.join(TARGETS)}")
         if not (self.rho >= 0 and math.isfinite(self.rho)):
             raise StructPruneError(f"rho must be finite and >= 0, got {self.rho}")
+        if self.rho == 0 and self.iterations > 1:  # the scaled dual is w / rho: ADMM needs a positive penalty
+            raise StructPruneError("rho must be > 0 for ADMM iterations (iterations > 1); iterations=1 is the one-shot pass")
+        for name in ("tol_abs", "tol_rel"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise StructPruneError(f"{name} must be finite and >= 0, got {v!r}")
         if not 0 <= self.r_min < 1:
             raise StructPruneError(f"r_min must be in [0, 1), got {self.r_min}")
         if not (self.damp > 0 and math.isfinite(self.damp)):  # 0 leaves singular Gram matrices unsolvable

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
-from .base import Adapter, AttentionShape, LayerPlan, MLPShape, count_params
+from .base import Adapter, AttentionShape, LayerPlan, MLPShape, count_params, module_costs, prunable_params, removable_cost
 from .gemma import GemmaAdapter
 from .llama import LlamaAdapter
 from .moe import MoEAdapter
@@ -33,6 +33,7 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter", "AttentionShape", "LayerPlan", "MLPShape", "count_params",
+    "Adapter", "AttentionShape", "LayerPlan", "MLPShape", "count_params", "module_costs", "prunable_params",
+    "removable_cost",
     "GemmaAdapter", "LlamaAdapter", "MoEAdapter", "OPTAdapter", "Phi3Adapter", "get_adapter", "supported_model_types",
 ]

@@ -247,3 +247,20 @@ class Adapter:
 
 def count_params(modules: list[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def prunable_params(adapter: Adapter) -> int:
+    """Parameters of every layer's q, k, v, o and MLP projections (what sparsity is a fraction of)."""
+    return sum(count_params(adapter.prunable_linears(l)) for l in adapter.layers())
+
+
+def module_costs(adapter: Adapter, layer: nn.Module) -> tuple[int, int]:
+    """``(attention, MLP)`` removable cost of ``layer`` at its current widths: the parameters its
+    structures carry (method.md's table). Output biases are not counted: they stay whatever is kept."""
+    a, m = adapter.attention_shape(layer), adapter.mlp_shape(layer)
+    return a.cost(a.num_kv_heads, a.group_size), m.cost(m.channels)
+
+
+def removable_cost(adapter: Adapter) -> int:
+    """Sum of :func:`module_costs` over the layers: what the structures of the model carry."""
+    return sum(sum(module_costs(adapter, l)) for l in adapter.layers())

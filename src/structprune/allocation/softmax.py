@@ -41,6 +41,22 @@ class Menu:
             out.append(out[-1] - c)
         return out
 
+    def to_dict(self) -> dict:
+        """Plain data (menus travel between solver passes and into the reuse cache as dicts)."""
+        return {"layer": self.layer, "module": self.module, "full_cost": self.full_cost,
+                "step_costs": list(self.step_costs), "step_errors": list(self.step_errors)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Menu":
+        return cls(int(d["layer"]), str(d["module"]), float(d["full_cost"]), [float(c) for c in d["step_costs"]],
+                   [float(e) for e in d["step_errors"]])
+
+    @classmethod
+    def from_path(cls, layer: int, module: str, full_cost: float, costs, errors, weight: float = 1.0) -> "Menu":
+        """A module's menu from its removal path's step ``costs`` and ``errors``, errors weighted by
+        the module's sensitivity ``weight`` so that menus of different modules are comparable."""
+        return cls(layer, module, float(full_cost), [float(c) for c in costs], [weight * e for e in errors])
+
     def nearest_prefix(self, target_kept: float) -> int:
         k = self.kept
         return min(range(len(k)), key=lambda i: abs(k[i] - target_kept))

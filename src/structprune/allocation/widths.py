@@ -33,6 +33,13 @@ class LayerWidths:
             d["parts"] = list(self.parts)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerWidths":
+        """Inverse of :meth:`to_dict` (widths travel between solver passes as plain data)."""
+        parts = d.get("parts")
+        return cls(int(d["kv_heads"]), int(d["per_group"]), int(d["channels"]),
+                   None if parts is None else tuple(int(x) for x in parts))
+
 
 def mlp_widths(mlp: MLPShape, kv_heads: int, per_group: int, channels: float, multiple: int = 1) -> LayerWidths:
     """Widths keeping about ``channels`` MLP channels: rounded to ``multiple``, or, with several

@@ -5,6 +5,10 @@ outputs entering ``o_proj``; MLP: the channel activations entering ``down_proj``
 we keep the Gram matrix ``H = sum z z^T``, the sum of ``z`` and the token count: every
 scorer and solver of the project is a function of these (method.md). We also keep the
 squared norm of each feature of the module's input ``x`` (Wanda-style input norms).
+
+Solvers that refit a module to an external target ``t`` (StructPrune's ADMM: consensus minus
+dual) also keep the cross term ``C = sum t [z; 1]^T`` and ``sum |t|^2``; the one accumulator
+(:class:`StatsAccumulator`) does both, so every statistic of the project is summed the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ class ModuleStats:
     #: per MLP part (experts), when the module has more than one; the fields above then hold the
     #: concatenation over parts (``gram`` None: solvers use each part's)
     parts: list["ModuleStats"] | None = None
+    #: against an external target ``t`` ([tokens, d]): ``C = sum t [z; 1]^T`` ([d, n + 1]) and
+    #: ``sum |t|^2``; None when the module's own output is the target
+    C: torch.Tensor | None = None
+    yy: float = 0.0
 
     @classmethod
     def concat(cls, parts: list["ModuleStats"]) -> "ModuleStats":
@@ -62,7 +70,7 @@ class ModuleStats:
         return self.xsq.sqrt()
 
     def check_finite(self, where: str) -> None:
-        for name in ("gram", "zsum", "zsq", "xsq"):
+        for name in ("gram", "zsum", "zsq", "xsq", "C"):
             t = getattr(self, name)
             if t is not None and not torch.isfinite(t).all():
                 raise CalibrationError(
@@ -71,7 +79,11 @@ class ModuleStats:
 
 
 @dataclass
-class _Accumulator:
+class StatsAccumulator:
+    """Sums :class:`ModuleStats` per module name over the chunks a forward pass sees: ``add_z``
+    (inner activations, optionally with a target), ``add_x`` (inputs); ``*_hook`` and
+    :meth:`part_emitter` wrap them as module hooks. ``gram=False`` skips the ``n x n`` Gram."""
+
     gram: bool
     stats: dict[str, ModuleStats] = field(default_factory=dict)
 
@@ -83,9 +95,11 @@ class _Accumulator:
                 zsum=torch.zeros(n, **f), zsq=torch.zeros(n, **f), xsq=torch.zeros(d, **f))
         return self.stats[name]
 
-    def add_z(self, name: str, z: torch.Tensor, d: int, count: int | None = None) -> None:
+    def add_z(self, name: str, z: torch.Tensor, d: int, count: int | None = None,
+              target: torch.Tensor | None = None) -> None:
         """Add inner activations ``z``; ``count`` tokens (default: ``z``'s rows; more when the rows
-        left out are zeros, e.g. tokens not routed to an expert)."""
+        left out are zeros, e.g. tokens not routed to an expert). ``target``: the output ``z``
+        should be mapped to on these tokens ([..., d], same tokens), accumulated into ``C``/``yy``."""
         z = z.detach().reshape(-1, z.shape[-1]).float()  # [tokens, n]
         s = self._get(name, z.shape[1], d, z.device)
         if s.gram is not None:
@@ -93,6 +107,13 @@ class _Accumulator:
         s.zsum += z.sum(0)
         s.zsq += (z * z).sum(0)
         s.count += z.shape[0] if count is None else count
+        if target is not None:
+            t = target.detach().reshape(-1, target.shape[-1]).float()
+            if s.C is None:
+                s.C = z.new_zeros(t.shape[1], z.shape[1] + 1)
+            s.C[:, :-1].addmm_(t.T, z)
+            s.C[:, -1] += t.sum(0)
+            s.yy += float((t * t).sum())
 
     def add_x(self, name: str, x: torch.Tensor, n: int) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -124,7 +145,7 @@ class _Accumulator:
 def collect_stats(adapter: Adapter, layer, inputs: LayerInputs, device, modules=MODULES,
                   gram: bool = True, where: str = "layer", return_outputs: bool = False):
     """Run ``layer`` over ``inputs`` and return ``{module: ModuleStats}`` (and the outputs)."""
-    acc = _Accumulator(gram=gram)
+    acc = StatsAccumulator(gram=gram)
     handles = []
     sizes = []
     for name in modules:

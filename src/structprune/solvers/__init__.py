@@ -1,7 +1,9 @@
 """Solvers: each method is a function ``(run) -> list[LayerPlan]`` that prunes ``run.model`` in place.
 
 ``run`` is a :class:`structprune.api.PruneRun` (model, adapter, calibration, config,
-device) and ``run.stream()`` gives the layer-streaming loop.
+device). Every streamed pass is a per-layer step function run by the one loop
+:func:`~structprune.solvers.passes.run_pass` (plain-data results and carries: resumable);
+cutting and refitting a module is :mod:`structprune.solvers.modules`.
 """
 
 from .flap import prune_flap

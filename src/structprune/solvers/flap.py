@@ -24,9 +24,11 @@ import torch
 
 from ..adapters.base import LayerPlan
 from ..adapters.parts import split_channels
+from ..allocation import LayerWidths
 from ..scoring import flap_keys, fluctuation
 from ..surgery import apply_layer_plan, head_rows, set_output_projection
 from .local import allocate_widths
+from .passes import run_pass
 from .select import select_plan
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,18 @@ def cut_with_bias_compensation(adapter, layer, plan: LayerPlan, stats) -> None:
 
 def prune_flap(run) -> list[LayerPlan]:
     """FLAP: widths from the allocation (default: the AL-AM threshold), fluctuation picks, bias compensation."""
-    widths = allocate_widths(run, flap_keys, threshold_name="flap-al-am")
-    plans = []
-    for ctx in run.stream(desc="flap", cuts=True):
+    widths = [w.to_dict() for w in allocate_widths(run, flap_keys, threshold_name="flap-al-am")]
+    results, _ = run_pass(run, "flap", flap_step(run, widths), cuts=True)
+    return [LayerPlan.from_dict(r) for r in results]
+
+
+def flap_step(run, widths: list[dict]):
+    """Pass step of FLAP: fluctuation scores on the pruned trajectory, the allocated widths, compensation."""
+    def step(ctx, carry):
         stats = ctx.collect(gram=False)
         scores = fluctuation(run.adapter, ctx.layer, stats)
-        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores, widths[ctx.index],
+        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores, LayerWidths.from_dict(widths[ctx.index]),
                            run.adapter.mlp_shape(ctx.layer))
         cut_with_bias_compensation(run.adapter, ctx.layer, plan, stats)
-        plans.append(plan)
-    return plans
+        return plan.to_dict(), carry
+    return step

@@ -33,10 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.base import LayerPlan
-from ..allocation import cost_normalised, threshold_widths
+from ..allocation import LayerWidths, cost_normalised, threshold_widths
 from ..errors import StructPruneError
 from ..scoring import per_head
 from .local import layer_shapes, refit_layer
+from .passes import run_pass
 from .select import select_plan
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,17 @@ def prune_global(run) -> list[LayerPlan]:
     log.info("global widths: %s", " ".join(f"{w.heads}h/{w.kv_heads}kv/{w.channels}" for w in widths))
     run.log.append({"stage": "allocation", "allocation": f"global-{cfg.global_score}",
                     "widths": [w.to_dict() for w in widths]})
-    plans = []
-    for ctx in run.stream(desc="global refit", cuts=True):
-        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores[ctx.index], widths[ctx.index],
-                           run.adapter.mlp_shape(ctx.layer))
+    results, _ = run_pass(run, "global refit", global_refit_step(run, scores, [w.to_dict() for w in widths]),
+                          cuts=True)
+    return [LayerPlan.from_dict(r) for r in results]
+
+
+def global_refit_step(run, scores: list[dict], widths: list[dict]):
+    """Pass step of ``global``: the best structures by the global scores at the threshold widths,
+    cut with a least-squares refit on the pruned model's inputs (solvers/modules.py)."""
+    def step(ctx, carry):
+        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores[ctx.index],
+                           LayerWidths.from_dict(widths[ctx.index]), run.adapter.mlp_shape(ctx.layer))
         refit_layer(run, ctx, plan)
-        plans.append(plan)
-    return plans
+        return plan.to_dict(), carry
+    return step

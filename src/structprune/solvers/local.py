@@ -15,13 +15,13 @@ import logging
 import torch
 
 from ..adapters.base import LayerPlan
-from ..adapters.parts import split_channels
-from ..allocation import cost_normalised, outlier_ratio, owl_widths, threshold_widths, uniform_widths
+from ..allocation import LayerWidths, cost_normalised, outlier_ratio, owl_widths, threshold_widths, uniform_widths
 from ..errors import StructPruneError
 from ..scoring import SCORERS
-from ..surgery import apply_layer_plan, head_rows, set_output_projection
-from .obs import obs_prune_attention, obs_prune_mlp, refit
-from .parts import kept_after, part_block, parts_path, problems, refit_parts, set_part_outputs
+from ..surgery import apply_layer_plan
+from .modules import attention_path, cut_attention, cut_mlp, heads_of_path, mlp_path
+from .parts import kept_after, path_block
+from .passes import run_pass
 from .profile import profile_layers
 from .select import select_plan
 
@@ -71,105 +71,68 @@ def prune_local(run) -> list[LayerPlan]:
     """Score with ``run.config.method``'s scorer, widths from the allocation, cut layer by layer."""
     cfg = run.config
     scorer = SCORERS[cfg.method]
-    widths = allocate_widths(run, cost_normalised_scorer(scorer))
-    plans = []
-    if run.calib is None:  # a data-free scorer: borrow the layers, no activations
-        passes = ((i, layer, None) for i, layer in run.layers(desc=cfg.method, cuts=True))
-    else:
-        passes = ((ctx.index, ctx.layer, ctx.collect(gram=False)) for ctx in run.stream(cfg.method, cuts=True))
-    for i, layer, stats in passes:
-        scores = scorer(run.adapter, layer, stats)
-        plan = select_plan(run.adapter.attention_shape(layer), scores, widths[i], run.adapter.mlp_shape(layer))
-        apply_layer_plan(run.adapter, layer, plan)
-        plans.append(plan)
-    return plans
+    widths = [w.to_dict() for w in allocate_widths(run, cost_normalised_scorer(scorer))]
+    results, _ = run_pass(run, cfg.method, local_step(run, scorer, widths), cuts=True)
+    return [LayerPlan.from_dict(r) for r in results]
 
 
-def _detached(t):
-    return None if t is None else t.detach()
-
-
-# -- cut one module at a time, with a least-squares refit of its output projection ------------
-
-def cut_attention(adapter, layer, heads, kv_heads, weight, bias) -> None:
-    """Keep ``heads``/``kv_heads`` (MLP untouched) and set the refitted output projection."""
-    n = adapter.mlp_shape(layer).channels
-    apply_layer_plan(adapter, layer, LayerPlan(list(heads), list(kv_heads), list(range(n))))
-    set_output_projection(adapter.attn_linears(layer)[1], weight, bias)
-
-
-def cut_mlp(adapter, layer, channels, weight, bias) -> None:
-    """Keep MLP ``channels`` of a single-part MLP (attention untouched) and set the refitted output projection."""
-    cut_mlp_parts(adapter, layer, channels, [(weight, bias)])
-
-
-def cut_mlp_parts(adapter, layer, channels, fits) -> None:
-    """Keep MLP ``channels`` (layer indices, every part) and set each part's refitted ``(W, bias)``."""
-    a = adapter.attention_shape(layer)
-    apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), list(channels)))
-    set_part_outputs(adapter, layer, fits)
+def local_step(run, scorer, widths: list[dict]):
+    """Pass step of the local scorers: score the layer on its (pruned-trajectory) statistics, keep the
+    best structures at the allocated ``widths`` (``LayerWidths.to_dict()`` per layer), cut.
+    A data-free scorer gets no statistics (``ctx.inputs`` is None)."""
+    def step(ctx, carry):
+        stats = None if ctx.inputs is None else ctx.collect(gram=False)
+        scores = scorer(run.adapter, ctx.layer, stats)
+        plan = select_plan(run.adapter.attention_shape(ctx.layer), scores, LayerWidths.from_dict(widths[ctx.index]),
+                           run.adapter.mlp_shape(ctx.layer))
+        apply_layer_plan(run.adapter, ctx.layer, plan)
+        return plan.to_dict(), carry
+    return step
 
 
 def refit_layer(run, ctx, plan: LayerPlan) -> None:
     """Cut ``ctx.layer`` to ``plan`` module by module, refitting each output projection by least
     squares on the pruned model's inputs; the MLP's statistics see the already-cut attention."""
     cfg, adapter, layer = run.config, run.adapter, ctx.layer
-    st = ctx.collect(modules=("attn",), gram=True)["attn"]
-    o = adapter.attn_linears(layer)[1]
-    keep = head_rows(sorted(plan.heads), adapter.attention_shape(layer).head_dim)
-    w, b = refit(st.gram, st.zsum, st.count, keep, W=o.weight.detach(), bias=_detached(o.bias),
-                 fit_bias=cfg.refit_bias, damp=cfg.damp)
-    cut_attention(adapter, layer, sorted(plan.heads), sorted(plan.kv_heads), w, b)
-    st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
-    channels = sorted(plan.channels)
-    fits = refit_parts(adapter.mlp_parts(layer), st, channels, cfg.refit_bias, cfg.damp)  # one fit per part
-    cut_mlp_parts(adapter, layer, channels, fits)
-
-
-def obs_prune_parts(adapter, layer, stats, widths, cfg):
-    """Greedy OBS over an MLP's parts (experts) down to ``widths`` per part; returns
-    ``(kept layer channels, [(W_K, bias)] per part)`` with the OBS-updated weights."""
-    mshape = adapter.mlp_shape(layer)
-    parts = adapter.mlp_parts(layer)
-    probs = problems(parts, stats, cfg.refit_bias, cfg.damp)
-    blocks = [part_block(n, 64, mshape.part_multiple(i, cfg.mlp_multiple)) for i, n in enumerate(mshape.sizes)]
-    path = parts_path(probs, mshape, list(widths), blocks)
-    channels = kept_after(path, len(path.steps), mshape.channels)
-    fits = []
-    for prob, keep in zip(probs, split_channels(channels, mshape.sizes)):
-        Wn, b = prob.weights()
-        fits.append((Wn[:, keep.to(Wn.device)], b))
-    return channels, fits
+    cut_attention(adapter, layer, ctx.collect(modules=("attn",), gram=True)["attn"], plan.heads, plan.kv_heads, cfg)
+    cut_mlp(adapter, layer, ctx.collect(modules=("mlp",), gram=True)["mlp"], plan.channels, cfg)
 
 
 def prune_obs_local(run) -> list[LayerPlan]:
     """obs-local: greedy block-OBS per module (solvers/obs.py) at uniform widths, one pass.
 
     Sequential inside a layer: the attention is cut and refitted first, then the MLP's
-    statistics are collected on the pruned attention's outputs.
+    statistics are collected on the pruned attention's outputs. Paths run in float64 with 64
+    steps per MLP part (one channel per step below 64 channels); the cut and refit are the ones
+    StructPrune uses (solvers/modules.py).
     """
     cfg = run.config
     if cfg.allocation != "uniform":
         raise StructPruneError(f"obs-local supports allocation 'uniform' only, not {cfg.allocation!r}")
-    widths = uniform_widths(layer_shapes(run.adapter), cfg.sparsity, cfg.mlp_multiple)
-    adapter, plans = run.adapter, []
-    for ctx in run.stream(desc="obs-local", cuts=True):
+    widths = [w.to_dict() for w in uniform_widths(layer_shapes(run.adapter), cfg.sparsity, cfg.mlp_multiple)]
+    results, _ = run_pass(run, "obs-local", obs_local_step(run, widths), cuts=True)
+    return [LayerPlan.from_dict(r) for r in results]
+
+
+def obs_local_step(run, widths: list[dict]):
+    """Pass step of obs-local: each module's greedy path to its uniform width, then cut and refit."""
+    cfg, adapter = run.config, run.adapter
+
+    def step(ctx, carry):
         layer, w = ctx.layer, widths[ctx.index]
         st = ctx.collect(modules=("attn",), gram=True)["attn"]
-        o = adapter.attn_linears(layer)[1]
-        heads, groups, wk, b = obs_prune_attention(o.weight.detach(), st.gram, st.zsum, st.count,
-                                                   adapter.attention_shape(layer), w.kv_heads, w.per_group,
-                                                   bias=_detached(o.bias), fit_bias=cfg.refit_bias, damp=cfg.damp)
-        cut_attention(adapter, layer, heads, groups, wk, b)
+        path = attention_path(adapter, layer, st, cfg, target=(w["kv_heads"], w["per_group"]))
+        heads, groups = heads_of_path(path, len(path.steps))
+        cut_attention(adapter, layer, st, heads, groups, cfg)
         st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
-        if w.parts is None:
-            out = adapter.mlp_parts(layer)[0]
-            channels, wk, b = obs_prune_mlp(out.out_weight().detach(), st.gram, st.zsum, st.count, w.channels,
-                                            bias=_detached(out.out_bias()), fit_bias=cfg.refit_bias and out.bias_ok,
-                                            damp=cfg.damp)
-            cut_mlp(adapter, layer, channels, wk, b)
+        mshape = adapter.mlp_shape(layer)
+        if w.get("parts") is None:
+            floor, blocks = [w["channels"]], [max(1, mshape.channels // 64)]
         else:
-            channels, fits = obs_prune_parts(adapter, layer, st, w.parts, cfg)
-            cut_mlp_parts(adapter, layer, channels, fits)
-        plans.append(LayerPlan(list(heads), list(groups), list(channels)))
-    return plans
+            floor = list(w["parts"])
+            blocks = [path_block(n, 64, mshape.part_multiple(i, cfg.mlp_multiple)) for i, n in enumerate(mshape.sizes)]
+        path = mlp_path(adapter, layer, st, cfg, floor, blocks)
+        channels = kept_after(path, len(path.steps), mshape.channels)
+        cut_mlp(adapter, layer, st, channels, cfg)
+        return {"heads": heads, "kv_heads": groups, "channels": channels}, carry
+    return step

@@ -25,14 +25,16 @@ from ..adapters.parts import split_channels
 from .obs import ModuleProblem, Path, refit
 
 
-def part_min_keep(n: int, r_min: float, multiple: int) -> int:
-    """Fewest channels a part of ``n`` keeps on a removal path: ``r_min`` of it, rounded up to ``multiple``."""
+def path_min_keep(n: int, r_min: float, multiple: int) -> int:
+    """Fewest channels a module (or part) of ``n`` keeps on a removal path: ``r_min`` of it, rounded up to ``multiple``."""
     k = max(1, math.ceil(r_min * n))
     return min(n, k if multiple <= 1 else max(multiple, -(-k // multiple) * multiple))
 
 
-def part_block(n: int, path_steps: int, multiple: int) -> int:
-    """Channels a step removes from a part: ``n // path_steps``, a multiple of ``multiple`` when ``n`` is."""
+def path_block(n: int, path_steps: int, multiple: int) -> int:
+    """Channels a removal-path step removes from a module (or part): ``n // path_steps``, a multiple of
+    ``multiple`` when ``n`` is, so that every point of the path is a multiple of it. Finer steps give
+    finer widths and a more exact greedy (docs/structprune.md: how ``path_steps`` was chosen)."""
     block = max(1, n // path_steps)
     if multiple > 1 and n % multiple == 0:
         block = max(multiple, block // multiple * multiple)
@@ -120,5 +122,5 @@ def set_part_outputs(adapter, layer, fits) -> None:
         part.set_output(W, b)
 
 
-__all__ = ["kept_after", "part_block", "part_min_keep", "parts_path", "problems", "refit_parts",
+__all__ = ["kept_after", "path_block", "path_min_keep", "parts_path", "problems", "refit_parts",
            "set_part_outputs"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from .passes import run_pass
+
 log = logging.getLogger(__name__)
 
 
@@ -18,12 +20,18 @@ def profile_layers(run, fn: Callable, desc: str = "profile", gram: bool = False)
     """``[fn(adapter, layer, stats) for each layer]`` on the dense model, streamed once.
 
     The layer's outputs from the statistics pass feed the next layer directly (no
-    second forward), and nothing is changed in the model.
+    second forward), and nothing is changed in the model. ``fn`` returns plain data
+    (tensors, numbers, dicts of them): it is a pass result (solvers/passes.py).
     """
-    out = []
-    if run.calib is None:  # data-free scores need the weights only
-        return [fn(run.adapter, layer, None) for _, layer in run.layers(desc=desc)]
-    for ctx in run.stream(desc=desc):
+    results, _ = run_pass(run, desc, profile_step(run, fn, gram))
+    return results
+
+
+def profile_step(run, fn: Callable, gram: bool):
+    """Pass step of a dense profile: ``fn`` of the layer's statistics (None for a data-free pass)."""
+    def step(ctx, carry):
+        if ctx.inputs is None:  # data-free scores need the weights only
+            return fn(run.adapter, ctx.layer, None), carry
         stats, ctx.outputs = ctx.collect(gram=gram, return_outputs=True)
-        out.append(fn(run.adapter, ctx.layer, stats))
-    return out
+        return fn(run.adapter, ctx.layer, stats), carry
+    return step

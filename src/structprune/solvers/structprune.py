@@ -1,26 +1,28 @@
 """StructPrune: globally coordinated closed-form structured pruning, one layer on the device.
 
-The algorithm (docs/structprune.md derives it and lists every hyper-parameter):
+Read top to bottom, :func:`prune_structprune` runs five phases (docs/structprune.md derives each):
 
-0. **Sensitivities** ``w_m`` of every module (attention, MLP of each layer) from a streamed
+1. **Sensitivities** ``w_m`` of every module (attention, MLP of each layer) from a streamed
    backward pass of the LM loss (engine/sensitivity.py).
-1. **Profile** (streamed): each module's greedy block-OBS removal path on the dense model
-   (solvers/obs.py); the path's errors weighted by ``w_m`` form the module's menu.
-2. **Iterate** ``k = 1..K`` (streamed, one layer resident):
-   a. *budget dual*: ``lambda`` by bisection so the energy-based allocation of the menus
-      meets the global budget (allocation/softmax.py, temperature ``T``);
-   b. *module updates*: every module sees the pruned model's own inputs and is refitted in
-      closed form to the **consensus target** ``t = (1 - a) anchor + a u``, where
-      ``u = y_dense + (h_dense - h_pruned)`` puts the residual stream back on the dense
-      trajectory, the anchor is the module's own output on its pruned inputs (``target="own"``)
-      or its dense output (``"dense"``), and ``a = rho / (1 + rho)``; its path is recomputed
-      against that target, the allocated point of the path is cut and the output projection
-      refitted (least squares with a bias, dampening shrinking toward the current weights);
-   c. *consensus / residuals*: the pruned and dense trajectories' distance at each layer
-      (primal residual), the change of the allocation (dual residual) and the global
-      objective (relative distortion of the final hidden states) are logged; the
-      refreshed menus (errors on the pruned trajectory) feed the next ``lambda``.
-   The iterate with the lowest objective on the calibration windows is kept.
+2. **Removal paths** (one streamed pass over the dense model): each module's greedy block-OBS
+   path; its errors weighted by ``w_m`` form the module's menu.
+3. **Allocation**: the budget dual ``lambda`` by bisection, so that the energy-based softmax
+   allocation of the menus (temperature ``T``) meets the global budget (allocation/softmax.py).
+4. **ADMM passes** ``k = 1..K`` (each one streamed pass, one layer resident). Every module ``m``
+   has a target ``t_m`` from the dense trajectory (its own output on the pruned inputs, or the
+   dense output plus the residual gap), a consensus variable ``u_m`` and a scaled dual ``y_m``
+   (per token, stored like activations). W-step: the module's closed-form structured refit
+   against ``u_m - y_m`` (its path re-solved against that target, cut at the point ``lambda``
+   allocates); u-step ``u = (t + rho (z + y)) / (1 + rho)``; y-step ``y += z - u``; primal
+   residual ``||z - u||``, dual residual ``rho ||u_k - u_{k-1}||``; the menus re-measured in the
+   pass give the next ``lambda`` (phase 3 again); ``rho`` is rebalanced when one residual is ten
+   times the other; the loop stops when both residuals meet their tolerances. ``K = 1`` is the
+   one-shot pass (``u = t``, ``y = 0``: every module refitted to its own target).
+5. **Selection**: the iterate with the lowest objective (relative distortion of the final
+   hidden states on the calibration windows) is the result.
+
+Every streamed pass is a per-layer step function run by :func:`~structprune.solvers.passes.run_pass`;
+steps return and carry plain data only (tensors, activation stores, numbers, lists, dicts).
 """
 
 from __future__ import annotations
@@ -32,19 +34,23 @@ import time
 
 import torch
 
-from ..adapters.base import LayerPlan
+from ..adapters import module_costs, prunable_params, removable_cost
 from ..allocation.softmax import Menu, allocate_prefixes
 from ..allocation.widths import uniform_widths
 from ..engine import LayerInputs
 from ..engine.activations import ActivationStore
 from ..engine.capture import layer_kwargs, run_layer, to_device
 from ..engine.sensitivity import module_sensitivities
-from ..surgery import apply_layer_plan, head_rows, set_output_projection
-from .obs import ModuleProblem, attention_path, channel_path, refit
-from .parts import kept_after, part_block, part_min_keep, parts_path, refit_parts, set_part_outputs
-from .parts import problems as part_problems
+from ..engine.stats import StatsAccumulator
+from .modules import attention_path, cut_attention, cut_mlp, heads_of_path, mlp_path
+from .parts import kept_after, path_block, path_min_keep
+from .passes import run_pass
 
 log = logging.getLogger(__name__)
+
+#: residual balancing (Boyd et al. 2011, §3.4.1): rho is doubled or halved when one residual
+#: exceeds the other by this factor (method.md: "rebalance rho when one residual is ten times the other")
+RHO_BALANCE, RHO_FACTOR = 10.0, 2.0
 
 
 def temperature_of(cfg) -> float:
@@ -52,343 +58,393 @@ def temperature_of(cfg) -> float:
     return {"uniform": math.inf, "threshold": 0.0}.get(cfg.allocation, cfg.temperature)
 
 
-# -- statistics against a target ---------------------------------------------------------------
-
-class _TargetStats:
-    """Accumulates ``H = sum z z^T``, ``sum z``, ``C = sum t [z; 1]^T`` and ``sum |t|^2``."""
-
-    def __init__(self):
-        self.H = self.zsum = self.C = None
-        self.count, self.yy = 0, 0.0
-
-    def add(self, z: torch.Tensor, t: torch.Tensor) -> None:
-        z = z.reshape(-1, z.shape[-1]).float()
-        t = t.reshape(-1, t.shape[-1]).float()
-        if self.H is None:
-            n, d = z.shape[1], t.shape[1]
-            self.H = z.new_zeros(n, n)
-            self.zsum = z.new_zeros(n)
-            self.C = z.new_zeros(d, n + 1)
-        self.H.addmm_(z.T, z)
-        self.zsum += z.sum(0)
-        self.C[:, :-1].addmm_(t.T, z)
-        self.C[:, -1] += t.sum(0)
-        self.count += z.shape[0]
-        self.yy += float((t * t).sum())
-
-    def check(self, where: str) -> None:
-        from ..errors import CalibrationError
-
-        if not (torch.isfinite(self.H).all() and torch.isfinite(self.C).all()):
-            raise CalibrationError(f"NaN or Inf in calibration statistics of {where}")
+def _floor_and_blocks(adapter, layer, cfg, widths: dict | None):
+    """Per MLP part: where its removal path stops (the allocated widths, or ``r_min``) and the
+    channels a step removes (``path_steps`` steps, multiples of the part's granularity)."""
+    mshape = adapter.mlp_shape(layer)
+    mults = [mshape.part_multiple(i, cfg.mlp_multiple) for i in range(len(mshape.sizes))]
+    blocks = [path_block(n, cfg.path_steps, m) for n, m in zip(mshape.sizes, mults)]
+    if widths is not None:
+        floor = list(widths["parts"]) if widths.get("parts") is not None else [widths["channels"]]
+    else:
+        floor = [path_min_keep(n, cfg.r_min, m) for n, m in zip(mshape.sizes, mults)]
+    return floor, blocks
 
 
-def _capture_module_outputs(adapter, layer, inputs: LayerInputs, device):
-    """Dense layer on dense inputs: per chunk, attention output, MLP output (CPU), layer output."""
-    _, o = adapter.attn_linears(layer)
-    down = adapter.mlp_output_module(layer)  # down_proj, or a whole MoE block
-    attn_out, mlp_out = ActivationStore(), ActivationStore()  # RAM within the activation budget, disk beyond
-    hs = [o.register_forward_hook(lambda m, a, y: attn_out.append(y.detach().cpu())),
-          down.register_forward_hook(lambda m, a, y: mlp_out.append(y.detach().cpu()))]
+# -- phase 1 and 2: sensitivities and the dense removal paths -----------------------------------
+
+def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict]]:
+    """``(sensitivities per layer, menus as dicts)`` of the dense model, from the reuse cache when
+    the same dense model, windows and knobs were profiled before."""
+    cfg, adapter = run.config, run.adapter
+    layers = adapter.layers()
+    if math.isinf(T):  # uniform widths need no menus or sensitivities (only the logs' menus carry weights)
+        return [{"attn": 1.0, "mlp": 1.0} for _ in layers], []
+    # The profile depends on the dense model, the calibration windows (order included: the
+    # sensitivities use the first sens_nsamples), the compute device and these knobs: keyed by
+    # content hashes (provenance.py), so permuted windows or another model never collide.
+    key = ("structprune-profile", run.fingerprint["sha256"], run.calib_sha256, run.device.type, cfg.sens_nsamples,
+           cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple, cfg.path_steps, cfg.batch_size)
+    if run.cache is not None and key in run.cache:
+        return copy.deepcopy(run.cache[key])
+    inputs = run.stream().first_inputs()
+    nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
+    sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
+    ncal = sum(h.shape[0] for h in sub.hidden)
+    sens = module_sensitivities(run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress,
+                                store_factory=run.home)
+    results, _ = run_pass(run, "structprune profile", profile_step(run, sens))
+    menus = [m for r in results for m in r]
+    if run.cache is not None:
+        run.cache[key] = copy.deepcopy((sens, menus))
+    return sens, menus
+
+
+def profile_step(run, sens: list[dict]):
+    """Pass step of phase 2: the dense layer's statistics, each module's removal path against its
+    own output, as sensitivity-weighted menus (dicts)."""
+    cfg, adapter = run.config, run.adapter
+
+    def step(ctx, carry):
+        stats, ctx.outputs = ctx.collect(return_outputs=True)
+        path_a = attention_path(adapter, ctx.layer, stats["attn"], cfg, dtype=torch.float32)
+        floor, blocks = _floor_and_blocks(adapter, ctx.layer, cfg, None)
+        path_m = mlp_path(adapter, ctx.layer, stats["mlp"], cfg, floor, blocks, dtype=torch.float32)
+        ca, cm = module_costs(adapter, ctx.layer)
+        i = ctx.index
+        return [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
+                Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()], carry
+    return step
+
+
+# -- phase 4: ADMM ---------------------------------------------------------------------------------
+
+RESIDUAL_KEYS = ("r2", "s2", "z2", "u2", "w2", "f2", "t2", "n")
+
+
+def consensus_update(t: torch.Tensor, z: torch.Tensor, u_prev: torch.Tensor | None, w_prev: torch.Tensor | None,
+                     rho: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The u- and y-steps of scaled ADMM on one chunk of one module's outputs.
+
+    ``t``: the module's target from the dense trajectory; ``z``: its output after the W-step;
+    ``u_prev``/``w_prev``: the previous consensus and the previous *unscaled* dual ``w = rho * y``
+    (None at the first iteration: ``u_0 = t``, ``w_0 = 0``). Storing ``w`` rather than ``y`` means
+    a change of ``rho`` needs no rescaling of the stored duals (Boyd §3.4.1 rescales ``y``).
+
+        u = argmin |u - t|^2 + rho |z + y - u|^2 = (t + rho z + w) / (1 + rho)
+        w = w + rho (z - u)
+
+    Returns ``(u, w, sums)`` with the squared norms the residuals and tolerances need:
+    ``r2 = |z - u|^2``, ``s2 = rho^2 |u - u_prev|^2``, ``z2``, ``u2``, ``w2``, ``f2 = |u - t|^2``,
+    ``t2 = |t|^2`` and ``n`` (entries)."""
+    t, z = t.float(), z.float()
+    u_prev = t if u_prev is None else u_prev.float()
+    u = t + rho * z
+    if w_prev is not None:
+        u = u + w_prev.float()
+    u = u / (1.0 + rho)
+    w = rho * (z - u) if w_prev is None else w_prev.float() + rho * (z - u)
+    sums = {"r2": float((z - u).pow(2).sum()), "s2": rho * rho * float((u - u_prev).pow(2).sum()),
+            "z2": float(z.pow(2).sum()), "u2": float(u.pow(2).sum()), "w2": float(w.pow(2).sum()),
+            "f2": float((u - t).pow(2).sum()), "t2": float(t.pow(2).sum()), "n": z.numel()}
+    return u, w, sums
+
+
+def _add(acc: dict, sums: dict) -> None:
+    for k in RESIDUAL_KEYS:
+        acc[k] = acc.get(k, 0) + sums[k]
+
+
+def _hooked_forward(layer, inputs: LayerInputs, device, hooks) -> None:
+    """Run ``layer`` over every chunk of ``inputs`` with forward ``hooks`` ``[(module, fn(c, args, out))]``,
+    ``c`` the chunk index; outputs are dropped (the hooks keep what they need)."""
+    cur = {"c": 0}
+    handles = [m.register_forward_hook(lambda mod, a, y, fn=fn: fn(cur["c"], a, y)) for m, fn in hooks]
     try:
-        outputs = run_layer(layer, inputs, device)
+        with torch.no_grad():
+            for c, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+                cur["c"] = c
+                layer(h.to(device, inputs.hidden.source_dtype or h.dtype), **to_device(layer_kwargs(layer, kw), device))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _dense_module_outputs(adapter, layer, dense: LayerInputs, device):
+    """The (still dense) layer on the dense trajectory: per chunk the attention output, the MLP output
+    (activation stores: RAM within the activation budget, disk beyond) and the layer's outputs."""
+    _, o = adapter.attn_linears(layer)
+    attn_out, mlp_out = ActivationStore(), ActivationStore()
+    hs = [o.register_forward_hook(lambda m, a, y: attn_out.append(y.detach().cpu())),
+          adapter.mlp_output_module(layer).register_forward_hook(lambda m, a, y: mlp_out.append(y.detach().cpu()))]
+    try:
+        outputs = run_layer(layer, dense, device)
     finally:
         for h in hs:
             h.remove()
     return attn_out, mlp_out, outputs
 
 
-def _target_stats(adapter, layer, module: str, pruned: LayerInputs, dense: LayerInputs, y_attn, y_mlp,
-                  alpha: float, own: bool, device) -> _TargetStats:
-    """Run the (partly cut) layer on the pruned inputs and accumulate stats of ``module``
-    against its consensus target ``(1 - a) * anchor + a * u``.
+def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict] | None, state: list | None,
+              rho: float, keep_state: bool):
+    """Pass step of one ADMM iteration (phase 4).
 
-    ``u`` is the output that puts the residual stream back on the dense trajectory
-    (dense module output plus the residual gap); the anchor is the dense module's output
-    (``own=False``) or the module's own output on the pruned inputs (``own=True``)."""
-    _, o = adapter.attn_linears(layer)
-    st, cur = _TargetStats(), {}
+    ``kept``: per module the kept cost ``lambda`` allocated (None with ``widths``: exact uniform
+    widths per layer); ``state``: per layer the previous iteration's ``{"attn"|"mlp": {"u", "w"}}``
+    activation stores (None at the first iteration); ``keep_state``: store this iteration's
+    ``u``/``w`` for the next one. The carry is ``{"dense": LayerInputs of the dense trajectory,
+    "owned": whether this pass made it, "rounding": the running kept-cost rounding}``.
 
-    def target(y_dense, gap, y_own):
-        anchor = y_own if own else y_dense
-        return anchor + alpha * (y_dense + gap - anchor)
-
-    def attn_post(m, a, y):
-        y = y.detach()
-        cur["attn_out"] = y
-        if module == "attn":
-            c = cur["c"]
-            gap = dense.hidden[c].to(device) - pruned.hidden[c].to(device)
-            st.add(a[0], target(y_attn[c].to(device), gap, y))
-
-    def mlp_post(m, a, y):
-        if module == "mlp":
-            c = cur["c"]
-            mid_d = dense.hidden[c].to(device) + y_attn[c].to(device)
-            mid_p = pruned.hidden[c].to(device) + cur["attn_out"]
-            st.add(a[0], target(y_mlp[c].to(device), mid_d - mid_p, y.detach()))
-
-    hs = [o.register_forward_hook(attn_post)]
-    if module == "mlp":  # a single-part MLP: its down projection's input is z
-        hs.append(adapter.mlp_parts(layer)[0].out.register_forward_hook(mlp_post))
-    try:
-        with torch.no_grad():
-            for c, (h, kw) in enumerate(zip(pruned.hidden, pruned.kwargs)):
-                cur["c"] = c
-                layer(h.to(device), **to_device(layer_kwargs(layer, kw), device))
-    finally:
-        for h in hs:
-            h.remove()
-    return st
-
-
-# -- menus -------------------------------------------------------------------------------------
-
-def _problem(st_or_stats, W=None, bias=None, cfg=None, target=True) -> ModuleProblem:
-    if target:  # W, bias: the module's current weights, the prior the dampening shrinks toward
-        return ModuleProblem.build(st_or_stats.H, st_or_stats.zsum, st_or_stats.count, C=st_or_stats.C, W=W,
-                                   bias=bias, fit_bias=cfg.refit_bias, damp=cfg.damp, yy=st_or_stats.yy,
-                                   dtype=torch.float32)
-    s = st_or_stats
-    return ModuleProblem.build(s.gram, s.zsum, s.count, W=W, bias=bias, fit_bias=cfg.refit_bias, damp=cfg.damp,
-                               dtype=torch.float32)
-
-
-def _paths(adapter, layer, prob_attn, prob_mlp, cfg):
-    shape = adapter.attention_shape(layer)
-    mshape = adapter.mlp_shape(layer)
-    pa = attention_path(prob_attn, shape)
-    pm = channel_path(prob_mlp, _min_keep(mshape.channels, cfg), mshape.cost_per_channel, _block(mshape.channels, cfg))
-    return pa, pm
-
-
-def _min_keep(n: int, cfg) -> int:
-    k = max(1, math.ceil(cfg.r_min * n))
-    return k if cfg.mlp_multiple <= 1 else max(cfg.mlp_multiple, -(-k // cfg.mlp_multiple) * cfg.mlp_multiple)
-
-
-def _block(n: int, cfg) -> int:
-    """Channels removed per path step: ``n // cfg.path_steps``, rounded to a multiple of
-    ``mlp_multiple`` so that every point of the path is a multiple of it when ``n`` is.
-    Finer steps give finer widths and a more exact greedy (docs/structprune.md: how chosen)."""
-    block = max(1, n // cfg.path_steps)
-    m = cfg.mlp_multiple
-    if m > 1 and n % m == 0:
-        block = max(m, block // m * m)
-    return block
-
-
-def _parts_path(adapter, layer, stats, cfg, widths=None):
-    """The joint removal path of a multi-part MLP (experts) against each part's own output, down
-    to ``widths`` per part (uniform allocation) or to every part's ``r_min`` minimum."""
-    mshape = adapter.mlp_shape(layer)
-    probs = part_problems(adapter.mlp_parts(layer), stats, cfg.refit_bias, cfg.damp, dtype=torch.float32)
-    mults = [mshape.part_multiple(i, cfg.mlp_multiple) for i in range(len(mshape.sizes))]
-    floor = list(widths) if widths is not None else [part_min_keep(n, cfg.r_min, m) for n, m in zip(mshape.sizes, mults)]
-    blocks = [part_block(n, cfg.path_steps, m) for n, m in zip(mshape.sizes, mults)]
-    return parts_path(probs, mshape, floor, blocks)
-
-
-def _cut_mlp_parts(adapter, layer, path, k, stats, cfg):
-    """Cut a multi-part MLP to the first ``k`` steps of ``path``, each part refitted to its own output."""
-    channels = kept_after(path, k, adapter.mlp_shape(layer).channels)
-    fits = refit_parts(adapter.mlp_parts(layer), stats, channels, cfg.refit_bias, cfg.damp)
-    a = adapter.attention_shape(layer)
-    apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), channels))
-    set_part_outputs(adapter, layer, fits)
-    return channels
-
-
-def _menu(layer_idx, module, full_cost, path, weight) -> Menu:
-    return Menu(layer_idx, module, float(full_cost), [float(c) for c in path.costs],
-                [weight * e for e in path.errors])
-
-
-def _full_costs(adapter, layer):
-    a, m = adapter.attention_shape(layer), adapter.mlp_shape(layer)
-    return a.cost(a.num_kv_heads, a.group_size), m.cost(m.channels)
-
-
-def profile_menus(run, sens) -> list[Menu]:
-    """Dense-model removal paths of every module, weighted by sensitivity."""
-    cfg, adapter = run.config, run.adapter
-    menus = []
-    for ctx in run.stream(desc="structprune profile"):
-        stats = ctx.collect()
-        _, o = adapter.attn_linears(ctx.layer)
-        pa = _problem(stats["attn"], o.weight, o.bias, cfg, target=False)
-        if adapter.mlp_shape(ctx.layer).parts:  # experts: a joint path over the parts
-            path_a = attention_path(pa, adapter.attention_shape(ctx.layer))
-            path_m = _parts_path(adapter, ctx.layer, stats["mlp"], cfg)
-        else:
-            down = adapter.mlp_parts(ctx.layer)[0]
-            pm = _problem(stats["mlp"], down.out_weight(), down.out_bias(), cfg, target=False)
-            path_a, path_m = _paths(adapter, ctx.layer, pa, pm, cfg)
-        ca, cm = _full_costs(adapter, ctx.layer)
-        menus += [_menu(ctx.index, "attn", ca, path_a, sens[ctx.index]["attn"]),
-                  _menu(ctx.index, "mlp", cm, path_m, sens[ctx.index]["mlp"])]
-    return menus
-
-
-# -- one pruning pass ----------------------------------------------------------------------------
-
-def _cut_attention(adapter, layer, path, k, st, cfg):
-    shape = adapter.attention_shape(layer)
-    kept = path.kept[k]
-    groups = sorted(kept)
-    heads = sorted(h for g in groups for h in kept[g])
-    o = adapter.attn_linears(layer)[1]
-    W, b = refit(st.H, st.zsum, st.count, head_rows(heads, shape.head_dim, st.H.device), C=st.C, W=o.weight,
-                 bias=o.bias, fit_bias=cfg.refit_bias, damp=cfg.damp)
-    n = adapter.mlp_shape(layer).channels
-    apply_layer_plan(adapter, layer, LayerPlan(heads, groups, list(range(n))))
-    set_output_projection(adapter.attn_linears(layer)[1], W, b)
-    return heads, groups
-
-
-def _cut_mlp(adapter, layer, path, k, st, cfg):
-    removed = {c for step in path.steps[:k] for c in step}
-    n = adapter.mlp_shape(layer).channels
-    channels = [c for c in range(n) if c not in removed]
-    down = adapter.mlp_parts(layer)[0]
-    W, b = refit(st.H, st.zsum, st.count, torch.tensor(channels, device=st.H.device), C=st.C, W=down.out_weight(),
-                 bias=down.out_bias(), fit_bias=cfg.refit_bias and down.bias_ok, damp=cfg.damp)
-    a = adapter.attention_shape(layer)
-    apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), channels))
-    adapter.mlp_parts(layer)[0].set_output(W, b)
-    return channels
-
-
-def prune_pass(run, kept_target: list[float] | None, sens, alpha: float, desc: str, widths=None):
-    """Cut every module to (about) its allocated kept cost against consensus targets, or, with
-    ``widths`` (uniform allocation, T = inf), to exactly those widths in every layer.
-
-    Returns ``(plans, menus, objective, drift)``: fresh menus on the pruned trajectory,
-    the relative final-state distortion, and the per-layer relative trajectory gap."""
+    Per layer: the dense layer's module outputs on the dense trajectory; the attention's W-step
+    (statistics against ``u - y`` on the pruned inputs, path, cut, refit); one forward doing the
+    attention's u/y-steps and the MLP's statistics; the MLP's W-step; the final forward doing the
+    MLP's u/y-steps. A multi-part MLP (experts) is refitted to each part's own output
+    (solvers/parts.py) and has no consensus variables (its parts see other tokens than the
+    dense model's)."""
     cfg, adapter, device = run.config, run.adapter, run.device
-    dense = run._inputs or run.stream().first_inputs()
-    own = cfg.target == "own"
-    plans, menus, drift = [], [], []
-    carry = 0.0
-    objective = float("nan")
-    for ctx in run.stream(desc=desc, cuts=True, final=cfg.iterations == 1):
-        layer, i = ctx.layer, ctx.index
-        y_attn, y_mlp, dense_next = _capture_module_outputs(adapter, layer, dense, device)
-        ca, cm = _full_costs(adapter, layer)
+    trajectory = cfg.target == "dense"
 
-        st = _target_stats(adapter, layer, "attn", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
-        st.check(f"layer {i} attn")
-        o = adapter.attn_linears(layer)[1]
+    def step(ctx, carry):
+        layer, i, pruned = ctx.layer, ctx.index, ctx.inputs
+        dense = carry["dense"]
+        prev = state[i] if state is not None else None
         w = widths[i] if widths is not None else None
-        target = (1, 1) if w is None else (w.kv_heads, w.per_group)  # exact widths: the path ends there
-        path_a = attention_path(_problem(st, o.weight, o.bias, cfg), adapter.attention_shape(layer), target)
-        ma = _menu(i, "attn", ca, path_a, 1.0)
+        y_attn, y_mlp, dense_next = _dense_module_outputs(adapter, layer, dense, device)
+        ca, cm = module_costs(adapter, layer)
+        _, o = adapter.attn_linears(layer)
+        parts = adapter.mlp_parts(layer)
+        admm_mlp = len(parts) == 1
+        res: dict = {}
+        new = {"attn": {"u": ActivationStore(), "w": ActivationStore()}} if keep_state else None
+        if keep_state and admm_mlp:
+            new["mlp"] = {"u": ActivationStore(), "w": ActivationStore()}
+        t_attn = ActivationStore()  # the attention's target per chunk, for its u-step after the cut
+
+        def w_step_target(module, c, t):
+            """``u - y = u - w / rho`` of the previous iteration, ``t`` at the first."""
+            if prev is None or module not in prev:
+                return t
+            return prev[module]["u"][c].to(device).float() - prev[module]["w"][c].to(device).float() / rho
+
+        def u_step(module, c, t, z):
+            u_prev = None if prev is None else prev[module]["u"][c].to(device)
+            w_prev = None if prev is None else prev[module]["w"][c].to(device)
+            u, wn, sums = consensus_update(t, z.detach(), u_prev, w_prev, rho)
+            _add(res, sums)
+            if new is not None:
+                new[module]["u"].append(u)
+                new[module]["w"].append(wn)
+
+        # Attention W-step: statistics of o_proj's input against u - y on the pruned inputs.
+        acc = StatsAccumulator(gram=True)
+
+        def attn_stats(c, a, y):
+            if trajectory:
+                t = y_attn[c].to(device).float() + dense.hidden[c].to(device).float() - pruned.hidden[c].to(device).float()
+            else:
+                t = y.detach().float()  # own: the module's current weights on the inputs it really sees
+            t_attn.append(t)
+            acc.add_z("attn", a[0], t.shape[-1], target=w_step_target("attn", c, t))
+        _hooked_forward(layer, pruned, device, [(o, attn_stats)])
+        st = acc.stats["attn"]
+        st.check_finite(f"layer {i} attn")
+        target = (1, 1) if w is None else (w["kv_heads"], w["per_group"])  # exact widths: the path ends there
+        path_a = attention_path(adapter, layer, st, cfg, target=target, dtype=torch.float32)
+        ma = Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors)
+        rounding = carry["rounding"]
         if w is None:
-            ka = ma.nearest_prefix(kept_target[2 * i])
-            carry += kept_target[2 * i] - ma.kept[ka]
+            ka = ma.nearest_prefix(kept[2 * i])
+            rounding += kept[2 * i] - ma.kept[ka]
         else:
             ka = len(path_a.steps)
-        heads, groups = _cut_attention(adapter, layer, path_a, ka, st, cfg)
+        heads, groups = heads_of_path(path_a, ka)
+        cut_attention(adapter, layer, st, heads, groups, cfg)
+        del st, acc
 
-        mshape = adapter.mlp_shape(layer)
-        if mshape.parts:  # experts: each part against its own output on the pruned inputs (solvers/parts.py)
-            st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
-            path_m = _parts_path(adapter, layer, st, cfg, None if w is None else w.parts)
-        else:
-            st = _target_stats(adapter, layer, "mlp", ctx.inputs, dense, y_attn, y_mlp, alpha, own, device)
-            st.check(f"layer {i} mlp")
-            down = adapter.mlp_parts(layer)[0]
-            path_m = channel_path(_problem(st, down.out_weight(), down.out_bias(), cfg),
-                                  _min_keep(mshape.channels, cfg) if w is None else w.channels,
-                                  mshape.cost_per_channel, _block(mshape.channels, cfg))
-        mm = _menu(i, "mlp", cm, path_m, 1.0)
+        # Attention u/y-steps and the MLP's statistics, in one forward of the cut attention.
+        o = adapter.attn_linears(layer)[1]
+        z_attn_now = {}
+        t_mlp = ActivationStore()
+
+        def attn_update(c, a, y):
+            z_attn_now["z"] = y.detach()
+            u_step("attn", c, t_attn[c].to(device), y)
+
+        floor, blocks = _floor_and_blocks(adapter, layer, cfg, w)
+        if admm_mlp:
+            acc = StatsAccumulator(gram=True)
+
+            def mlp_stats(c, a, y):
+                if trajectory:
+                    mid_d = dense.hidden[c].to(device).float() + y_attn[c].to(device).float()
+                    mid_p = pruned.hidden[c].to(device).float() + z_attn_now["z"].float()
+                    t = y_mlp[c].to(device).float() + mid_d - mid_p
+                else:
+                    t = y.detach().float()
+                t_mlp.append(t)
+                acc.add_z("mlp", a[0], t.shape[-1], target=w_step_target("mlp", c, t))
+            _hooked_forward(layer, pruned, device, [(o, attn_update), (parts[0].out, mlp_stats)])
+            st = acc.stats["mlp"]
+            st.check_finite(f"layer {i} mlp")
+        else:  # experts: each part against its own output (statistics per part, routing-weighted)
+            seen = []
+
+            def attn_update_counted(m, a, y):
+                attn_update(len(seen), a, y)
+                seen.append(1)
+            h = o.register_forward_hook(attn_update_counted)
+            try:
+                st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
+            finally:
+                h.remove()
+        t_attn.close()
+        path_m = mlp_path(adapter, layer, st, cfg, floor, blocks, dtype=torch.float32)
+        mm = Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors)
         if w is None:
-            km = mm.nearest_prefix(kept_target[2 * i + 1] + carry)
-            carry += kept_target[2 * i + 1] - mm.kept[km]
+            km = mm.nearest_prefix(kept[2 * i + 1] + rounding)
+            rounding += kept[2 * i + 1] - mm.kept[km]
         else:
             km = len(path_m.steps)
-        cut = _cut_mlp_parts if mshape.parts else _cut_mlp
-        channels = cut(adapter, layer, path_m, km, st, cfg)
+        channels = kept_after(path_m, km, adapter.mlp_shape(layer).channels)
+        cut_mlp(adapter, layer, st, channels, cfg)
+        del st
 
-        menus += [_menu(i, "attn", ca, path_a, sens[i]["attn"]), _menu(i, "mlp", cm, path_m, sens[i]["mlp"])]
-        plans.append(LayerPlan(heads, groups, channels))
-        ctx.outputs = run_layer(layer, ctx.inputs, device)
+        # The layer's outputs on the pruned trajectory, with the MLP's u/y-steps.
+        hs = []
+        if admm_mlp:
+            count = []
+
+            def mlp_update(m, a, y):
+                c = len(count)
+                count.append(1)
+                u_step("mlp", c, t_mlp[c].to(device), y)
+            hs.append(adapter.mlp_output_module(layer).register_forward_hook(mlp_update))
+        try:
+            ctx.outputs = run_layer(layer, pruned, device)
+        finally:
+            for h in hs:
+                h.remove()
+        t_mlp.close()
         num = sum(float((p - d).float().pow(2).sum()) for p, d in zip(ctx.outputs.hidden, dense_next.hidden))
         den = sum(float(d.float().pow(2).sum()) for d in dense_next.hidden)
-        drift.append(num / max(den, 1e-30))
         y_attn.close()
         y_mlp.close()
-        dense = dense_next
-    objective = drift[-1]
-    return plans, menus, objective, drift
+        if carry["owned"]:
+            dense.close()  # this pass's own copy of the dense trajectory; the first layer's inputs are shared
+        result = {"plan": {"heads": heads, "kv_heads": groups, "channels": channels},
+                  "menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
+                            Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
+                  "drift": num / max(den, 1e-30), "residuals": res, "state": new}
+        return result, {"dense": dense_next, "owned": True, "rounding": rounding}
+    return step
+
+
+def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: float) -> list[dict]:
+    """Phases 3 and 4: up to ``cfg.iterations`` ADMM iterations, each an allocation (``lambda``) and a
+    streamed pass. Returns the iterates ``[{"iteration", "objective", "plans", "snapshot"}]`` (a
+    snapshot of the layers only where it may be selected later), logging one entry per iteration."""
+    cfg, adapter = run.config, run.adapter
+    layers = adapter.layers()
+    K = cfg.iterations
+    dense_layers = run.home.snapshot(layers) if K > 1 else None
+    first = run.stream().first_inputs()
+    rho, state, iterates, best = cfg.rho, None, [], math.inf
+    shapes = [(adapter.attention_shape(l), adapter.mlp_shape(l)) for l in layers]
+    for k in range(1, K + 1):
+        t0 = time.perf_counter()
+        if k > 1:
+            run.home.restore(layers, dense_layers)  # every W-step solves from the dense weights
+        # Phase 3: the budget dual lambda on the current menus (dense paths at k = 1, then the
+        # paths re-solved against u - y on the pruned trajectory in the previous pass).
+        if math.isinf(T):  # uniform: the same exact widths in every layer (as the local methods)
+            kept, lam = None, math.inf
+            widths = [w.to_dict() for w in uniform_widths(shapes, cfg.sparsity, cfg.mlp_multiple)]
+        else:
+            prefixes, lam = allocate_prefixes([Menu.from_dict(m) for m in menus], budget, T)
+            kept, widths = [Menu.from_dict(m).kept[p] for m, p in zip(menus, prefixes)], None
+        step = admm_step(run, sens, kept, widths, state, rho, keep_state=k < K)
+        results, _ = run_pass(run, f"structprune iter {k}", step, {"dense": first, "owned": False, "rounding": 0.0},
+                              cuts=True, final=K == 1)
+        if state is not None:
+            for s in state:
+                for v in (s or {}).values():
+                    v["u"].close()
+                    v["w"].close()
+        state = [r["state"] for r in results] if k < K else None
+        menus = [m for r in results for m in r["menus"]]
+        tot: dict = {}
+        for r in results:
+            _add(tot, {key: r["residuals"].get(key, 0) for key in RESIDUAL_KEYS})
+        primal, dual = math.sqrt(tot["r2"]), math.sqrt(tot["s2"])
+        root_n = math.sqrt(max(tot["n"], 1))
+        eps_pri = root_n * cfg.tol_abs + cfg.tol_rel * math.sqrt(max(tot["z2"], tot["u2"]))
+        eps_dual = root_n * cfg.tol_abs + cfg.tol_rel * math.sqrt(tot["w2"])
+        drift = [r["drift"] for r in results]
+        objective = drift[-1]
+        converged = primal <= eps_pri and dual <= eps_dual
+        plans = [r["plan"] for r in results]
+        entry = {"iteration": k, "objective": objective,
+                 "consensus_objective": tot["f2"] / max(tot["t2"], 1e-30),
+                 "primal_residual": primal, "dual_residual": dual, "eps_primal": eps_pri, "eps_dual": eps_dual,
+                 "rho": rho, "lambda": lam, "temperature": T, "converged": converged,
+                 "kept": [{"layer": i, "heads": len(p["heads"]), "kv_heads": len(p["kv_heads"]),
+                           "mlp": len(p["channels"])} for i, p in enumerate(plans)],
+                 "layer_drift": drift, "seconds": time.perf_counter() - t0}
+        run.log.append(entry)
+        log.info("iter %d: objective %.5f primal %.4g (eps %.3g) dual %.4g (eps %.3g) rho %.3g lambda %.3f (%.1fs)",
+                 k, objective, primal, eps_pri, dual, eps_dual, rho, lam, entry["seconds"])
+        better = objective < best
+        best = min(best, objective)
+        if better:  # only the best iterate so far may be restored later: one snapshot at a time
+            for it in iterates:
+                it["snapshot"] = None
+        iterates.append({"iteration": k, "objective": objective, "plans": plans,
+                         "snapshot": run.home.snapshot(layers) if K > 1 and better else None})
+        if converged or k == K:
+            break
+        # The rho schedule (residual balancing): a primal residual far above the dual one asks for
+        # a stronger pull to consensus, and the reverse for a weaker one. w = rho * y is stored, so
+        # the scaled duals y = w / rho follow the new rho without being rewritten.
+        if primal > RHO_BALANCE * dual:
+            rho *= RHO_FACTOR
+        elif dual > RHO_BALANCE * primal:
+            rho /= RHO_FACTOR
+    if state is not None:  # stopped early: the next iteration's variables are not needed
+        for s in state:
+            for v in (s or {}).values():
+                v["u"].close()
+                v["w"].close()
+    return iterates
+
+
+# -- phase 5: selection -------------------------------------------------------------------------
+
+def select_iterate(run, iterates: list[dict]) -> dict:
+    """The iterate with the lowest objective; its layers are restored if a later pass replaced them."""
+    best = min(iterates, key=lambda it: it["objective"])
+    if best is not iterates[-1]:
+        run.home.restore(run.adapter.layers(), best["snapshot"])
+    return best
 
 
 # -- the method ---------------------------------------------------------------------------------
 
-def prune_structprune(run) -> list[LayerPlan]:
-    """StructPrune (see module docstring); returns the kept structures of every layer."""
+def prune_structprune(run):
+    """StructPrune (see the module docstring); returns the kept structures of every layer."""
+    from ..adapters.base import LayerPlan
+
     cfg, adapter = run.config, run.adapter
     T = temperature_of(cfg)
-    layers = adapter.layers()
-    inputs = run.stream().first_inputs()
-
     t0 = time.perf_counter()
-    # The profile depends on the dense model, the calibration windows (order included: the
-    # sensitivities use the first sens_nsamples), the compute device and these knobs: keyed by
-    # content hashes (provenance.py), so permuted windows or another model never collide.
-    key = ("structprune-profile", run.fingerprint["sha256"], run.calib_sha256, run.device.type, cfg.sens_nsamples,
-           cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple, cfg.path_steps, cfg.batch_size)
-    if math.isinf(T):
-        # Uniform widths need no menus or sensitivities (only the logs' menus carry weights).
-        sens, menus = [{"attn": 1.0, "mlp": 1.0} for _ in layers], []
-    elif run.cache is not None and key in run.cache:
-        sens, menus = copy.deepcopy(run.cache[key])
-    else:
-        nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
-        sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
-        ncal = sum(h.shape[0] for h in sub.hidden)
-        sens = module_sensitivities(run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress,
-                                    store_factory=run.home)
-        menus = profile_menus(run, sens)
-        if run.cache is not None:
-            run.cache[key] = copy.deepcopy((sens, menus))
-    t_sens = time.perf_counter() - t0
+    sens, menus = sensitivities_and_paths(run, T)  # phases 1 and 2
+    t_profile = time.perf_counter() - t0
+    budget = removable_cost(adapter) - cfg.sparsity * prunable_params(adapter)
+    iterates = admm_passes(run, sens, menus, budget, T)  # phases 3 and 4
+    best = select_iterate(run, iterates)  # phase 5
+    run.log.append({"chosen_iteration": best["iteration"], "iterations_run": len(iterates),
+                    "profile_seconds": t_profile, "sensitivities": sens})
+    return [LayerPlan.from_dict(p) for p in best["plans"]]
 
-    full = sum(c for l in layers for c in _full_costs(adapter, l))
-    from ..api import prunable_params  # late: api imports the solvers
 
-    budget = full - cfg.sparsity * prunable_params(adapter)
-    dense_layers = run.home.snapshot(layers) if cfg.iterations > 1 else None
-    alpha = cfg.rho / (1.0 + cfg.rho)
-    best, prev_kept = None, None
-    for it in range(cfg.iterations):
-        t1 = time.perf_counter()
-        if it > 0:
-            run.home.restore(layers, dense_layers)
-        if math.isinf(T):  # uniform: the same exact widths in every layer (as the local methods)
-            kept, lam = None, float("inf")
-            widths = uniform_widths([(adapter.attention_shape(l), adapter.mlp_shape(l)) for l in layers],
-                                    cfg.sparsity, cfg.mlp_multiple)
-        else:
-            prefixes, lam = allocate_prefixes(menus, budget, T)
-            kept, widths = [m.kept[k] for m, k in zip(menus, prefixes)], None
-        plans, menus, objective, drift = prune_pass(run, kept, sens, alpha, desc=f"structprune iter {it + 1}",
-                                                    widths=widths)
-        kept_now = [c for l in layers for c in _full_costs(adapter, l)]
-        dual = (sum(abs(a - b) for a, b in zip(kept_now, prev_kept)) / full) if prev_kept else float("nan")
-        entry = {"iteration": it + 1, "objective": objective, "lambda": lam, "temperature": T,
-                 "primal_residual": sum(drift) / len(drift), "dual_residual": dual,
-                 "kept": [{"layer": i, "heads": len(p.heads), "kv_heads": len(p.kv_heads), "mlp": len(p.channels)}
-                          for i, p in enumerate(plans)],
-                 "layer_drift": drift, "seconds": time.perf_counter() - t1}
-        run.log.append(entry)
-        log.info("iter %d: objective %.5f primal %.5f dual %.4f lambda %.3f (%.1fs)", it + 1, objective,
-                 entry["primal_residual"], dual, lam, entry["seconds"])
-        prev_kept = kept_now
-        if best is None or objective < best[0]:
-            best = (objective, plans, run.home.snapshot(layers) if cfg.iterations > 1 else None, it + 1)
-    if best[2] is not None and best[3] != cfg.iterations:
-        run.home.restore(layers, best[2])
-    run.log.append({"chosen_iteration": best[3], "profile_seconds": t_sens,
-                    "sensitivities": sens})
-    return best[1]
+__all__ = ["admm_passes", "admm_step", "consensus_update", "profile_step", "prune_structprune", "select_iterate",
+           "sensitivities_and_paths", "temperature_of"]

@@ -1,0 +1,184 @@
+"""StructPrune's ADMM (issue 11, item 1): the consensus/dual updates, residuals, stopping, the
+one-shot limit, the log and the convergence plot; and the pass contract of every streamed solver
+(issue 11, item 6): one loop, plain-data results and carries."""
+
+import copy
+import math
+
+import pytest
+import torch
+from tiny import calib_ids, tiny_llama
+
+from structprune import api
+from structprune.engine import LayerInputs
+from structprune.engine.activations import ActivationStore
+from structprune.solvers.structprune import consensus_update
+
+
+def _iterations(report):
+    return [e for e in report["solver_log"] if "iteration" in e]
+
+
+def test_consensus_update_matches_a_hand_computation():
+    """u = (t + rho (z + y)) / (1 + rho), y += z - u, with w = rho y stored; residuals as Boyd §3.3."""
+    t = torch.tensor([[1.0, -2.0, 0.5]])
+    z1 = torch.tensor([[0.0, -1.0, 1.5]])
+    rho = 2.0
+    u1, w1, s1 = consensus_update(t, z1, None, None, rho)  # first iteration: u0 = t, y0 = 0
+    u1_hand = (t + rho * z1) / (1 + rho)
+    y1_hand = z1 - u1_hand
+    assert torch.allclose(u1, u1_hand) and torch.allclose(w1, rho * y1_hand)
+    assert math.isclose(s1["r2"], float((z1 - u1_hand).pow(2).sum()), rel_tol=1e-6)
+    assert math.isclose(s1["s2"], rho ** 2 * float((u1_hand - t).pow(2).sum()), rel_tol=1e-6)
+    assert math.isclose(s1["f2"], float((u1_hand - t).pow(2).sum()), rel_tol=1e-6)
+    assert s1["n"] == 3 and math.isclose(s1["t2"], 5.25, rel_tol=1e-6)
+    # Second iteration with a new penalty: the scaled dual is y = w / rho_new (no rescaling needed).
+    z2 = torch.tensor([[0.5, -1.5, 1.0]])
+    rho2 = 4.0
+    u2, w2, s2 = consensus_update(t, z2, u1, w1, rho2)
+    y_prev = w1 / rho2
+    u2_hand = (t + rho2 * (z2 + y_prev)) / (1 + rho2)
+    y2_hand = y_prev + z2 - u2_hand
+    assert torch.allclose(u2, u2_hand) and torch.allclose(w2, rho2 * y2_hand)
+    assert math.isclose(s2["s2"], rho2 ** 2 * float((u2_hand - u1_hand).pow(2).sum()), rel_tol=1e-6)
+    assert math.isclose(s2["w2"], float((rho2 * y2_hand).pow(2).sum()), rel_tol=1e-6)
+    # At a fixed point z = u the duals stop moving and both residuals vanish.
+    fixed_z = t + w2  # z = u = t + rho y  solves  u = (t + rho z + w) / (1 + rho)
+    u4, w4, s4 = consensus_update(t, fixed_z, fixed_z, w2, rho2)
+    assert s4["r2"] < 1e-10 and s4["s2"] < 1e-10 and torch.allclose(w4, w2)
+
+
+def test_one_iteration_is_the_one_shot_pass_whatever_rho():
+    """K = 1: u0 = t, y0 = 0, so the W-step fits the module's own target and rho enters nothing but
+    the logged residuals: rho = 0 and rho = 5 give the same model."""
+    base = tiny_llama(layers=3)
+    ids = calib_ids(6, 24)
+    logits = []
+    for rho in (0.0, 5.0):
+        m = copy.deepcopy(base)
+        r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24,
+                      iterations=1, rho=rho)
+        with torch.no_grad():
+            logits.append(m(ids).logits)
+        (e,) = _iterations(r.report)
+        assert e["rho"] == rho and math.isfinite(e["dual_residual"])
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_stopping_tolerances_reached_at_the_first_iteration_give_the_one_shot_model():
+    """Loose tolerances: the residuals meet them after iteration 1, ADMM stops there, and the model
+    is the one-shot one (the limit in which ADMM reduces to the one-shot pass)."""
+    base = tiny_llama(layers=3)
+    ids = calib_ids(6, 24)
+    out = {}
+    for name, kw in (("one-shot", dict(iterations=1)), ("admm", dict(iterations=5, tol_rel=100.0))):
+        m = copy.deepcopy(base)
+        r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24, **kw)
+        with torch.no_grad():
+            out[name] = (m(ids).logits, _iterations(r.report))
+    assert len(out["admm"][1]) == 1 and out["admm"][1][0]["converged"]
+    assert torch.equal(out["admm"][0], out["one-shot"][0])
+
+
+def test_admm_residuals_decrease_and_the_log_shows_every_iteration():
+    """rho = 1 on a tiny model: the primal and dual residuals fall over the iterations (with tight
+    tolerances so that all run); each iteration logs residuals, tolerances, rho, lambda, objective
+    and kept counts, and the chosen iterate is the lowest objective."""
+    m = tiny_llama(layers=3)
+    ids = calib_ids(8, 32)
+    r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=32, iterations=4,
+                  rho=1.0, tol_abs=0.0, tol_rel=0.0)
+    it = _iterations(r.report)
+    assert [e["iteration"] for e in it] == [1, 2, 3, 4]
+    for e in it:
+        assert {"objective", "consensus_objective", "primal_residual", "dual_residual", "eps_primal", "eps_dual", "rho",
+                "lambda", "kept", "converged"} <= set(e)
+        assert len(e["kept"]) == 3 and not e["converged"]
+    assert it[-1]["primal_residual"] < 0.5 * it[0]["primal_residual"]
+    assert it[-1]["dual_residual"] < 0.5 * it[0]["dual_residual"]
+    chosen = next(e["chosen_iteration"] for e in r.report["solver_log"] if "chosen_iteration" in e)
+    assert chosen == min(it, key=lambda e: e["objective"])["iteration"]
+
+
+def test_rho_schedule_rebalances_a_dominant_residual():
+    """rho = 10 starts with a dual residual far above the primal one (u moves rho-times as far as
+    it misses z): the schedule halves rho."""
+    m = tiny_llama(layers=3)
+    ids = calib_ids(6, 24)
+    r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24, iterations=2,
+                  rho=10.0, tol_abs=0.0, tol_rel=0.0)
+    it = _iterations(r.report)
+    assert it[0]["dual_residual"] > 10 * it[0]["primal_residual"]
+    assert it[1]["rho"] == 5.0
+
+
+def test_convergence_plot_is_written_and_named(tmp_path):
+    pytest.importorskip("matplotlib")
+    from structprune.plots import write_run_plots
+
+    m = tiny_llama(layers=3)
+    r = api.prune(m, calib_ids(6, 24), device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24,
+                  iterations=3, tol_abs=0.0, tol_rel=0.0)
+    plots = write_run_plots(r.report, tmp_path)
+    assert plots.get("convergence") == "convergence.png" and (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_admm_on_disk_equals_in_memory(tmp_path):
+    """The consensus and dual variables are activation stores: with a zero activation budget they
+    live on disk, and the result is the same model bit for bit."""
+    base = tiny_llama(layers=3)
+    ids = calib_ids(6, 24)
+    logits = []
+    for budget in (None, 0):
+        m = copy.deepcopy(base)
+        api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24, iterations=3,
+                  tol_abs=0.0, tol_rel=0.0, activation_budget=budget, offload_dir=str(tmp_path))
+        with torch.no_grad():
+            logits.append(m(ids).logits)
+    assert torch.equal(logits[0], logits[1])
+
+
+# -- the pass contract (solvers/passes.py) ----------------------------------------------------------
+
+def _plain(x, where):
+    if isinstance(x, (torch.Tensor, LayerInputs, ActivationStore, str, int, float, bool)) or x is None:
+        return
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            _plain(v, where)
+        return
+    if isinstance(x, dict):
+        for k, v in x.items():
+            assert isinstance(k, (str, int)), (where, k)
+            _plain(v, where)
+        return
+    raise AssertionError(f"{where}: {type(x).__name__} in a pass result or carry")
+
+
+@pytest.mark.parametrize("method,kw", [("structprune", {}), ("structprune", {"iterations": 2}),
+                                       ("structprune", {"allocation": "uniform"}), ("obs-local", {}),
+                                       ("wanda-sp", {}), ("wanda-sp", {"allocation": "owl"}), ("flap", {}),
+                                       ("magnitude-sp", {}), ("global", {})])
+def test_every_streamed_pass_runs_through_run_pass_with_plain_data(method, kw, monkeypatch):
+    """Every layer of every pass goes through the one loop, and its step returns and carries plain
+    data only (what a resumed run can save and load)."""
+    import structprune.solvers.passes as passes
+
+    real, seen = passes.run_pass, []
+
+    def checked(run, desc, step, carry=None, **k):
+        def wrapped(ctx, c):
+            result, c = step(ctx, c)
+            _plain(result, desc)
+            _plain(c, desc)
+            return result, c
+        results, carry = real(run, desc, wrapped, carry, **k)
+        seen.append((desc, len(results)))
+        return results, carry
+
+    for mod in ("structprune", "local", "flap", "profile", "global_ref"):
+        monkeypatch.setattr(f"structprune.solvers.{mod}.run_pass", checked)
+    m = tiny_llama(layers=3)
+    r = api.prune(m, calib_ids(6, 24), device="cpu", progress=False, method=method, sparsity=0.3, seqlen=24, **kw)
+    assert seen and all(n == 3 for _, n in seen)
+    assert len(r.plans) == 3
