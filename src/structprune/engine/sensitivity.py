@@ -35,11 +35,12 @@ budget spills them as usual).
 
 **The estimator.** The gradient energy is kept per window and position
 (:func:`gradient_energy`), then reduced by :func:`reduce_energy`: the first
-``skip_positions`` positions of every window are left out (on SmolLM2, position 0 carries
-80% of the gradient energy at layer 0's attention output, so the estimate depended on which
-token happened to open each window; with position 0 alone skipped, positions 1-3 still made
-fp32 and bf16 weights disagree 5.4x on one module), the per-window means are combined by a
-symmetric ``trim`` trimmed mean (one outlying window cannot decide a module's weight),
+``skip_positions`` positions of every window are left out (in one SmolLM2 calibration draw,
+one window's first two positions carried 99% of its layer-0 attention-output energy, 300x
+what each other window had in all, and that figure moved 29x when the weights were rounded
+to bf16: the estimate depended on which token opened a window; with position 0 alone skipped,
+position 1 still made fp32 and bf16 weights disagree 5.4x), the per-window means are combined
+by a symmetric ``trim`` trimmed mean (one outlying window cannot decide a module's weight),
 and the result is divided by the module's output width. The defaults (skip 4, trim 1/8) were
 chosen by ``benchmarks/sensitivity_agreement.py`` (agreement between disjoint calibration
 subsets and between fp32 and bf16 weights, ``benchmarks/results/sensitivity_agreement*.md``).
