@@ -302,9 +302,9 @@ def test_unknown_family_error_lists_the_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedArchitectureError) as err:
         get_adapter(model)
-    for t in ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "opt"):
+    for t in ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "opt"):
         assert t in str(err.value)
-    assert {"qwen3", "gemma2", "gemma3_text"} <= set(supported_model_types())
+    assert {"qwen3", "gemma2", "gemma3_text", "gemma3"} <= set(supported_model_types())
 
 
 def test_single_kv_head_keeps_its_group_and_prunes_query_heads():
@@ -365,3 +365,76 @@ def test_gguf_checkpoints_load_prune_and_export(family, tmp_path):
     prune(model, ids, config_for("wanda-sp"), device="cpu", progress=False)
     assert save_pruned(model, tokenizer, tmp_path / "out").format == "stock"
     assert_same_model(model, load_pruned(tmp_path / "out"), f"{family} from GGUF, pruned, reloaded")
+
+
+def _image_batch(model, seed: int = 5):
+    """Token ids with one image's placeholder tokens in the middle, and that image's pixels."""
+    c = model.config
+    ids = calib_ids(1, 10, seed=seed)
+    image = torch.full((1, c.mm_tokens_per_image), c.image_token_index)
+    size = c.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([ids[:, :3], image, ids[:, 3:]], 1), pixels
+
+
+def _vision_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+
+
+def _same_with_image(ref, loaded, what: str) -> None:
+    ids, pixels = _image_batch(ref)
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pixels).logits
+        got = loaded(input_ids=ids, pixel_values=pixels).logits
+    max_diff(want, got, what)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_gemma3_multimodal_prunes_the_language_model_and_keeps_vision(uniform, tmp_path):
+    """Gemma3ForConditionalGeneration: only the language model is cut; the vision tower and projector
+    come back from the export bit for bit and images still reach the pruned language model. Uniform
+    widths write a stock ``gemma3`` config whose nested ``text_config`` has the kept widths."""
+    model = FAMILIES["gemma3"]()
+    vision = _vision_state(model)
+    adapter = get_adapter(model)
+    assert adapter.layers() is model.model.language_model.layers
+    rng = random.Random(7)
+    for layer in adapter.layers():
+        apply_layer_plan(adapter, layer, uniform_plan(adapter, layer) if uniform else random_plan(adapter, layer, rng))
+    export = save_pruned(model, None, tmp_path)
+    assert export.format == ("stock" if uniform else "custom"), export.reason
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3" and "vision_config" in cfg
+    widths = adapter.layer_widths(adapter.layers()[0])
+    if uniform:
+        text = cfg["text_config"]
+        assert (text["num_attention_heads"], text["num_key_value_heads"], text["intermediate_size"]) == (
+            widths["heads"], widths["kv_heads"], widths["mlp"])
+        assert not any(k.startswith("layer_") for k in cfg)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    else:
+        assert cfg["layer_num_heads"] == [adapter.layer_widths(l)["heads"] for l in adapter.layers()]
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    for m in (loaded, load_pruned(tmp_path)):
+        assert type(m).__name__.endswith("Gemma3ForConditionalGeneration")
+        got = _vision_state(m)
+        assert got.keys() == vision.keys() and all(torch.equal(got[k], vision[k]) for k in vision)
+        _same_with_image(model, m, f"gemma3 with an image, {export.format} export")
+
+
+def test_gemma3_checkpoint_path_keeps_vision(tmp_path):
+    """prune_checkpoint on a Gemma 3 multimodal checkpoint in transformers' saved layout
+    (``language_model.model.*``, as Hub checkpoints are): the vision weights are copied through."""
+    folder = tmp_path / "dense"
+    dense = FAMILIES["gemma3"]()
+    dense.save_pretrained(folder)
+    vision = _vision_state(dense)
+    prune_checkpoint(folder, tmp_path / "pruned", calib_ids(4, 16), config_for("wanda-sp", 0.4), device="cpu",
+                     progress=False)
+    pruned = load_pruned(tmp_path / "pruned")
+    got = _vision_state(pruned)
+    assert got.keys() == vision.keys() and all(torch.equal(got[k], vision[k]) for k in vision)
+    adapter = get_adapter(pruned)
+    assert count_params(adapter.prunable_linears(adapter.layers()[0])) < count_params(
+        get_adapter(dense).prunable_linears(get_adapter(dense).layers()[0]))

@@ -119,6 +119,26 @@ def tiny_gemma3_text(layers: int = 3, seed: int = 0) -> Gemma3ForCausalLM:
     return _init(Gemma3ForCausalLM(cfg))
 
 
+def tiny_gemma3(layers: int = 3, seed: int = 0):
+    """Gemma 3 multimodal (``Gemma3ForConditionalGeneration``, ``model_type`` gemma3) whose text part
+    is :func:`tiny_gemma3_text`'s model, weight for weight (one KV head, q/k norms, alternating
+    layers), nested under ``model.language_model`` with ``text_config``; a one-layer SigLIP tower
+    (16x16 images, 8x8 patches) and the projector (4 tokens per image) are random and kept. The
+    image token ids are the config's defaults, outside the tiny vocabulary, so text ids never
+    stand for an image."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text_model = tiny_gemma3_text(layers, seed)
+    vision = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    cfg = Gemma3Config(text_config=text_model.config.to_dict(), vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(seed)
+    model = _init(Gemma3ForConditionalGeneration(cfg))
+    model.model.language_model.load_state_dict(text_model.model.state_dict())
+    model.lm_head.load_state_dict(text_model.lm_head.state_dict())
+    return model.eval()
+
+
 def tiny_phi3(layers: int = 3, seed: int = 0):
     """Phi-3: fused qkv_proj (6 heads / 2 KV heads of 8) and gate_up_proj (intermediate 37)."""
     from transformers import Phi3Config, Phi3ForCausalLM
@@ -167,6 +187,7 @@ FAMILIES = {
     "qwen3": tiny_qwen3,
     "gemma2": tiny_gemma2,
     "gemma3_text": tiny_gemma3_text,
+    "gemma3": tiny_gemma3,
     "phi3": tiny_phi3,
     "mixtral": tiny_mixtral,
     "qwen2_moe": tiny_qwen2_moe,

@@ -6,13 +6,14 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from .base import Adapter, AttentionShape, LayerPlan, MLPShape, count_params, module_costs, prunable_params, removable_cost
-from .gemma import GemmaAdapter
+from .gemma import Gemma3MultimodalAdapter, GemmaAdapter
 from .llama import LlamaAdapter
 from .moe import MoEAdapter
 from .opt import OPTAdapter
 from .phi3 import Phi3Adapter
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, OPTAdapter, Phi3Adapter, MoEAdapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, Gemma3MultimodalAdapter, OPTAdapter, Phi3Adapter,
+                                 MoEAdapter]
 
 
 def supported_model_types() -> list[str]:
@@ -35,5 +36,6 @@ def get_adapter(model: nn.Module) -> Adapter:
 __all__ = [
     "Adapter", "AttentionShape", "LayerPlan", "MLPShape", "count_params", "module_costs", "prunable_params",
     "removable_cost",
-    "GemmaAdapter", "LlamaAdapter", "MoEAdapter", "OPTAdapter", "Phi3Adapter", "get_adapter", "supported_model_types",
+    "Gemma3MultimodalAdapter", "GemmaAdapter", "LlamaAdapter", "MoEAdapter", "OPTAdapter", "Phi3Adapter",
+    "get_adapter", "supported_model_types",
 ]

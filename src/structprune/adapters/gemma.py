@@ -16,6 +16,11 @@ What differs from LLaMA and why none of it is pruned or needs an update after a 
 
 Grouped-query attention with a single KV head (Gemma 2/3 small models) leaves only
 query heads prunable: the one KV group is always kept, with at least one query head.
+
+:class:`Gemma3MultimodalAdapter` prunes the language model of ``Gemma3ForConditionalGeneration``
+(``model_type`` ``gemma3``) in place: its decoder layers, embeddings and final norm sit under
+``model.model.language_model`` and the config nests them in ``text_config``. The vision tower
+and the multimodal projector are neither pruned nor moved; a text-only forward never runs them.
 """
 
 from __future__ import annotations
@@ -55,4 +60,32 @@ class GemmaAdapter(LlamaAdapter):
 
     def head_modules(self) -> list[nn.Module]:
         mods = super().head_modules()
+        return mods + [self.softcap] if self.softcap is not None else mods
+
+
+class Gemma3MultimodalAdapter(GemmaAdapter):
+    """Gemma3ForConditionalGeneration: the language model (``model.model.language_model``, a
+    ``Gemma3TextModel``) is pruned exactly as ``Gemma3ForCausalLM``'s; ``lm_head`` is the wrapper's.
+
+    Only the text part has structures; the vision tower (SigLIP) and ``multi_modal_projector``
+    keep every weight (the projector maps into the hidden size, which pruning keeps)."""
+
+    model_types = ("gemma3",)
+
+    def text_model(self) -> nn.Module:
+        """The language model (``Gemma3TextModel``) inside the multimodal wrapper."""
+        return self.model.model.language_model
+
+    def text_config(self):
+        return self.config.get_text_config()
+
+    def layers(self) -> nn.ModuleList:
+        return self.text_model().layers
+
+    def pre_layer_modules(self) -> list[nn.Module]:
+        inner = self.text_model()
+        return [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
+
+    def head_modules(self) -> list[nn.Module]:
+        mods = [self.text_model().norm, self.model.lm_head]
         return mods + [self.softcap] if self.softcap is not None else mods

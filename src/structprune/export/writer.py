@@ -151,6 +151,21 @@ def _base_dict(model) -> dict:
     return d
 
 
+# Multimodal families whose pruned language model is described by a nested ``text_config``
+# (Gemma 3: ``Gemma3ForConditionalGeneration``); the per-layer lists stay top-level.
+NESTED_TEXT = ("gemma3",)
+
+
+def _text_dict(base: str, d: dict) -> dict:
+    """The part of a config dict that describes the decoder layers: ``d`` or its ``text_config``."""
+    return d["text_config"] if base in NESTED_TEXT else d
+
+
+def _hidden_size(model) -> int:
+    config = model.config
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
+
+
 def _layer_prefixes(model) -> list[str]:
     adapter = get_adapter(model)
     layers = adapter.layers()
@@ -161,7 +176,7 @@ def _layer_prefixes(model) -> list[str]:
 def _llama_zero_biases(model, lay: list[dict], attention_bias: bool, mlp_bias: bool) -> dict[str, int]:
     """Zero biases a stock LLaMA layout needs but the model lacks (e.g. q/k/v when only o has one)."""
     fills = {}
-    hidden = model.config.hidden_size
+    hidden = _hidden_size(model)
     for prefix, l in zip(_layer_prefixes(model), lay):
         dh = l["head_dim"]
         if attention_bias:
@@ -227,7 +242,8 @@ def _stock_config(model, lay: list[dict]) -> tuple[ExportConfig | None, str]:
         except Exception as exc:  # transformers' config validation
             return None, f"stock {base} config rejects these widths ({str(exc).strip().splitlines()[-1].strip()})"
 
-    d.update(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter, head_dim=dh)
+    _text_dict(base, d).update(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
+                               head_dim=dh)
     target = base
     layout = tuple(first[k] for k in ("qkv_bias", "o_bias", "mlp_in_bias", "mlp_out_bias"))
     if base in ATTENTION_BIAS_ONLY:
@@ -257,7 +273,7 @@ def _stock_config(model, lay: list[dict]) -> tuple[ExportConfig | None, str]:
 
 
 # Families whose config has one ``attention_bias`` flag (q, k, v and o) and no MLP bias.
-ATTENTION_BIAS_ONLY = ("qwen3", "gemma2", "gemma3_text")
+ATTENTION_BIAS_ONLY = ("qwen3", "gemma2", "gemma3_text", "gemma3")
 
 
 def _attention_bias_only_stock(model, lay: list[dict], base: str, d: dict,
@@ -267,8 +283,9 @@ def _attention_bias_only_stock(model, lay: list[dict], base: str, d: dict,
     qkv_bias, o_bias, mlp_in_bias, mlp_out_bias = layout
     if mlp_in_bias or mlp_out_bias:
         return None, f"stock {base} has no MLP biases (a refit added one)"
-    d["attention_bias"] = qkv_bias or o_bias
-    fills = _llama_zero_biases(model, lay, d["attention_bias"], False)
+    text = _text_dict(base, d)
+    text["attention_bias"] = qkv_bias or o_bias
+    fills = _llama_zero_biases(model, lay, text["attention_bias"], False)
     try:
         config = _make_config(base, d)
     except Exception as exc:  # transformers' config validation
@@ -290,14 +307,14 @@ def _custom_config(model, lay: list[dict], reason: str) -> ExportConfig:
         if model.config.hidden_size // model.config.num_attention_heads != dh:
             raise StructPruneError("OPT config's num_attention_heads no longer matches the head dimension")
     else:
-        d["head_dim"] = dh  # explicit: the dense head count no longer describes the layers
+        _text_dict(base, d)["head_dim"] = dh  # explicit: the dense head count no longer describes the layers
     # The family's own layout must hold the q/k/v and MLP-input biases (slicing never adds them);
     # only the output projections' biases vary per layer.
     if base == "llama":
         d["attention_bias"] = lay[0]["qkv_bias"]
         d["mlp_bias"] = lay[0]["mlp_in_bias"]
     if base in ATTENTION_BIAS_ONLY:  # q/k/v biases come from the flag; o's is per layer
-        d["attention_bias"] = lay[0]["qkv_bias"]
+        _text_dict(base, d)["attention_bias"] = lay[0]["qkv_bias"]
     if base == "opt":
         d["enable_bias"] = lay[0]["qkv_bias"]
     for i, l in enumerate(lay):
@@ -381,9 +398,26 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report: dict | Non
     export = export_config(model)
     log.info("exporting a %s %s config (%s)", export.format, export.config.model_type, export.reason)
     model.save_pretrained(out, state_dict=_state_dict(model, export.zero_biases), max_shard_size=max_shard_size,
-                          **fused_moe.save_kwargs(model, base_model_type(model)))
+                          **save_kwargs(model))
     write_export_files(export, base_model_type(model), out, tokenizer, report=report, plans=plans)
     return export
+
+
+def save_kwargs(model) -> dict:
+    """``save_pretrained`` options of an export: tensors under the model's own names and layout.
+
+    transformers 5.x writes some families back in an older layout by default (MoE experts per
+    expert, see ``fused_moe.save_kwargs``; Gemma 3 multimodal as ``language_model.model.*``). The
+    per-layer modeling code is custom code, to which transformers applies no load-time renaming,
+    and :func:`structprune.load_pruned` compares the file's names with the model's: both need the
+    model's own names, which ``from_pretrained`` of the stock class reads as well."""
+    import inspect
+
+    base = base_model_type(model)
+    kwargs = fused_moe.save_kwargs(model, base)
+    if base in NESTED_TEXT and "save_original_format" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["save_original_format"] = False
+    return kwargs
 
 
 def write_export_files(export: ExportConfig, base: str, out: Path, tokenizer=None, report: dict | None = None,

@@ -486,6 +486,10 @@ def load_skeleton(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
             elif prefix:
                 candidates.append(f"{prefix}.{name}")
         stored = next((c for c in candidates if c is not None and c in reader.weight_map), None)
+        if stored is None and tied.get(full) in reader.aliases:
+            # The tie's source is itself stored under another name (Gemma 3's original layout keeps
+            # the embeddings as language_model.model.embed_tokens, renamed by transformers' rules).
+            stored = reader.aliases[tied[full]]
         if stored is not None:
             reader.aliases[full] = stored
         else:

@@ -305,11 +305,15 @@ def load_model(
 
 
 def config_context_length(config) -> int | None:
-    """A config's maximum context length (``max_position_embeddings`` or equivalent), or None."""
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """A config's maximum context length (``max_position_embeddings`` or equivalent), or None.
+
+    Multimodal configs (Gemma 3) keep it in their nested text config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in (config, text):
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return None
 
 

@@ -1,5 +1,9 @@
 """Structurally pruned LLaMA / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / OPT models with per-layer widths.
 
+(Gemma 3 both as the text model, ``Gemma3ForCausalLM``, and as the multimodal
+``Gemma3ForConditionalGeneration``, whose language model is resized and whose vision
+tower and projector are the stock ones; its per-layer lists sit in the top-level config.)
+
 This file is copied next to the weights of every model StructPrune exports with
 non-uniform widths, and ``config.json`` points at it through ``auto_map``, so
 
@@ -26,7 +30,9 @@ from torch import nn
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3Config,
     Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -69,10 +75,12 @@ def _per_layer(config, num_layers: int) -> list[tuple[int, int, int, bool, bool]
 def _resize_llama_layers(model) -> None:
     """Resize every decoder layer of a LLaMA-like model (LLaMA, Mistral, Qwen2/3, Gemma 2/3) to its config
     widths. Qwen3's and Gemma 3's q/k norms span one head (``head_dim``) and stay as built."""
-    config = model.config
-    hidden = config.hidden_size
-    for layer, (heads, kv, inter, o_bias, out_bias) in zip(model.model.layers,
-                                                           _per_layer(config, len(model.model.layers))):
+    _resize_llama_decoder(model.model.layers, model.config, model.config.hidden_size)
+
+
+def _resize_llama_decoder(layers, config, hidden: int) -> None:
+    """Resize LLaMA-like decoder ``layers`` to the per-layer widths listed in ``config``."""
+    for layer, (heads, kv, inter, o_bias, out_bias) in zip(layers, _per_layer(config, len(layers))):
         attn = layer.self_attn
         dh = attn.head_dim
         qkv_bias = attn.q_proj.bias is not None  # the family's own layout (Qwen2: q/k/v biases)
@@ -229,6 +237,24 @@ class StructPruneGemma3ForCausalLM(Gemma3ForCausalLM):
         _resize_llama_layers(self)
 
 
+class StructPruneGemma3Config(_PerLayerConfig, Gemma3Config):
+    """Gemma 3 multimodal config whose language model has per-layer widths (the lists are top-level
+    attributes; ``text_config`` keeps the dense counts and the pruned ``head_dim``)."""
+
+    model_type = "structprune_gemma3"
+
+
+class StructPruneGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
+    """Gemma3ForConditionalGeneration whose language model's decoder layers have the widths listed in
+    the config; the vision tower and multimodal projector are the stock ones."""
+
+    config_class = StructPruneGemma3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_llama_decoder(self.model.language_model.layers, config, config.text_config.hidden_size)
+
+
 class StructPruneOPTForCausalLM(OPTForCausalLM):
     """OPTForCausalLM whose decoder layers have the widths listed in the config."""
 
@@ -247,6 +273,7 @@ CLASSES = {
     "qwen3": (StructPruneQwen3Config, StructPruneQwen3ForCausalLM),
     "gemma2": (StructPruneGemma2Config, StructPruneGemma2ForCausalLM),
     "gemma3_text": (StructPruneGemma3TextConfig, StructPruneGemma3ForCausalLM),
+    "gemma3": (StructPruneGemma3Config, StructPruneGemma3ForConditionalGeneration),
     "opt": (StructPruneOPTConfig, StructPruneOPTForCausalLM),
 }
 
