@@ -130,6 +130,28 @@ def test_nan_in_calibration_statistics(tiny_folder, calib_file, tmp_path, capsys
     _no_leftovers(out)
 
 
+@pytest.mark.parametrize("method", ["magnitude-sp", "wanda-sp"])
+def test_nan_weights_are_refused_naming_the_tensor(tiny_folder, calib_file, tmp_path, capsys, method):
+    """A NaN in a checkpoint's weights is refused with the layer and tensor named, also by the
+    data-free magnitude-sp, which reads no activations that could reveal it."""
+    out = tmp_path / "out"
+    args = _args(tiny_folder(nan=True), out, calib_file, "--eval", "", "--method", method)
+    assert main(args) == 2
+    assert "layer 0: mlp.up_proj.weight holds NaN or Inf weights" in capsys.readouterr().err
+    _no_leftovers(out)
+
+
+def test_refit_producing_nan_is_refused():
+    from torch import nn
+
+    from structprune.errors import StructPruneError
+    from structprune.surgery import set_output_projection
+
+    lin = nn.Linear(3, 2)
+    with pytest.raises(StructPruneError, match="NaN or Inf"):
+        set_output_projection(lin, torch.full((2, 3), float("nan")))
+
+
 def test_existing_output_is_not_clobbered(tiny_folder, calib_file, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -322,3 +344,84 @@ def test_activation_budget_spills_and_gives_the_same_model(tiny_folder, calib_fi
 def test_bad_activation_budget_is_refused(tiny_folder, calib_file, tmp_path, capsys):
     assert main(_args(tiny_folder(), tmp_path / "out", calib_file, "--activation-budget", "lots")) == 2
     assert "activation_budget must be a size" in capsys.readouterr().err
+
+
+_KILLING_CHILD = r"""
+import os, signal, sys
+from structprune.engine import disk
+from structprune.export import shards
+point, n = sys.argv[1], int(sys.argv[2])
+count = [0]
+if point == "fetch":  # SIGKILL at the n-th layer fetch of the run
+    fetch = disk.DiskLayerStore.fetch
+    def killing(self, i):
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fetch(self, i)
+    disk.DiskLayerStore.fetch = killing
+else:  # SIGKILL inside the final save, after the n-th shard of the output is written
+    flush = shards.ShardWriter._flush
+    def killing(self):
+        flush(self)
+        if "scratch" not in str(self.folder):
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+    shards.ShardWriter._flush = killing
+from structprune.cli import main
+sys.argv = [sys.argv[0], *sys.argv[3:]]  # the command the report records
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkilled_run_resumes_with_the_same_command(tiny_folder, calib_file, tmp_path):
+    """The promise for long runs: kill -9 a streamed `structprune prune` (during the sensitivities,
+    during the pruning pass, while writing the output), rerun the same command with --resume, and
+    get the same bytes and the same report (timings and memory aside) as a run never killed."""
+    import hashlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    model = tiny_folder()
+    args = ["prune", model, "--sparsity", "0.4", "--calib", calib_file, "--nsamples", "2", "--seqlen", "64",
+            "--eval", "", "--mlp-multiple", "1", "--max-shard-size", "20KB", "-q"]
+    env = dict(os.environ, STRUCTPRUNE_CHECKPOINT_SECONDS="0", OMP_NUM_THREADS="1")
+
+    def cli(out, *extra, kill=("none", "0")):
+        cmd = [sys.executable, "-c", _KILLING_CHILD, *kill, *args, "--output", str(out), *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    def files(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()
+                if p.is_file() and p.name != "report.json"}
+
+    def report(folder):
+        r = json.loads((folder / "report.json").read_text())
+        for k in list(r):
+            if k in ("timings", "memory", "command") or "seconds" in k or k.startswith(("peak_", "process_peak")):
+                r.pop(k)
+        r["config"].pop("activation_budget")  # a quarter of the memory available at the start
+        r["solver_log"] = [{k: v for k, v in e.items() if "seconds" not in k} for e in r["solver_log"]]
+        return r
+
+    ref = tmp_path / "ref"
+    assert cli(ref).returncode == 0
+    for point, n in [("fetch", 2), ("fetch", 7), ("save", 1)]:
+        out = tmp_path / f"out-{point}-{n}"
+        partial = tmp_path / f".{out.name}.partial"
+        killed = cli(out, kill=(point, str(n)))
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert not out.exists() and (partial / ".resume").is_dir()
+        if n == 2:  # the same command without --resume is refused and keeps the partial run
+            again = cli(out)
+            assert again.returncode == 2 and "--resume" in again.stderr and partial.is_dir()
+        resumed = cli(out, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert not partial.exists() and not (out / ".resume").exists()
+        assert files(out) == files(ref), (point, n)
+        assert report(out) == report(ref), (point, n)
+        assert json.loads((out / "report.json").read_text())["command"].endswith(f"--output {out}")

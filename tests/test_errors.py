@@ -217,11 +217,27 @@ def _nan_in_first_mlp(model):
         a.mlp_linears(a.layers()[0])[0][0].weight[0, 0] = math.nan
 
 
+@covers("weights-nonfinite")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["wanda-sp", "magnitude-sp"])
+def test_nonfinite_weights(family, method, folder, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    refused(prune_args(folder(family, edit=_nan_in_first_mlp), out, calib, method=method), capsys,
+            r"layer 0: \S+ holds NaN or Inf weights; the checkpoint is corrupt")
+    no_leftovers(out)
+
+
+def _nan_embeddings(model):
+    # The decoder layers' weights are fine; their inputs (and so their statistics) are not.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.fill_(math.nan)
+
+
 @covers("statistics-nonfinite")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_nonfinite_statistics(family, folder, calib, tmp_path, capsys):
     out = tmp_path / "out"
-    refused(prune_args(folder(family, edit=_nan_in_first_mlp), out, calib), capsys,
+    refused(prune_args(folder(family, edit=_nan_embeddings), out, calib), capsys,
             r"NaN or Inf in calibration statistics \(\w+\) of layer 0 \w+: check the calibration text and the model "
             r"weights")
     no_leftovers(out)
@@ -668,3 +684,34 @@ def test_safetensors_wrapped_os_error_is_named(folder, calib, tmp_path, capsys, 
             r"File too large: .*\.safetensors\.tmp \(the file system or a limit refuses files this large; write "
             r"elsewhere\); nothing was written to .*out$")
     assert not (tmp_path / "deep").exists()
+
+
+# -- resuming a killed run ----------------------------------------------------------------------
+
+@covers("resume-partial-exists")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_leftover_partial_run_needs_resume_or_overwrite(family, folder, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / ".out.partial" / ".resume").mkdir(parents=True)  # what a killed run leaves
+    refused(prune_args(folder(family), out, calib), capsys,
+            r"an interrupted run of this command left \S+\.out\.partial: continue it with --resume")
+    assert (tmp_path / ".out.partial").is_dir() and not out.exists()  # kept for --resume
+
+
+@covers("resume-other-run")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_of_another_runs_journal_is_refused(family, folder, calib, tmp_path, capsys):
+    from structprune.engine.journal import RunJournal
+
+    out = tmp_path / "out"
+    RunJournal(tmp_path / ".out.partial" / ".resume", {"config": {"sparsity": 0.9}})
+    refused([*prune_args(folder(family), out, calib), "--resume"], capsys,
+            r"the interrupted run in \S+ was started with a different .*config.*; run the same command to resume "
+            r"it, or start afresh without --resume")
+    assert (tmp_path / ".out.partial" / ".resume" / "run.json").is_file()  # the killed run's work is kept
+
+
+@covers("resume-in-memory")
+def test_resume_of_an_in_memory_run_is_refused(folder, calib, tmp_path, capsys):
+    refused([*prune_args(folder(), tmp_path / "out", calib), "--in-memory", "--resume"], capsys,
+            r"--resume continues a run streamed from a checkpoint folder; this run holds the model in memory")

@@ -116,3 +116,120 @@ def test_journal_refuses_unregistered_types_and_another_runs_journal(tmp_path):
         RunJournal(tmp_path / "j", {"model": "a", "sparsity": 0.4})
     assert RunJournal(tmp_path / "j", {"model": "a", "sparsity": 0.3}).resumed
     assert not RunJournal(tmp_path / "j", {"model": "a", "sparsity": 0.4}, resume=False).resumed
+
+
+# -- a killed streamed run continues and writes the same bytes ------------------------------------
+
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: nothing catches it and no cleanup of the output runs
+    (``atomic=False``); the subprocess test below kills for real."""
+
+
+def _run_files(folder: Path) -> dict:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and rel.parts[0] != ".resume" and p.name != "report.json":
+            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _stable_report(folder: Path) -> dict:
+    """report.json without what measures this process rather than the model (time, memory)."""
+    import json
+
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "seconds" and not k.endswith("_seconds")}
+        return [strip(v) for v in obj] if isinstance(obj, list) else obj
+
+    r = json.loads((folder / "report.json").read_text())
+    for k in ("timings", "peak_rss_bytes", "peak_rss_kind", "peak_gpu_mem_bytes", "memory"):
+        r.pop(k, None)
+    r["config"].pop("activation_budget")  # by default a quarter of the memory available at the start
+    return strip(r)
+
+
+KILL_CASES = [("structprune", {"iterations": 2}, 2), ("obs-local", {}, 1), ("magnitude-sp", {}, 1), ("flap", {}, 2)]
+
+
+@pytest.mark.parametrize("method,extra,every", KILL_CASES, ids=[c[0] for c in KILL_CASES])
+def test_killed_streamed_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, method, extra, every):
+    """Kill at every ``every``-th layer fetch of the run (inside the sensitivity sweeps, the profile,
+    each ADMM pass, the scoring and cutting passes), then during the final save; ``resume=True`` continues from the journal and the output
+    folder is byte-identical to an uninterrupted run's, with the same report but for timings."""
+    from tiny import calib_ids, tiny_llama
+
+    from structprune import PruneConfig
+    from structprune.api import prune_checkpoint
+    from structprune.engine import disk
+    from structprune.export import shards
+
+    monkeypatch.setenv("STRUCTPRUNE_CHECKPOINT_SECONDS", "0")
+    torch.set_num_threads(1)
+    folder = tmp_path / "dense"
+    tiny_llama(layers=3).save_pretrained(folder, max_shard_size="8KB")
+    cfg = PruneConfig(method=method, sparsity=0.4, nsamples=4, seqlen=16, mlp_multiple=1, **extra)
+    calib = calib_ids(4, 16)
+
+    def run(out, resume=False):
+        return prune_checkpoint(folder, out, calib, cfg, device="cpu", progress=False, atomic=False,
+                                max_shard_size="6KB", resume=resume, overwrite=True)
+
+    ref = tmp_path / "ref"
+    fetch, finalize = disk.DiskLayerStore.fetch, shards.ShardWriter.finalize
+    fetches = []
+    monkeypatch.setattr(disk.DiskLayerStore, "fetch", lambda self, i: fetches.append(i) or fetch(self, i))
+    run(ref)
+    monkeypatch.setattr(disk.DiskLayerStore, "fetch", fetch)
+    assert len(fetches) >= 3
+    for n in [*range(1, len(fetches) + 1, every), "save"]:
+        out = tmp_path / f"out-{n}"
+        count = [0]
+
+        def killing_fetch(self, i):
+            count[0] += 1
+            if count[0] == n:
+                raise Killed
+            return fetch(self, i)
+
+        def killing_finalize(self):
+            if self.folder == out:
+                raise Killed
+            return finalize(self)
+
+        if n == "save":
+            monkeypatch.setattr(shards.ShardWriter, "finalize", killing_finalize)
+        else:
+            monkeypatch.setattr(disk.DiskLayerStore, "fetch", killing_fetch)
+        with pytest.raises(Killed):
+            run(out)
+        monkeypatch.setattr(disk.DiskLayerStore, "fetch", fetch)
+        monkeypatch.setattr(shards.ShardWriter, "finalize", finalize)
+        assert (out / ".resume" / "run.json").is_file()
+        result = run(out, resume=True)
+        assert result.report["timings"]["resumed"] is True
+        assert _run_files(out) == _run_files(ref), n
+        assert _stable_report(out) == _stable_report(ref), n
+
+
+def test_resume_refuses_another_run(tmp_path, monkeypatch):
+    from tiny import calib_ids, tiny_llama
+
+    from structprune import PruneConfig
+    from structprune.api import prune_checkpoint
+    from structprune.engine import disk
+
+    folder = tmp_path / "dense"
+    tiny_llama(layers=3).save_pretrained(folder)
+    calib = calib_ids(4, 16)
+    cfg = PruneConfig(method="obs-local", sparsity=0.4, nsamples=4, seqlen=16, mlp_multiple=1)
+    fetch = disk.DiskLayerStore.fetch
+    monkeypatch.setattr(disk.DiskLayerStore, "fetch", lambda self, i: (_ for _ in ()).throw(Killed) if i == 2
+                        else fetch(self, i))
+    with pytest.raises(Killed):
+        prune_checkpoint(folder, tmp_path / "out", calib, cfg, device="cpu", progress=False, atomic=False)
+    monkeypatch.setattr(disk.DiskLayerStore, "fetch", fetch)
+    with pytest.raises(StructPruneError, match="different config"):
+        prune_checkpoint(folder, tmp_path / "out", calib, PruneConfig(method="obs-local", sparsity=0.3, nsamples=4,
+                         seqlen=16, mlp_multiple=1), device="cpu", progress=False, atomic=False, resume=True)

@@ -142,11 +142,24 @@ def test_float32_module_leaves_the_module_untouched():
     torch.testing.assert_close(y, ref)
 
 
-def test_nan_weights_name_the_layer_and_module(one_torch_thread):
+def test_nan_weights_name_the_layer_and_tensor(one_torch_thread):
+    """A NaN weight is refused when its layer is read, naming it, before it can turn into a NaN
+    gradient further down (the gradient guard stays for what the weights check cannot see)."""
     model = tiny_llama(layers=3)
     with torch.no_grad():
         adapter = get_adapter(model)
         adapter.mlp_linears(adapter.layers()[1])[1].weight[0, 0] = float("nan")
+    ids = calib_ids(2, 16)
+    inputs = capture_first_layer_inputs(model, adapter, ids, CPU)
+    with pytest.raises(StructPruneError, match=r"layer 1: mlp\.down_proj\.weight holds NaN or Inf weights"):
+        module_sensitivities(model, adapter, inputs, ids, CPU, progress=False)
+
+
+def test_nonfinite_gradient_names_the_layer_and_module(one_torch_thread):
+    model = tiny_llama(layers=3)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] = float("inf")  # finite layers, infinite LM head
+    adapter = get_adapter(model)
     ids = calib_ids(2, 16)
     inputs = capture_first_layer_inputs(model, adapter, ids, CPU)
     with pytest.raises(StructPruneError, match=r"sensitivity of layer \d (attn|mlp) is not finite"):

@@ -22,6 +22,7 @@ import torch
 from .adapters import Adapter, LayerPlan, count_params, get_adapter, prunable_params, removable_cost
 from .config import PruneConfig
 from .engine import LayerStream
+from .engine.stream import check_finite_weights
 from .engine.activations import ENV_BUDGET, activation_budget, current_budget
 from .engine.homes import MemoryHome
 from .errors import CalibrationError, StructPruneError
@@ -110,6 +111,7 @@ class PruneRun:
     # the reuse cache's keys; computed here unless given (the disk path hashes the checkpoint).
     fingerprint: dict | None = None
     calib_sha256: str | None = None
+    journal: object = None  # engine.journal.RunJournal of a resumable (disk-streamed) run, else None
 
     def __post_init__(self):
         if self.home is None:
@@ -119,46 +121,65 @@ class PruneRun:
         if self.calib_sha256 is None and self.calib is not None:
             self.calib_sha256 = calibration_sha256(self.calib)
 
-    def layers(self, desc: str = "layers", cuts: bool = False, final: bool = True):
+    def phase(self, name: str, compute):
+        """``compute()``, or, in a resumed run that had finished phase ``name``, its journaled result
+        (plain data: tensors, numbers, lists, dicts)."""
+        if self.journal is None:
+            return compute()
+        done = self.journal.phase(name)
+        if done is not None:
+            return done["value"]
+        value = compute()
+        self.journal.finish_phase(name, {"value": value})
+        return value
+
+    def layers(self, desc: str = "layers", cuts: bool = False, final: bool = True, start: int = 0,
+               name: str | None = None):
         """Borrow each decoder layer in turn with no activations: ``(index, layer)`` (data-free methods).
-        ``cuts``: the pass prunes the layers (see :meth:`stream`)."""
+        ``cuts``: the pass prunes the layers (see :meth:`stream`); ``start``: the first layer visited
+        (a resumed pass)."""
         from tqdm.auto import tqdm
 
-        with self.home.cutting(final) if cuts else contextlib.nullcontext():
+        with self.home.cutting(final, name) if cuts else contextlib.nullcontext():
             store = self.home(self.adapter.layers(), self.device)
             try:
-                for i in tqdm(range(len(store)), desc=desc, disable=not self.progress):
+                for i in tqdm(range(start, len(store)), initial=start, total=len(store), desc=desc,
+                              disable=not self.progress):
                     layer = store.fetch(i)
+                    check_finite_weights(layer, f"layer {i}")
                     yield i, layer
                     store.release(i)
             finally:
                 store.finish()
 
     def stream(self, desc: str = "layers", track_dense: bool = False, cuts: bool = False,
-               final: bool = True) -> LayerStream:
+               final: bool = True, start: int = 0, start_inputs=None, start_dense=None,
+               name: str | None = None) -> LayerStream:
         """A streaming pass over all layers (first-layer inputs are captured once per run).
 
         ``cuts``: the pass leaves every layer pruned, so its home keeps what each released
-        layer became (on disk: written out); ``final=False`` when a later pass may supersede it."""
+        layer became (on disk: written out, to a scratch writer ``name`` unless ``final``);
+        ``final=False`` when a later pass may supersede it. A resumed pass starts at layer
+        ``start`` with that layer's ``start_inputs`` (and ``start_dense`` with ``track_dense``)."""
         s = LayerStream(self.model, self.adapter, self.calib, self.device, self.config.batch_size,
                         track_dense=track_dense, progress=self.progress, desc=desc, inputs=self._inputs,
-                        store_factory=self.home)
+                        store_factory=self.home, start=start, start_inputs=start_inputs, start_dense=start_dense)
         self._inputs = s.first_inputs()
-        return _Pass(s, self.home if cuts else None, final, self.timings.setdefault(desc, []))
+        return _Pass(s, self.home if cuts else None, final, self.timings.setdefault(desc, []), name)
 
 
 class _Pass:
     """A :class:`LayerStream` timed per layer (into ``times``) and, for a cutting pass, run
     inside ``home.cutting(final)``."""
 
-    def __init__(self, stream: LayerStream, home, final: bool, times: list):
-        self.stream, self.home, self.final, self.times = stream, home, final, times
+    def __init__(self, stream: LayerStream, home, final: bool, times: list, name: str | None = None):
+        self.stream, self.home, self.final, self.times, self.name = stream, home, final, times, name
 
     def first_inputs(self):
         return self.stream.first_inputs()
 
     def __iter__(self):
-        with self.home.cutting(self.final) if self.home is not None else contextlib.nullcontext():
+        with self.home.cutting(self.final, self.name) if self.home is not None else contextlib.nullcontext():
             t = time.perf_counter()
             for ctx in self.stream:
                 yield ctx
@@ -336,10 +357,22 @@ def _memory_breakdown(run: PruneRun, budget, widths_before: list[dict]) -> dict:
                      "activations: measured"}
 
 
+def _run_identity(config: PruneConfig, calib, fingerprint: dict, dtype, device, max_shard_size) -> dict:
+    """What makes two streamed runs the same run (a journal is only continued by the same run).
+    The activation budget and offload folder only move activations between RAM and disk."""
+    from .export.shards import parse_size as shard_bytes
+    from .provenance import calibration_sha256 as calib_hash
+
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("activation_budget", "offload_dir")}
+    return {"config": cfg, "calibration": None if calib is None else calib_hash(calib), "model": fingerprint,
+            "dtype": str(dtype), "device": torch.device(device).type, "max_shard_size": shard_bytes(max_shard_size),
+            "versions": library_versions()}
+
+
 def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor | None = None,
                      config: PruneConfig | None = None, *, tokenizer=None, device=None,
                      dtype: torch.dtype = torch.float32, max_shard_size: str | int = "2GB", progress: bool = True,
-                     overwrite: bool = False, atomic: bool = True, **overrides) -> PruneResult:
+                     overwrite: bool = False, atomic: bool = True, resume: bool = False, **overrides) -> PruneResult:
     """Prune the checkpoint in ``folder`` (config + safetensors, sharded or not) into ``output``
     with one decoder layer in memory at a time: the dense model is never loaded whole, and each
     layer is written to ``output``'s shards as soon as it is final, so the pruned model is never
@@ -351,11 +384,17 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     ``atomic=False`` writes straight into ``output`` (a caller's own temporary folder).
     Returns a :class:`PruneResult` whose ``model`` is the (meta) skeleton with the pruned shapes.
     The O(N) ``global`` reference back-propagates through the whole model: it is refused here.
+
+    Resumable: the run keeps a journal in ``.OUTPUT.partial/.resume`` (engine/journal.py); a run
+    that was killed (SIGKILL, out of memory, power loss) continues with ``resume=True`` and the same
+    arguments from its last checkpointed layer, and writes the same bytes as an uninterrupted run.
+    A failure the run sees (an error, Ctrl-C) removes its partial folder instead.
     """
     from .engine.homes import DiskHome
     from .export import atomic_output_dir, export_config
     from .export.shards import ShardWriter
-    from .export.writer import base_model_type, write_export_files
+    from .engine.journal import RunJournal
+    from .export.writer import RESUME_DIR, base_model_type, write_export_files
     from .models.checkpoint import load_skeleton
     from .provenance import checkpoint_fingerprint
 
@@ -373,13 +412,21 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     check_reachable(adapter, config)
     calib = _calibration(model, calib, config, tokenizer)
     device = torch.device(device) if device is not None else default_device()
-    place = atomic_output_dir(output, overwrite=overwrite) if atomic else contextlib.nullcontext(Path(output))
+    place = (atomic_output_dir(output, overwrite=overwrite, resumable=True, resume=resume) if atomic
+             else contextlib.nullcontext(Path(output)))
     with place as tmp:
-        writer = ShardWriter(tmp, max_shard_size)
+        journal = RunJournal(tmp / RESUME_DIR, _run_identity(config, calib, fingerprint, dtype, device,
+                                                              max_shard_size), resume=resume)
+        if journal.resumed:
+            log.info("resuming the interrupted run in %s", tmp)
+            writer = ShardWriter.resume(tmp, max_shard_size)
+        else:
+            writer = ShardWriter(tmp, max_shard_size, overwrite=resume)
         home = DiskHome(model, adapter, reader, writer, dtype=dtype, out_dtype=reader.stored_dtype,
-                        scratch=tmp / ".scratch")
+                        scratch=tmp / ".scratch", resume=journal.resumed)
         plans, report = _run(PruneRun(model, adapter, calib, config, device, progress=progress, home=home,
-                                      fingerprint=fingerprint))
+                                      fingerprint=fingerprint, journal=journal))
+        report["timings"]["resumed"] = journal.resumed
         export = export_config(model)
         export.config.dtype = reader.stored_dtype  # the skeleton computed in ``dtype``; weights keep theirs
         home.assemble()

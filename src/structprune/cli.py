@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, choices=("own", "dense"), help="StructPrune refit anchor")
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a streamed run that was killed (same command otherwise) from its last finished "
+                        "layer; the output is the same bytes as an uninterrupted run's")
     p.add_argument("--max-shard-size", default="2GB", help="split safetensors weights above this size (e.g. 500MB)")
     p.add_argument("--activation-budget", default=None,
                    help="calibration activations kept in RAM at most (e.g. 4GiB); the rest spill to memory-mapped "
@@ -239,8 +242,15 @@ def cmd_prune(args) -> dict:
     for d in datasets:
         encode_corpus(tok, d)  # tokenised once here, cached for the evaluations below
 
-    with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
-        streamed = _streams_from_disk(args, config)
+    streamed = _streams_from_disk(args, config)
+    if args.resume and streamed is None:
+        raise StructPruneError("--resume continues a run streamed from a checkpoint folder; this run holds the "
+                               "model in memory (--in-memory, a GGUF file, a hub model or --method global) and "
+                               "cannot be resumed")
+    # A streamed run keeps its partial output in .NAME.partial with a journal: a killed run
+    # continues with --resume (api.prune_checkpoint).
+    with atomic_output_dir(args.output, overwrite=args.overwrite, resumable=streamed is not None,
+                           resume=args.resume) as tmp:
         if streamed is not None:  # a checkpoint folder: one layer in memory, never the whole model
             from .api import prune_checkpoint
             from .eval.streamed import evaluate_checkpoint
@@ -252,7 +262,7 @@ def cmd_prune(args) -> dict:
             dense_ppl = evaluate(streamed) if datasets else {}
             result = prune_checkpoint(streamed, tmp, calib, config, tokenizer=tok, device=device, dtype=dtype,
                                       max_shard_size=args.max_shard_size, progress=not args.quiet,
-                                      overwrite=True, atomic=False)
+                                      overwrite=True, atomic=False, resume=args.resume)
             pruned_ppl = evaluate(tmp) if datasets else {}
             report = result.report
         else:
@@ -272,7 +282,8 @@ def cmd_prune(args) -> dict:
         # ratio pruned/dense on the same windows with its interval, the per-window NLLs.
         report["ppl"] = {d: comparison(dense_ppl[d], pruned_ppl[d]) for d in datasets}
         report["protocol"] = protocol.to_dict() if protocol else None
-        report["command"] = "structprune " + " ".join(sys.argv[1:])
+        # The command that makes this model: a resumed run's is the interrupted run's.
+        report["command"] = "structprune " + " ".join(a for a in sys.argv[1:] if a != "--resume")
         report["versions"] = _versions()
         report["total_seconds"] = time.perf_counter() - t_start
         report["process_peak_rss_bytes"] = process_peak_rss()

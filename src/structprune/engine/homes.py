@@ -42,8 +42,14 @@ class MemoryHome:
         return moved_to(modules, device)
 
     @contextlib.contextmanager
-    def cutting(self, final: bool):
+    def cutting(self, final: bool, name: str | None = None):
         yield
+
+    def checkpoint(self) -> None:
+        """Nothing to persist: an in-memory model is not resumable."""
+
+    def replay_cut(self, i: int, shapes: dict) -> None:
+        raise NotImplementedError("an in-memory run cannot be resumed")
 
     def snapshot(self, layers: nn.ModuleList):
         return [copy.deepcopy(layer).to("cpu") for layer in layers]
@@ -64,9 +70,11 @@ class DiskHome:
     """
 
     def __init__(self, model: nn.Module, adapter, reader, writer, *, dtype: torch.dtype, out_dtype: torch.dtype,
-                 scratch: str | Path):
+                 scratch: str | Path, resume: bool = False):
         self.factory = DiskStoreFactory.from_model(model, adapter, reader, dtype=dtype)
-        self.model, self.reader, self.writer = model, reader, writer
+        self.model, self.adapter, self.reader, self.writer = model, adapter, reader, writer
+        self.resume = resume  # scratch writers left by a killed run are continued, not restarted
+        self.active = None  # the writer of the cutting pass in progress
         self.out_dtype = out_dtype
         self.scratch = Path(scratch)
         self._passes = itertools.count(1)
@@ -95,17 +103,40 @@ class DiskHome:
         return stored if stored is not None else self.out_dtype
 
     @contextlib.contextmanager
-    def cutting(self, final: bool):
+    def cutting(self, final: bool, name: str | None = None):
+        """Layers released inside the block are written out (``final``: to the output; else to a
+        scratch writer named ``name``, by default the pass's number)."""
         from ..export.shards import ShardWriter
 
-        # A scratch pass holds no more in RAM than the output writer does (its shard size).
-        writer = self.writer if final else ShardWriter(self.scratch / f"pass-{next(self._passes)}",
-                                                        self.writer.max_shard_size)
+        if final:
+            writer = self.writer
+        else:
+            folder = self.scratch / (name or f"pass-{next(self._passes)}")
+            # A scratch pass holds no more in RAM than the output writer does (its shard size).
+            writer = (ShardWriter.resume(folder, self.writer.max_shard_size) if self.resume and folder.exists()
+                      else ShardWriter(folder, self.writer.max_shard_size, overwrite=True))
         self.factory.on_release = self._sink(writer)
+        self.active = writer
         try:
             yield
+            writer.checkpoint()  # the pass's last layers survive a kill too (the run journal's finish)
         finally:
             self.factory.on_release = None
+            self.active = None
+
+    def checkpoint(self) -> None:
+        """Make the layers written so far by the cutting pass in progress survive a kill."""
+        if self.active is not None:
+            self.active.checkpoint()
+
+    def replay_cut(self, i: int, shapes: dict) -> None:
+        """Layer ``i`` was cut and written by the cutting pass in progress before a kill: give the
+        skeleton's layer its pruned shapes (``shapes``: state-dict key -> shape) and read it from
+        that pass's writer, as if the pass had just released it."""
+        from ..surgery import reshape_meta_layer
+
+        reshape_meta_layer(self.adapter, self.model.get_submodule(self.factory.prefixes[i][:-1]), shapes)
+        self.factory.set_source(i, self.active)
 
     def snapshot(self, layers: nn.ModuleList):
         # Meta modules and a dict of sources: a snapshot costs no memory.

@@ -61,6 +61,7 @@ from ..adapters import Adapter
 from ..errors import StructPruneError
 from .activations import ActivationStore
 from .capture import LayerInputs, layer_kwargs, run_layer, to_device
+from .stream import check_finite_weights
 from .residency import LayerStore, SwapLayerStore, moved_to
 
 # Chosen by benchmarks/sensitivity_agreement.py on SmolLM2-135M (docs/experiments.md, issue 11): with
@@ -206,6 +207,7 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
 
     def forward(i: int, h: LayerInputs) -> LayerInputs:
         layer = store.fetch(i)
+        check_finite_weights(layer, f"layer {i}")  # before a NaN weight turns into a NaN gradient
         try:
             return run_layer(Float32Module(layer), h, device, dtype=torch.float32)
         finally:

@@ -45,12 +45,23 @@ class LayerContext:
                              gram=gram, where=f"layer {self.index}", return_outputs=return_outputs)
 
 
+def check_finite_weights(layer: torch.nn.Module, where: str) -> None:
+    """Refuse a layer with NaN or Inf weights (a corrupt checkpoint): it would be pruned and
+    written out as if nothing were wrong. Names the first offending tensor."""
+    for name, t in layer.named_parameters():
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            from ..errors import StructPruneError
+
+            raise StructPruneError(f"{where}: {name} holds NaN or Inf weights; the checkpoint is corrupt")
+
+
 class LayerStream:
     """Iterate over decoder layers with calibration activations flowing through them."""
 
     def __init__(self, model, adapter: Adapter, calib: torch.Tensor, device, batch_size: int = 1,
                  track_dense: bool = False, swap: bool = False, progress: bool = True,
-                 desc: str = "layers", inputs: LayerInputs | None = None, store_factory=None):
+                 desc: str = "layers", inputs: LayerInputs | None = None, store_factory=None,
+                 start: int = 0, start_inputs: LayerInputs | None = None, start_dense: LayerInputs | None = None):
         self.model, self.adapter, self.calib = model, adapter, calib
         # ``store_factory(layers, device) -> LayerStore`` (engine/homes.py), with ``resident(modules,
         # device)`` for the embeddings of a model on disk; None: a LayerStore (SwapLayerStore with swap).
@@ -59,6 +70,11 @@ class LayerStream:
         self.batch_size, self.track_dense = batch_size, track_dense
         self.swap, self.progress, self.desc = swap, progress, desc
         self.inputs = inputs
+        # A resumed pass begins at layer ``start`` with that layer's inputs (and dense inputs) as a
+        # killed run had them (engine/journal.py); layers before it are not visited.
+        if start and start_inputs is None:
+            raise ValueError("a stream starting after layer 0 needs that layer's inputs")
+        self.start, self.start_inputs, self.start_dense = start, start_inputs, start_dense
 
     def first_inputs(self) -> LayerInputs:
         if self.inputs is None:
@@ -69,13 +85,18 @@ class LayerStream:
         return self.inputs
 
     def __iter__(self):
-        inputs = self.first_inputs()
-        dense = inputs.clone() if self.track_dense else None  # a new store: spills beyond the budget
+        if self.start:
+            inputs, dense = self.start_inputs, self.start_dense
+        else:
+            inputs = self.first_inputs()
+            dense = inputs.clone() if self.track_dense else None  # a new store: spills beyond the budget
         layers = self.adapter.layers()
         store = (self.store_factory or (SwapLayerStore if self.swap else LayerStore))(layers, self.device)
         try:
-            for i in tqdm(range(len(layers)), desc=self.desc, disable=not self.progress):
+            for i in tqdm(range(self.start, len(layers)), initial=self.start, total=len(layers), desc=self.desc,
+                          disable=not self.progress):
                 layer = store.fetch(i)
+                check_finite_weights(layer, f"layer {i}")
                 ctx = LayerContext(i, layer, inputs, self.device, self.adapter, dense_inputs=dense)
                 if self.track_dense:
                     ctx.dense_outputs = run_layer(layer, dense, self.device)

@@ -76,6 +76,25 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _write_file(tensors: dict, tmp: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file at ``tmp`` (readable as the umask allows) and fsync it; on failure
+    remove it (never a half-written file: a full disk, Ctrl-C) and raise an OS error inside
+    safetensors as the OSError it is, naming the file."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600; shards are as readable as config.json
+        _fsync_file(tmp)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, _safetensors_error()):
+            code = re.search(r"(?:code: |os error )(\d+)", str(exc))
+            code = int(code.group(1)) if code else errno.EIO
+            raise OSError(code, os.strerror(code), str(tmp)) from exc
+        raise
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -165,22 +184,11 @@ class ShardWriter:
             self.add(prefix + key, t)
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
 
         k = len(self.shards) + 1
         part = _PART.format(k)
         tmp = self.folder / (part + ".tmp")
-        try:
-            save_file(dict(self._pending), str(tmp), metadata={"format": "pt"})
-            os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600; shards are as readable as config.json
-            _fsync_file(tmp)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)  # never leave a half-written shard (a full disk, Ctrl-C)
-            if isinstance(exc, _safetensors_error()):  # an OS error inside safetensors: raise it as one
-                code = re.search(r"(?:code: |os error )(\d+)", str(exc))
-                code = int(code.group(1)) if code else errno.EIO
-                raise OSError(code, os.strerror(code), str(tmp)) from exc
-            raise
+        _write_file(dict(self._pending), tmp, metadata={"format": "pt"})
         os.replace(tmp, self.folder / part)
         entry = {"file": part, "size": (self.folder / part).stat().st_size,
                  "tensors": [[n, _dtype_name(t.dtype), list(t.shape)] for n, t in self._pending]}
@@ -199,7 +207,6 @@ class ShardWriter:
         checkpointed before are written to a ``pending-NNNNN.safetensors`` file the journal names.
         :meth:`resume` reads them back into the pending shard, so the shards written afterwards are
         the same bytes as without the kill. Costs one extra write of each tensor at most."""
-        from safetensors.torch import save_file
 
         new = self._pending[self._spilled:]
         if not new:
@@ -209,12 +216,7 @@ class ShardWriter:
             n += 1
         name = _PENDING.format(n)
         tmp = self.folder / (name + ".tmp")
-        try:
-            save_file(dict(new), str(tmp))
-            _fsync_file(tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_file(dict(new), tmp)
         os.replace(tmp, self.folder / name)
         self._spills.append({"file": name, "tensors": [k for k, _ in new]})
         self._spilled = len(self._pending)

@@ -63,25 +63,49 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+RESUME_DIR = ".resume"  # the run journal inside a resumable partial folder (engine/journal.py)
+
+
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, resumable: bool = False,
+                      resume: bool = False):
     """Yield a temporary folder next to ``path``; move it into place only if the block succeeds.
 
     On any failure (including Ctrl-C) the temporary folder and any parent folders this call
     created are removed, so nothing half-written is left behind. The finished folder gets
-    the permissions of the user's umask (a temporary folder is private)."""
+    the permissions of the user's umask (a temporary folder is private).
+
+    ``resumable``: the temporary folder is ``.NAME.partial`` (not a random name), so what a
+    *killed* run (SIGKILL, out of memory, power loss: nothing ran its cleanup) left there can be
+    continued with ``resume=True``. Without ``resume`` such a folder is refused, unless
+    ``overwrite`` (then it is deleted); a resumed run that fails keeps it (it is the killed run's
+    work, which a mistaken ``--resume`` must not destroy). Its ``.resume`` journal is removed
+    before the move."""
     path = check_output_dir(path, overwrite)
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    kept = False  # a killed run's partial folder we were asked to resume: never ours to delete
+    if resumable:
+        tmp = path.parent / f".{path.name}.partial"
+        kept = resume and tmp.exists()
+        if tmp.exists() and not resume:
+            if not overwrite:
+                raise StructPruneError(f"an interrupted run of this command left {tmp}: continue it with --resume "
+                                       "(the same command otherwise), or pass --overwrite to start afresh")
+            shutil.rmtree(tmp)
+        tmp.mkdir(mode=0o700, exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         yield tmp
+        shutil.rmtree(tmp / RESUME_DIR, ignore_errors=True)
         apply_umask(tmp)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not kept:
+            shutil.rmtree(tmp, ignore_errors=True)
         for p in created:  # deepest first
             with contextlib.suppress(OSError):
                 p.rmdir()

@@ -20,9 +20,14 @@ themselves plain data saved by the earlier phases.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, Callable
 
 from ..engine import LayerContext
+from ..surgery import layer_shapes
+
+ENV_CHECKPOINT_SECONDS = "STRUCTPRUNE_CHECKPOINT_SECONDS"
 
 Step = Callable[[LayerContext, Any], "tuple[Any, Any]"]
 
@@ -34,18 +39,91 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
     ``cuts``: the pass leaves the layers pruned (their home keeps what each released layer
     became; on disk it is written out); ``final=False`` when a later pass may supersede it.
     ``data=False`` (or a run without calibration windows) borrows the layers with no
-    activations: ``ctx.inputs`` is None (data-free scorers)."""
-    results = []
-    if data and run.calib is not None:
-        for ctx in run.stream(desc=desc, cuts=cuts, final=final):
-            result, carry = step(ctx, carry)
-            results.append(result)
+    activations: ``ctx.inputs`` is None (data-free scorers).
+
+    With a run journal (``run.journal``: a resumable disk-streamed run) the pass is checkpointed
+    as it goes (:class:`Checkpoints`): a pass a killed run had finished is not run again (its
+    results and carry are read back, and the layers it cut are described as cut), and one it was
+    in continues after its last checkpointed layer."""
+    streamed = data and run.calib is not None
+    journal = run.journal.next_pass(desc) if run.journal is not None else None
+    name = journal.folder.name if journal is not None else None  # its scratch writer's name
+    results, start, start_inputs, shapes = [], 0, None, {}
+    if journal is not None:
+        done = journal.finished()
+        if done is not None:
+            stored, carry = done
+            if cuts:
+                with run.home.cutting(final, name):
+                    for i, record in enumerate(stored):
+                        run.home.replay_cut(i, record["shapes"])
+            return [record["result"] for record in stored], carry
+        state = journal.state()
+        if state is not None:
+            after, carry, start_inputs = state
+            stored = [journal.result(i) for i in range(after + 1)]
+            results, start = [record["result"] for record in stored], after + 1
+            shapes = {i: record["shapes"] for i, record in enumerate(stored)}
+    checkpoints = Checkpoints(run, journal, cuts)
+    if streamed:
+        passes = ((ctx, None) for ctx in run.stream(desc=desc, cuts=cuts, final=final, start=start,
+                                                    start_inputs=start_inputs, name=name))
     else:
-        for i, layer in run.layers(desc=desc, cuts=cuts, final=final):
-            ctx = LayerContext(i, layer, None, run.device, run.adapter)
-            result, carry = step(ctx, carry)
-            results.append(result)
+        passes = ((LayerContext(i, layer, None, run.device, run.adapter), None)
+                  for i, layer in run.layers(desc=desc, cuts=cuts, final=final, start=start, name=name))
+    prev = None
+    for ctx, _ in passes:
+        if ctx.index == start and cuts:
+            for i, s in shapes.items():  # the layers cut before the kill, as the cut left them
+                run.home.replay_cut(i, s)
+        if prev is not None:  # the previous layer is released (and written out) by now
+            checkpoints.after(prev, results[-1], carry, ctx.inputs)
+        result, carry = step(ctx, carry)
+        results.append(result)
+        prev = ctx
+    if prev is not None:
+        checkpoints.after(prev, results[-1], carry, None)
+    if journal is not None:
+        checkpoints.flush()
+        journal.finish(len(results), carry)
     return results, carry
+
+
+class Checkpoints:
+    """When and what a journaled pass saves: after a layer is released, its result and pruned
+    shapes, the shard writer's pending tensors, the carry and the next layer's inputs; at most
+    once per ``$STRUCTPRUNE_CHECKPOINT_SECONDS`` (default 60: the inputs of a layer can be large)
+    except after the last layer. Results wait in memory until the next save."""
+
+    def __init__(self, run, journal, cuts: bool):
+        self.run, self.journal, self.cuts = run, journal, cuts
+        self.every = float(os.environ.get(ENV_CHECKPOINT_SECONDS, "60"))
+        self.last = time.monotonic()
+        self.waiting: list[tuple[int, dict]] = []
+        self.state = None
+
+    def after(self, ctx, result, carry, next_inputs) -> None:
+        if self.journal is None:
+            return
+        self.waiting.append((ctx.index, {"result": result, "shapes": layer_shapes(ctx.layer) if self.cuts else {}}))
+        if next_inputs is not None and time.monotonic() - self.last < self.every:
+            return
+        self._save(ctx.index, carry, next_inputs)
+
+    def _save(self, index: int, carry, next_inputs) -> None:
+        for i, record in self.waiting:
+            self.journal.save_result(i, record)
+        self.waiting = []
+        self.run.home.checkpoint()
+        if next_inputs is not None:
+            self.journal.checkpoint(index, carry, next_inputs)
+        self.last = time.monotonic()
+
+    def flush(self) -> None:
+        for i, record in self.waiting:
+            self.journal.save_result(i, record)
+        self.waiting = []
+        self.run.home.checkpoint()
 
 
 __all__ = ["Step", "run_pass"]

@@ -91,8 +91,8 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict]]:
     nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
     sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
     ncal = sum(h.shape[0] for h in sub.hidden)
-    sens = module_sensitivities(run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress,
-                                store_factory=run.home)
+    sens = run.phase("sensitivities", lambda: module_sensitivities(
+        run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress, store_factory=run.home))
     results, _ = run_pass(run, "structprune profile", profile_step(run, sens))
     menus = [m for r in results for m in r]
     if run.cache is not None:

@@ -96,6 +96,11 @@ def set_output_projection(linear: nn.Linear, weight: torch.Tensor, bias: torch.T
     absorbs the mean contribution of removed structures (FLAP's bias compensation).
     """
     assert weight.shape == linear.weight.shape, (weight.shape, linear.weight.shape)
+    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        from ..errors import StructPruneError  # a refit that diverged must not be written silently
+
+        raise StructPruneError("a least-squares refit produced NaN or Inf weights (ill-conditioned statistics); "
+                               "raise the dampening (--damp) or use more calibration windows")
     linear.weight.copy_(weight.to(linear.weight.dtype))
     if bias is not None:
         if linear.bias is None:
