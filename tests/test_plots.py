@@ -84,3 +84,18 @@ def test_the_cli_run_folder_has_the_widths_plot(tmp_path, make_tiny_llama, byte_
     report = json.loads((out / "report.json").read_text())
     assert report["plots"] == {"widths": "widths.png"}
     assert _is_png(out / report["plots"]["widths"])
+
+
+def test_an_admm_run_gets_its_convergence_plot(tmp_path, one_torch_thread):
+    """StructPrune with several iterations logs residuals per iteration; the run's pictures include them."""
+    pytest.importorskip("matplotlib")
+    from tiny import calib_ids, tiny_llama
+
+    from structprune import api
+
+    r = api.prune(tiny_llama(layers=3), calib_ids(6, 24), device="cpu", progress=False, method="structprune",
+                  sparsity=0.4, seqlen=24, iterations=3)
+    series = plots.convergence_series(r.report["solver_log"])
+    assert set(series) == {"primal_residual", "dual_residual", "objective"} and len(series["primal_residual"]) == 3
+    assert plots.write_run_plots(r.report, tmp_path) == {"widths": "widths.png", "convergence": "convergence.png"}
+    assert _is_png(tmp_path / "convergence.png")
