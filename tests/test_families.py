@@ -348,7 +348,13 @@ def test_gemma2_final_softcap_is_part_of_the_head():
     max_diff(out, streamed_logits(model, ids), "gemma2 streamed with soft-capping")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text"])
+# What transformers' GGUF reader builds from llama.cpp's layout of each family: Mistral is stored
+# as the llama architecture and read as LLaMA (the same model without a sliding window).
+GGUF_LOADS_AS = {"mistral": "llama"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text", "mistral", "qwen2", "phi3",
+                                    "qwen2_moe"])
 def test_gguf_checkpoints_load_prune_and_export(family, tmp_path):
     """A GGUF file (llama.cpp's layout, float32) of the family loads through ``load_model`` equal to
     the model it was written from, prunes, and exports (the GGUF quantization record dropped)."""
@@ -359,7 +365,8 @@ def test_gguf_checkpoints_load_prune_and_export(family, tmp_path):
     dense = GGUF_FAMILIES[family]()
     path = write_gguf(dense, tmp_path / f"{family}.gguf")
     model, tokenizer = load_model(str(path))
-    assert model.config.model_type == dense.config.model_type and len(tokenizer) <= dense.config.vocab_size
+    assert model.config.model_type == GGUF_LOADS_AS.get(family, family)
+    assert len(tokenizer) <= dense.config.vocab_size
     ids = calib_ids(4, 16)
     max_diff(logits(dense, ids), logits(model, ids), f"{family} GGUF vs source")
     prune(model, ids, config_for("wanda-sp"), device="cpu", progress=False)
@@ -438,3 +445,38 @@ def test_gemma3_checkpoint_path_keeps_vision(tmp_path):
     adapter = get_adapter(pruned)
     assert count_params(adapter.prunable_linears(adapter.layers()[0])) < count_params(
         get_adapter(dense).prunable_linears(get_adapter(dense).layers()[0]))
+
+
+def test_gguf_files_transformers_reads_in_part_are_refused(tmp_path):
+    """llama.cpp's Mixtral layout (the llama architecture with ``ffn_*_exps`` experts) is read by
+    transformers as a LlamaForCausalLM whose MLPs stay random (a warning only): refused, not pruned."""
+    from tiny import tiny_mixtral
+    from tiny_gguf import write_gguf
+
+    from structprune import load_model
+    from structprune.errors import StructPruneError
+
+    path = write_gguf(tiny_mixtral(layers=2), tmp_path / "mixtral.gguf")
+    with pytest.raises(StructPruneError, match="could not fill .* weight"):
+        load_model(str(path))
+
+
+def test_gguf_named_mistral_is_a_clear_error_or_mistral(tmp_path):
+    """A llama-architecture GGUF whose ``general.name`` is exactly "mistral" makes transformers look
+    for a "mistral" architecture in gguf-py, which has none (transformers 5.17 to 5.24, gguf 0.19):
+    a StructPruneError, not a raw NotImplementedError; a reader that handles it must give Mistral."""
+    from tiny_gguf import GGUF_FAMILIES, write_gguf
+
+    from structprune import load_model
+    from structprune.errors import StructPruneError
+
+    dense = GGUF_FAMILIES["mistral"]()
+    path = write_gguf(dense, tmp_path / "mistral.gguf", name="mistral")
+    try:
+        model, _ = load_model(str(path))
+    except StructPruneError as exc:
+        assert "GGUF reader cannot read" in str(exc)
+        return
+    assert model.config.model_type == "mistral"
+    ids = calib_ids(2, 12)
+    max_diff(logits(dense, ids), logits(model, ids), "mistral-named GGUF vs source")

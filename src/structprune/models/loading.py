@@ -287,6 +287,10 @@ def load_model(
             # A StructPrune export: packaged modeling code (no --trust-remote-code needed), weights verified.
             model = load_pruned(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code)
             tokenizer = _tokenizer(resolved, spec, trust_remote_code, config=model.config)
+        elif resolved.gguf_file is not None:
+            model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+            check_gguf_loading(resolved, model, info)
+            tokenizer = _tokenizer(resolved, spec, trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             tokenizer = _tokenizer(resolved, spec, trust_remote_code)
@@ -294,6 +298,13 @@ def load_model(
         raise StructPruneError(f"the pickled weights in {resolved.path} hold objects other than tensors; "
                                "StructPrune never unpickles those (they can run code): convert the checkpoint to "
                                "safetensors") from exc
+    except NotImplementedError as exc:
+        if resolved.gguf_file is None:
+            raise
+        # transformers' GGUF reader names an architecture gguf-py does not know (a llama-architecture
+        # file whose general.name is exactly "mistral": transformers 5.17 to 5.24 with gguf 0.19).
+        raise StructPruneError(f"transformers' GGUF reader cannot read {resolved.gguf_file}: "
+                               f"{str(exc).splitlines()[0][:200]}") from exc
     except (OSError, ValueError) as exc:
         raise _load_error(spec, resolved, exc) from exc
     if resolved.gguf_file is not None:
@@ -302,6 +313,25 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def check_gguf_loading(resolved: ResolvedModel, model, info: dict) -> None:
+    """Refuse a GGUF that transformers' reader loaded only in part.
+
+    transformers builds the model from the file's architecture and fills the weights whose GGUF
+    names it maps; a tensor layout it does not know is skipped and the model weights it should
+    have filled are left randomly initialised, with a warning only. llama.cpp's Mixtral files
+    (the ``llama`` architecture with ``ffn_*_exps`` expert tensors) load that way as a
+    LlamaForCausalLM with random MLPs (transformers 5.17 to 5.24); pruning such a model would
+    silently prune noise."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        bad = missing or mismatched
+        raise StructPruneError(
+            f"transformers' GGUF reader could not fill {len(bad)} weight(s) of {type(model).__name__} from "
+            f"{resolved.gguf_file} (e.g. {bad[0]}): it does not read this file's layout (for example Mixtral GGUFs, "
+            "stored as the llama architecture with expert tensors); convert the checkpoint to safetensors instead")
 
 
 def config_context_length(config) -> int | None:
