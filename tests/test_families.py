@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -447,18 +448,33 @@ def test_gemma3_checkpoint_path_keeps_vision(tmp_path):
         get_adapter(dense).prunable_linears(get_adapter(dense).layers()[0]))
 
 
-def test_gguf_files_transformers_reads_in_part_are_refused(tmp_path):
+@pytest.mark.parametrize("family,error", [("mixtral", "could not fill .* weight"),
+                                          ("qwen2_moe", "do not fit the config")])
+def test_gguf_files_transformers_reads_in_part_are_refused(family, error, tmp_path):
     """llama.cpp's Mixtral layout (the llama architecture with ``ffn_*_exps`` experts) is read by
-    transformers as a LlamaForCausalLM whose MLPs stay random (a warning only): refused, not pruned."""
-    from tiny import tiny_mixtral
+    transformers as a LlamaForCausalLM whose MLPs stay random (a warning only): refused, not pruned.
+    A Qwen2-MoE whose expert widths are not transformers' defaults (GGUF does not carry them to the
+    config): transformers 5.24 refuses the shapes, which must be a StructPruneError saying so, not
+    transformers' RuntimeError; 5.17 loads the file's shapes (the weights right, the config's widths
+    the defaults), which must then be the source model."""
     from tiny_gguf import write_gguf
 
     from structprune import load_model
     from structprune.errors import StructPruneError
 
-    path = write_gguf(tiny_mixtral(layers=2), tmp_path / "mixtral.gguf")
-    with pytest.raises(StructPruneError, match="could not fill .* weight"):
-        load_model(str(path))
+    dense = FAMILIES[family](layers=2)
+    path = write_gguf(dense, tmp_path / f"{family}.gguf")
+    if family == "mixtral":
+        with pytest.raises(StructPruneError, match=error):
+            load_model(str(path))
+        return
+    try:
+        model, _ = load_model(str(path))
+    except StructPruneError as exc:
+        assert re.search(error, str(exc)), exc
+        return
+    ids = calib_ids(2, 12)
+    max_diff(logits(dense, ids), logits(model, ids), f"{family} GGUF with non-default widths vs source")
 
 
 def test_gguf_named_mistral_is_a_clear_error_or_mistral(tmp_path):
@@ -480,3 +496,20 @@ def test_gguf_named_mistral_is_a_clear_error_or_mistral(tmp_path):
     assert model.config.model_type == "mistral"
     ids = calib_ids(2, 12)
     max_diff(logits(dense, ids), logits(model, ids), "mistral-named GGUF vs source")
+
+
+def test_gemma3_streamed_perplexity_from_disk_equals_in_memory(tmp_path):
+    """Perplexity of a Gemma 3 multimodal checkpoint streamed from disk one layer at a time (the
+    evaluation of `prune` and `evaluate_checkpoint`) equals the in-memory model's; the hidden size it
+    budgets windows by comes from the nested text config."""
+    from structprune.eval.perplexity import perplexity_from_ids
+    from structprune.eval.streamed import streamed_perplexity
+
+    dense = FAMILIES["gemma3"]()
+    dense.save_pretrained(tmp_path, max_shard_size="50KB")
+    ids = calib_ids(7, 16, seed=3).reshape(-1)
+    want = perplexity_from_ids(dense, ids, 16, limit=6, batch_size=2, progress=False)
+    skeleton, reader = load_skeleton(tmp_path)
+    got, _ = streamed_perplexity(skeleton, reader, get_adapter(skeleton), ids, 16, limit=6, batch_size=2,
+                                 progress=False, ram_budget=2 * 2 * 16 * 48 * 4)
+    assert got.nwindows == want.nwindows and got.ppl == pytest.approx(want.ppl, rel=1e-5)

@@ -107,7 +107,9 @@ def streamed_perplexity(
     if sink is not None:
         store.on_release = None
     act_dtype = getattr(store, "dtype", None) or dtype or _model_dtype(model)
-    per_window = seqlen * model.config.hidden_size * act_dtype.itemsize * 2  # two boundaries at once
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # The decoder's width (a multimodal config, Gemma 3's, nests it in text_config).
+    per_window = seqlen * text.hidden_size * act_dtype.itemsize * 2  # two boundaries at once
     budget = eval_ram_budget() if ram_budget is None else int(parse_size(ram_budget))
     group = max(batch_size, (budget // per_window) // batch_size * batch_size)
     layers = adapter.layers()

@@ -298,13 +298,18 @@ def load_model(
         raise StructPruneError(f"the pickled weights in {resolved.path} hold objects other than tensors; "
                                "StructPrune never unpickles those (they can run code): convert the checkpoint to "
                                "safetensors") from exc
-    except NotImplementedError as exc:
+    except (NotImplementedError, RuntimeError) as exc:
         if resolved.gguf_file is None:
             raise
-        # transformers' GGUF reader names an architecture gguf-py does not know (a llama-architecture
-        # file whose general.name is exactly "mistral": transformers 5.17 to 5.24 with gguf 0.19).
-        raise StructPruneError(f"transformers' GGUF reader cannot read {resolved.gguf_file}: "
-                               f"{str(exc).splitlines()[0][:200]}") from exc
+        # NotImplementedError: transformers' GGUF reader names an architecture gguf-py does not know (a
+        # llama-architecture file whose general.name is exactly "mistral": transformers 5.17 to 5.24, gguf
+        # 0.19). RuntimeError: tensors that do not fit the config the reader built, which fills what GGUF
+        # does not carry with transformers' defaults (Qwen2-MoE's expert widths).
+        why = str(exc).splitlines()[0][:200]
+        if "mismatched" in why:
+            why = ("its tensors do not fit the config transformers built from it (a field GGUF does not carry, "
+                   "such as Qwen2-MoE's expert widths, differs from transformers' default)")
+        raise StructPruneError(f"transformers' GGUF reader cannot read {resolved.gguf_file}: {why}") from exc
     except (OSError, ValueError) as exc:
         raise _load_error(spec, resolved, exc) from exc
     if resolved.gguf_file is not None:
