@@ -175,3 +175,22 @@ def test_zero_gradient_is_an_error_not_a_weight(one_torch_thread):
     inputs = capture_first_layer_inputs(model, adapter, ids, CPU)
     with pytest.raises(StructPruneError, match=r"sensitivity of layer 0 attn is 0.0 \(not positive\)"):
         module_sensitivities(model, adapter, inputs, ids, CPU, progress=False)
+
+
+def test_head_loss_in_position_slices_gives_the_whole_losss_gradient(one_torch_thread):
+    """The LM-head loss is back-propagated over slices of positions (a 128k vocabulary would
+    otherwise hold GiBs of logits): the gradient at the last boundary is the unsliced one."""
+    from structprune.engine.sensitivity import Float32Module, _head_loss, head_loss_backward
+
+    model = tiny_llama(layers=1)
+    adapter = get_adapter(model)
+    head = [Float32Module(m) for m in adapter.head_modules()]
+    ids = calib_ids(3, 20)
+    h = torch.randn(3, 20, model.config.hidden_size)
+    whole = h.clone().requires_grad_(True)
+    _head_loss(head, whole, ids).backward()
+    sliced = h.clone().requires_grad_(True)
+    vocab = model.config.vocab_size
+    head_loss_backward(head, sliced, ids, vocab, slice_bytes=3 * vocab * 4 * 3)  # 3 positions per slice
+    torch.testing.assert_close(sliced.grad, whole.grad, rtol=1e-5, atol=1e-8)
+    assert sliced.grad[:, -1].abs().max() == 0  # the last position predicts nothing

@@ -114,6 +114,27 @@ def _head_loss(head: list[Float32Module], h: torch.Tensor, ids: torch.Tensor) ->
     return nll / (ids.shape[1] - 1)
 
 
+# Logits of one slice of positions at most this large: a 128k vocabulary at 2048 positions is 1 GiB
+# of float32 logits per window, and the softmax and its gradient double or triple it.
+HEAD_SLICE_BYTES = 64 * 2**20
+
+
+def head_loss_backward(head: list[Float32Module], x: torch.Tensor, ids: torch.Tensor, vocab: int,
+                       slice_bytes: int = HEAD_SLICE_BYTES) -> None:
+    """Back-propagate :func:`_head_loss` of ``x`` (a leaf requiring grad) into ``x.grad``, over slices
+    of positions whose logits stay under ``slice_bytes``. The final norm, soft-capping and LM head
+    act on each position alone, so the slices' gradients are the whole loss's, exactly."""
+    n, L = ids.shape
+    step = max(1, slice_bytes // max(1, n * vocab * 4))
+    for a in range(0, L - 1, step):
+        b = min(a + step, L - 1)
+        y = x[:, a:b]
+        for m in head:
+            y = m(y)
+        nll = F.cross_entropy(y.float().reshape(-1, y.shape[-1]), ids[:, a + 1:b + 1].reshape(-1), reduction="sum")
+        (nll / (L - 1)).backward()
+
+
 def checkpoint_interval(num_layers: int) -> int:
     """``ceil(sqrt(L))``: minimises checkpoints plus one segment's boundaries, ``L/k + k``."""
     return math.isqrt(max(num_layers, 1) - 1) + 1
@@ -230,13 +251,15 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
         head = adapter.head_modules()
         with resident(head, device) if resident else moved_to(head, device):
             head32 = [Float32Module(m) for m in head]
+            out_emb = adapter.model.get_output_embeddings()
+            vocab = out_emb.weight.shape[0] if out_emb is not None else adapter.model.config.get_text_config().vocab_size
             grads, start = ActivationStore(dtype=torch.float32), 0
             for x in final.hidden:
                 ids = calib[start:start + x.shape[0]].to(device)
                 start += x.shape[0]
                 with torch.enable_grad():
                     x = x.to(device, torch.float32).detach().requires_grad_(True)
-                    _head_loss(head32, x, ids).backward()
+                    head_loss_backward(head32, x, ids, vocab)
                 grads.append(x.grad)
             del head32
         if final is not inputs:
