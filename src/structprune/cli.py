@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform-widths", action="store_true", help="same kept widths in every layer")
     p.add_argument("--temperature", type=float, default=None, help="softmax allocation temperature (inf: uniform)")
     p.add_argument("--iterations", type=int, default=None, help="StructPrune ADMM iterations")
-    p.add_argument("--rho", type=float, default=None, help="StructPrune consensus pull toward the dense trajectory")
+    p.add_argument("--rho", type=float, default=None,
+                   help="StructPrune ADMM penalty rho (initial value; a residual-balancing schedule adapts it)")
+    p.add_argument("--tol-abs", dest="tol_abs", type=float, default=None,
+                   help="StructPrune ADMM stopping: absolute tolerance of the residuals per output entry")
+    p.add_argument("--tol-rel", dest="tol_rel", type=float, default=None,
+                   help="StructPrune ADMM stopping: tolerance relative to the module outputs and duals")
     p.add_argument("--target", default=None, choices=("own", "dense"), help="StructPrune refit anchor")
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -208,7 +213,7 @@ def cmd_prune(args) -> dict:
     t_start = time.perf_counter()
     device, dtype, defaults = resolve_runtime(args)
     nsamples, seqlen, limit = _counts(args, defaults)
-    solver_opts = ("temperature", "iterations", "rho", "target")
+    solver_opts = ("temperature", "iterations", "rho", "target", "tol_abs", "tol_rel")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,
