@@ -27,6 +27,7 @@ squares on the pruned model's inputs (solvers/obs.py's ``refit``), attention fir
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import torch
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import LayerPlan
 from ..allocation import LayerWidths, cost_normalised, threshold_widths
+from ..config import GLOBAL_SCORES as SCORES
 from ..errors import StructPruneError
 from ..scoring import per_head
 from .local import layer_shapes, refit_layer
@@ -65,16 +67,25 @@ def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "fi
 
     The model is moved whole to ``device`` (this is the O(N) memory) and back afterwards.
     """
-    if kind not in ("taylor", "fisher"):
+    if kind not in SCORES:
         raise StructPruneError(f"unknown global score {kind!r}: use taylor or fisher")
+    return all_gradient_scores(model, adapter, calib, device, progress)[kind]
+
+
+
+def all_gradient_scores(model, adapter, calib: torch.Tensor, device,
+                        progress: bool = False) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Every score of :data:`SCORES` from one back-propagation over ``calib``: ``{kind: per-layer
+    scores}``. Both kinds are functions of the same per-window mask gradients, so choosing the
+    score on held-out text (benchmarks/baselines.py) costs one backward pass, not one per kind."""
     home = next(model.parameters()).device
     layers = list(adapter.layers())
     # (o_proj, MLP parts): a part's output weight may be a view into a 3D experts parameter.
     outs = [(adapter.attn_linears(l)[1], adapter.mlp_parts(l)) for l in layers]
     dh = [adapter.attention_shape(l).head_dim for l in layers]
-    acc = [{"attn": torch.zeros(o.in_features // h, dtype=torch.float64, device="cpu"),  # CPU accumulators
-            "mlp": torch.zeros(sum(p.size for p in parts), dtype=torch.float64, device="cpu")}
-           for (o, parts), h in zip(outs, dh)]
+    acc = {kind: [{"attn": torch.zeros(o.in_features // h, dtype=torch.float64, device="cpu"),  # CPU accumulators
+                   "mlp": torch.zeros(sum(p.size for p in parts), dtype=torch.float64, device="cpu")}
+                  for (o, parts), h in zip(outs, dh)] for kind in SCORES}
     params = list({id(p): p for o, parts in outs for p in [o.weight, *(q.out_parameter() for q in parts)]}.values())
     model.to(device)  # in place: the parts' parameters stay the model's
     try:
@@ -87,20 +98,23 @@ def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "fi
                                            "in float16 try bfloat16 or float32")
                 loss.backward()
                 with torch.no_grad():
-                    _accumulate(acc, outs, dh, kind)
+                    _accumulate(acc, outs, dh)
     finally:
         model.to(home)
-    return [{"attn": a["attn"].float(), "mlp": a["mlp"].float()} for a in acc]
+    return {kind: [{"attn": a["attn"].float(), "mlp": a["mlp"].float()} for a in acc[kind]] for kind in SCORES}
 
 
-def _accumulate(acc, outs, dh, kind: str) -> None:
-    """Add this window's per-structure mask gradients ``sum g*W`` (|.| or squared) and drop the grads."""
-    for a, (o, parts), h in zip(acc, outs, dh):
-        g = per_head((o.weight.grad.float() * o.weight.float()).sum(0).double().cpu(), h)  # a head's mask: its columns
-        a["attn"] += g.abs() if kind == "taylor" else g * g
-        g = torch.cat([(p.out_view(p.out_parameter().grad).float() * p.out_weight().float()).sum(0).double().cpu()
-                       for p in parts])  # [n] columns, every part
-        a["mlp"] += g.abs() if kind == "taylor" else g * g
+def _accumulate(acc, outs, dh) -> None:
+    """Add this window's per-structure mask gradients ``sum g*W`` (|.| for taylor, squared for
+    fisher) to every kind's accumulators and drop the grads."""
+    for i, ((o, parts), h) in enumerate(zip(outs, dh)):
+        ga = per_head((o.weight.grad.float() * o.weight.float()).sum(0).double().cpu(), h)  # a head's mask: its columns
+        gm = torch.cat([(p.out_view(p.out_parameter().grad).float() * p.out_weight().float()).sum(0).double().cpu()
+                        for p in parts])  # [n] columns, every part
+        acc["taylor"][i]["attn"] += ga.abs()
+        acc["taylor"][i]["mlp"] += gm.abs()
+        acc["fisher"][i]["attn"] += ga * ga
+        acc["fisher"][i]["mlp"] += gm * gm
     for o, parts in outs:
         o.weight.grad = None
         for p in parts:
@@ -113,7 +127,7 @@ def prune_global(run) -> list[LayerPlan]:
         raise StructPruneError(f"global ranks every structure jointly (allocation 'threshold'), not {cfg.allocation!r}")
     if cfg.uniform_widths:
         raise StructPruneError("global gives per-layer widths; drop uniform_widths")
-    scores = gradient_scores(run.model, run.adapter, run.calib, run.device, cfg.global_score, run.progress)
+    scores = _scores(run)[cfg.global_score]
     shapes = layer_shapes(run.adapter)
     keys = [cost_normalised(s, a, m) for s, (a, m) in zip(scores, shapes)]
     widths = threshold_widths(shapes, keys, cfg.sparsity, cfg.mlp_multiple)
@@ -123,6 +137,19 @@ def prune_global(run) -> list[LayerPlan]:
     results, _ = run_pass(run, "global refit", global_refit_step(run, scores, [w.to_dict() for w in widths]),
                           cuts=True)
     return [LayerPlan.from_dict(r) for r in results]
+
+
+def _scores(run) -> dict[str, list[dict]]:
+    """Every kind's gradient scores of the dense model, from the reuse cache (``prune(cache=)``)
+    when the same dense model and windows were back-propagated before: a driver that tries each
+    ``global_score`` on copies of one dense model pays for one backward pass."""
+    key = ("global-scores", run.fingerprint["sha256"], run.calib_sha256, run.device.type)
+    if run.cache is not None and key in run.cache:
+        return copy.deepcopy(run.cache[key])
+    scores = all_gradient_scores(run.model, run.adapter, run.calib, run.device, run.progress)
+    if run.cache is not None:
+        run.cache[key] = copy.deepcopy(scores)
+    return scores
 
 
 def global_refit_step(run, scores: list[dict], widths: list[dict]):
