@@ -1,0 +1,136 @@
+"""benchmarks/baselines.py, the issue-11 table driver, on a tiny random model with a tiny protocol:
+a run killed after two rows and resumed keeps its finished rows (the dense evaluation included)
+and measures only the rest; per-window NLLs and intervals are in the JSON; paired ratios; and
+``global``'s score is the option with the lowest held-out perplexity."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from structprune.eval.protocol import Protocol
+
+# Sizes small enough for seconds: 4 calibration windows of 32 tokens, 3-4 evaluation windows.
+TINY = Protocol("cpu", 4, 32, 32, {"wikitext2": 4, "ptb": 3, "c4": 3})
+
+
+@pytest.fixture
+def bench(monkeypatch, make_tiny_llama, byte_tokenizer):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
+    spec = importlib.util.spec_from_file_location("bench_baselines_driver", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = make_tiny_llama(vocab_size=257, max_position_embeddings=64)
+    monkeypatch.setattr(mod, "load_model", lambda name, dtype=None, device=None: (model, byte_tokenizer))
+    monkeypatch.setattr(mod, "get_protocol", lambda name: TINY)
+    calls = []
+    real_prune = mod.prune
+
+    def counting_prune(model, calib, config, **kw):
+        calls.append((config.method, config.sparsity, config.global_score, config.iterations))
+        return real_prune(model, calib, config, **kw)
+
+    monkeypatch.setattr(mod, "prune", counting_prune)
+    mod.calls = calls
+    return mod
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_resume_nlls_ratios_and_global_selection(bench, tmp_path, monkeypatch):
+    out = tmp_path / "table"
+    argv = ["--protocol", "cpu", "--threads", "1", "--heldout", "3", "--sparsities", "0.3", "--mlp-multiple", "1",
+            "-q", "--out", str(out), "--methods", "structprune,structprune+iterations=1,global,obs-local,wanda-sp"]
+
+    # First session: killed while the third method row is being pruned (after structprune, its
+    # one-shot duplicate and global's two score options).
+    real = bench.prune
+    n_before_kill = 1 + 2  # structprune, then global with each score; the duplicate row prunes nothing
+
+    def dying(model, calib, config, **kw):
+        if len(bench.calls) >= n_before_kill:
+            raise Killed
+        return real(model, calib, config, **kw)
+
+    monkeypatch.setattr(bench, "prune", dying)
+    # global's two score options share one back-propagation (prune's reuse cache).
+    from structprune.solvers import global_ref
+    backprops = []
+    real_scores = global_ref.all_gradient_scores
+    monkeypatch.setattr(global_ref, "all_gradient_scores", lambda *a, **k: backprops.append(1) or real_scores(*a, **k))
+    with pytest.raises(Killed):
+        bench.main(argv)
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert [r["label"] for r in rec["rows"]] == ["dense", "structprune", "structprune+iterations=1", "global"]
+    dense_first = rec["rows"][0]
+    # structprune+iterations=1 resolves to the default config: copied, not pruned again.
+    assert rec["rows"][2]["same_as"] == "structprune"
+    assert len(bench.calls) == 3 and len(backprops) == 1
+
+    # Second session: --resume measures only obs-local and wanda-sp (no dense re-evaluation).
+    monkeypatch.setattr(bench, "prune", real)
+    bench.calls.clear()
+    evals = []
+    real_eval = bench.evaluate
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: evals.append(1) or real_eval(*a, **k))
+    assert bench.main(argv + ["--resume"]) == 0
+    assert [c[0] for c in bench.calls] == ["obs-local", "wanda-sp"]
+    assert len(evals) == 2
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert [r["label"] for r in rec["rows"]] == ["dense", "structprune", "structprune+iterations=1", "global",
+                                                 "obs-local", "wanda-sp"]
+    assert rec["rows"][0] == dense_first
+    assert len(rec["commands"]) == 2
+
+    # Per-window NLLs and intervals for every row and dataset.
+    for r in rec["rows"]:
+        for d, n in TINY.eval_limits.items():
+            e = r["ppl"][d]
+            assert len(e["window_nlls"]) == e["nwindows"] == n
+            assert e["ppl"] == pytest.approx(math.exp(sum(e["window_nlls"]) / n), rel=1e-9)
+            lo, hi = e["ppl_interval"]
+            assert lo <= e["ppl"] <= hi
+
+    rows = {r["label"]: r for r in rec["rows"]}
+    # A row against itself: exactly 1 with a zero-width interval.
+    one = bench.ratio(rows["obs-local"], rows["obs-local"], "wikitext2")
+    assert (one["value"], one["low"], one["high"]) == (1.0, 1.0, 1.0)
+    r = bench.ratio(rows["structprune"], rows["global"], "wikitext2")
+    assert r["low"] <= r["value"] <= r["high"]
+
+    # global: both score options scored on held-out text; the lowest held-out perplexity is chosen,
+    # and the row's config is the chosen one.
+    g = rows["global"]["global_selection"]
+    assert set(g["options"]) == {"fisher", "taylor"}
+    held = {k: v["heldout"]["ppl"] for k, v in g["options"].items()}
+    assert g["chosen"] == min(held, key=held.get)
+    assert rows["global"]["config"]["global_score"] == g["chosen"]
+    assert all(len(v["heldout"]["window_nlls"]) == 3 for v in g["options"].values())
+    assert g["options"][g["chosen"]]["ratio_to_chosen"]["value"] == 1.0
+
+    # Targets computed with numbers (or 'not measured' for 40/50%, absent here).
+    t = {x["what"]: x for x in rec["targets"]}
+    assert t["StructPrune / global"]["status"] in ("met", "missed")
+    assert t["StructPrune / global"]["ratio"]["high"] == pytest.approx(r["high"])
+    md = out.with_suffix(".md").read_text()
+    assert "StructPrune / global at 30%" in md and "[" in md
+
+    # Resuming under other settings is refused.
+    assert bench.main([*argv[:5], "4", *argv[6:], "--resume"]) == 2
+
+
+def test_plan_rows_main_and_ablations(bench):
+    a = bench.parser().parse_args(["--ablations"])
+    todo = bench.plan_rows(a)
+    main = bench.main_specs(bench.ADMM_ITERATIONS)
+    assert todo[:len(main)] == [(s, 0.2) for s in main]
+    assert ("structprune+iterations=1", 0.5) in todo and ("structprune+iterations=4", 0.4) in todo
+    abl = [t for t in todo if t[0] == "structprune:uniform"]
+    assert abl == [("structprune:uniform", 0.3), ("structprune:uniform", 0.5)]
+    assert ("structprune:softmax+temperature=0.5", 0.3) in todo and ("structprune+iterations=8", 0.5) in todo
