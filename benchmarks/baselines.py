@@ -229,15 +229,21 @@ def same_config_row(rows: list[dict], spec: str, sparsity: float, settings: dict
 
 # -- comparisons ----------------------------------------------------------------------------------
 
-def ratio(row_a: dict, row_b: dict, dataset: str) -> dict | None:
-    """Paired ratio ``ppl(a) / ppl(b)`` on ``dataset``'s windows with its 95% interval, or None when
+def ratio_interval(row_a: dict, row_b: dict, dataset: str):
+    """Paired ratio ``ppl(a) / ppl(b)`` on ``dataset``'s windows (an ``Interval``), or None when
     either row lacks finite NLLs there."""
     a = row_a["ppl"].get(dataset, {}).get("window_nlls")
     b = row_b["ppl"].get(dataset, {}).get("window_nlls")
     if not a or not b or len(a) != len(b) or not all(math.isfinite(x) for x in (*a, *b)):
         return None
-    r = paired_ratio(a, b)
-    return {"value": r.value, "low": r.low, "high": r.high, "level": r.level, "nwindows": r.nwindows}
+    return paired_ratio(a, b)
+
+
+def ratio(row_a: dict, row_b: dict, dataset: str) -> dict | None:
+    """:func:`ratio_interval` as JSON-ready ``{value, low, high, level, nwindows}``."""
+    r = ratio_interval(row_a, row_b, dataset)
+    return None if r is None else {"value": r.value, "low": r.low, "high": r.high, "level": r.level,
+                                   "nwindows": r.nwindows}
 
 
 def best_local(rows: list[dict], sparsity: float, dataset: str = "wikitext2") -> dict | None:
@@ -262,8 +268,9 @@ def targets(rows: list[dict], sparsities: list[float], dataset: str = "wikitext2
         if s in TARGET_LOCAL_SPARSITIES:
             checks.append(("StructPrune / best local", best_local(rows, s, dataset), TARGET_VS_LOCAL))
         for what, other, bound in checks:
-            r = ratio(sp, other, dataset) if sp is not None and other is not None else None
-            status = "not measured" if r is None else ("met" if r["high"] <= bound else "missed")
+            ri = ratio_interval(sp, other, dataset) if sp is not None and other is not None else None
+            r = ratio(sp, other, dataset) if ri is not None else None
+            status = "not measured" if ri is None else ("met" if at_most(ri, bound) else "missed")
             out.append({"what": what, "sparsity": s, "dataset": dataset, "bound": bound, "ratio": r, "status": status,
                         "against": None if other is None else other["label"]})
     return out
