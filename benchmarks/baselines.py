@@ -502,6 +502,13 @@ def run(a, protocol, settings: dict, todo: list[tuple[str, float]], out: Path, a
             raise StructPruneError(f"--resume: {out}.json was measured with other settings ({', '.join(diff)}); "
                                    "use the same settings or another --out")
         rows, commands = old["rows"], old.get("commands", [])
+        # A default changed since (e.g. StructPrune's iterations): the label no longer names what
+        # was measured, and mixing both in one table would mislabel rows.
+        stale = [f"{r['label']}@{r['sparsity_target']}" for r in rows if "spec_config" in r
+                 and build_config(r["label"], r["sparsity_target"], settings).to_dict() != r["spec_config"]]
+        if stale:
+            raise StructPruneError(f"--resume: rows {', '.join(stale)} of {out}.json were measured with another "
+                                   "resolved config (a default changed); start a new --out")
     done = {(r["label"], r["sparsity_target"]) for r in rows}
     command = shlex.join(["python", "benchmarks/baselines.py", *(argv if argv is not None else sys.argv[1:])])
     record = {"settings": settings, "rows": rows,
