@@ -12,10 +12,8 @@ an edited copy, so later changes to the model's config (attention implementation
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from .base import Adapter, AttentionShape
+from .llama import LlamaAdapter
 from .parts import LinearMLPPart, fused_rows
 
 
@@ -51,15 +49,10 @@ class Phi3Adapter(Adapter):
 
     model_types = ("phi3",)
 
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def pre_layer_modules(self) -> list[nn.Module]:
-        inner = self.model.model
-        return [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
-
-    def head_modules(self) -> list[nn.Module]:
-        return [self.model.model.norm, self.model.lm_head]
+    # Where things are is LLaMA's layout; only the projections differ.
+    layers = LlamaAdapter.layers
+    pre_layer_modules = LlamaAdapter.pre_layer_modules
+    head_modules = LlamaAdapter.head_modules
 
     def attn_linears(self, layer):
         a = layer.self_attn
