@@ -135,147 +135,45 @@ class _PerLayerConfig:
 
 # Config classes: the stock ones plus the per-layer lists (stored as ordinary extra
 # attributes, which every transformers 5.x config serialises, so no fields are declared).
-class StructPruneLlamaConfig(_PerLayerConfig, LlamaConfig):
-    """LLaMA config with per-layer widths (``layer_num_heads`` ... see the module docstring)."""
-
-    model_type = "structprune_llama"
-
-
-class StructPruneMistralConfig(_PerLayerConfig, MistralConfig):
-    """Mistral config with per-layer widths."""
-
-    model_type = "structprune_mistral"
-
-
-class StructPruneQwen2Config(_PerLayerConfig, Qwen2Config):
-    """Qwen2 config with per-layer widths."""
-
-    model_type = "structprune_qwen2"
-
-
-class StructPruneQwen3Config(_PerLayerConfig, Qwen3Config):
-    """Qwen3 config with per-layer widths."""
-
-    model_type = "structprune_qwen3"
-
-
-class StructPruneGemma2Config(_PerLayerConfig, Gemma2Config):
-    """Gemma 2 config with per-layer widths."""
-
-    model_type = "structprune_gemma2"
-
-
-class StructPruneGemma3TextConfig(_PerLayerConfig, Gemma3TextConfig):
-    """Gemma 3 (text) config with per-layer widths."""
-
-    model_type = "structprune_gemma3_text"
-
-
-class StructPruneOPTConfig(_PerLayerConfig, OPTConfig):
-    """OPT config with per-layer widths."""
-
-    model_type = "structprune_opt"
-
-
-class StructPruneLlamaForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM whose decoder layers have the widths listed in the config."""
-
-    config_class = StructPruneLlamaConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_llama_layers(self)
-
-
-class StructPruneMistralForCausalLM(MistralForCausalLM):
-    """MistralForCausalLM whose decoder layers have the widths listed in the config."""
-
-    config_class = StructPruneMistralConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_llama_layers(self)
-
-
-class StructPruneQwen2ForCausalLM(Qwen2ForCausalLM):
-    """Qwen2ForCausalLM whose decoder layers have the widths listed in the config."""
-
-    config_class = StructPruneQwen2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_llama_layers(self)
-
-
-class StructPruneQwen3ForCausalLM(Qwen3ForCausalLM):
-    """Qwen3ForCausalLM whose decoder layers have the widths listed in the config."""
-
-    config_class = StructPruneQwen3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_llama_layers(self)
-
-
-class StructPruneGemma2ForCausalLM(Gemma2ForCausalLM):
-    """Gemma2ForCausalLM whose decoder layers have the widths listed in the config."""
-
-    config_class = StructPruneGemma2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_llama_layers(self)
-
-
-class StructPruneGemma3ForCausalLM(Gemma3ForCausalLM):
-    """Gemma3ForCausalLM (text) whose decoder layers have the widths listed in the config."""
-
-    config_class = StructPruneGemma3TextConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_llama_layers(self)
-
-
-class StructPruneGemma3Config(_PerLayerConfig, Gemma3Config):
-    """Gemma 3 multimodal config whose language model has per-layer widths (the lists are top-level
-    attributes; ``text_config`` keeps the dense counts and the pruned ``head_dim``)."""
-
-    model_type = "structprune_gemma3"
-
-
-class StructPruneGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
-    """Gemma3ForConditionalGeneration whose language model's decoder layers have the widths listed in
-    the config; the vision tower and multimodal projector are the stock ones."""
-
-    config_class = StructPruneGemma3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_llama_decoder(self.model.language_model.layers, config, config.text_config.hidden_size)
-
-
-class StructPruneOPTForCausalLM(OPTForCausalLM):
-    """OPTForCausalLM whose decoder layers have the widths listed in the config."""
-
-    config_class = StructPruneOPTConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_opt_layers(self)
-
-
 # base model_type -> (config class, model class); used by StructPrune's writer and loader.
-CLASSES = {
-    "llama": (StructPruneLlamaConfig, StructPruneLlamaForCausalLM),
-    "mistral": (StructPruneMistralConfig, StructPruneMistralForCausalLM),
-    "qwen2": (StructPruneQwen2Config, StructPruneQwen2ForCausalLM),
-    "qwen3": (StructPruneQwen3Config, StructPruneQwen3ForCausalLM),
-    "gemma2": (StructPruneGemma2Config, StructPruneGemma2ForCausalLM),
-    "gemma3_text": (StructPruneGemma3TextConfig, StructPruneGemma3ForCausalLM),
-    "gemma3": (StructPruneGemma3Config, StructPruneGemma3ForConditionalGeneration),
-    "opt": (StructPruneOPTConfig, StructPruneOPTForCausalLM),
-}
+CLASSES = {}
+
+
+def _family(key: str, config_base, model_base, resize, what: str = "decoder layers") -> None:
+    """Define ``StructPrune<Config>`` and ``StructPrune<Model>`` for family ``key`` at module level (the
+    names ``auto_map`` points at): the stock classes, with the model resized by ``resize(model)`` to the
+    per-layer widths in its config after the stock build."""
+    config_cls = type(f"StructPrune{config_base.__name__}", (_PerLayerConfig, config_base), {
+        "__module__": __name__, "model_type": f"structprune_{key}",
+        "__doc__": f"{config_base.__name__} with per-layer widths (see the module docstring)."})
+
+    def __init__(self, config):
+        model_base.__init__(self, config)
+        resize(self)
+
+    model_cls = type(f"StructPrune{model_base.__name__}", (model_base,), {
+        "__module__": __name__, "config_class": config_cls, "__init__": __init__,
+        "__doc__": f"{model_base.__name__} whose {what} have the widths listed in the config."})
+    globals()[config_cls.__name__] = config_cls
+    globals()[model_cls.__name__] = model_cls
+    CLASSES[key] = (config_cls, model_cls)
+
+
+def _resize_gemma3_language_model(model) -> None:
+    # The vision tower and multimodal projector are the stock ones; the per-layer lists are top-level
+    # config attributes, ``text_config`` keeps the dense counts and the pruned ``head_dim``.
+    _resize_llama_decoder(model.model.language_model.layers, model.config, model.config.text_config.hidden_size)
+
+
+_family("llama", LlamaConfig, LlamaForCausalLM, _resize_llama_layers)
+_family("mistral", MistralConfig, MistralForCausalLM, _resize_llama_layers)
+_family("qwen2", Qwen2Config, Qwen2ForCausalLM, _resize_llama_layers)
+_family("qwen3", Qwen3Config, Qwen3ForCausalLM, _resize_llama_layers)
+_family("gemma2", Gemma2Config, Gemma2ForCausalLM, _resize_llama_layers)
+_family("gemma3_text", Gemma3TextConfig, Gemma3ForCausalLM, _resize_llama_layers)
+_family("gemma3", Gemma3Config, Gemma3ForConditionalGeneration, _resize_gemma3_language_model,
+        "language model's decoder layers")
+_family("opt", OPTConfig, OPTForCausalLM, _resize_opt_layers)
 
 
 # -- fused (Phi-3) and mixture-of-experts (Mixtral, Qwen2-MoE) families ----------------------------
@@ -374,56 +272,6 @@ def _resize_moe_layers(model) -> None:
             _resize_gated_mlp(mlp.shared_expert, hidden, s, False)
 
 
-class StructPrunePhi3Config(_PerLayerConfig, Phi3Config):
-    """Phi-3 config with per-layer widths."""
-
-    model_type = "structprune_phi3"
-
-
-class StructPruneMixtralConfig(_PerLayerConfig, MixtralConfig):
-    """Mixtral config with per-layer widths (``layer_intermediate_size``: every expert's)."""
-
-    model_type = "structprune_mixtral"
-
-
-class StructPruneQwen2MoeConfig(_PerLayerConfig, Qwen2MoeConfig):
-    """Qwen2-MoE config with per-layer widths (experts' and the shared expert's)."""
-
-    model_type = "structprune_qwen2_moe"
-
-
-class StructPrunePhi3ForCausalLM(Phi3ForCausalLM):
-    """Phi3ForCausalLM whose decoder layers have the widths listed in the config."""
-
-    config_class = StructPrunePhi3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_phi3_layers(self)
-
-
-class StructPruneMixtralForCausalLM(MixtralForCausalLM):
-    """MixtralForCausalLM whose decoder layers (and experts) have the widths listed in the config."""
-
-    config_class = StructPruneMixtralConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_moe_layers(self)
-
-
-class StructPruneQwen2MoeForCausalLM(Qwen2MoeForCausalLM):
-    """Qwen2MoeForCausalLM whose decoder layers (and experts) have the widths listed in the config."""
-
-    config_class = StructPruneQwen2MoeConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_moe_layers(self)
-
-
-CLASSES.update({
-    "phi3": (StructPrunePhi3Config, StructPrunePhi3ForCausalLM),
-    "mixtral": (StructPruneMixtralConfig, StructPruneMixtralForCausalLM),
-    "qwen2_moe": (StructPruneQwen2MoeConfig, StructPruneQwen2MoeForCausalLM),
-})
+_family("phi3", Phi3Config, Phi3ForCausalLM, _resize_phi3_layers)
+_family("mixtral", MixtralConfig, MixtralForCausalLM, _resize_moe_layers, "decoder layers (and experts)")
+_family("qwen2_moe", Qwen2MoeConfig, Qwen2MoeForCausalLM, _resize_moe_layers, "decoder layers (and experts)")
