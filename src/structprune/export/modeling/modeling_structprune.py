@@ -78,24 +78,23 @@ def _resize_llama_layers(model) -> None:
     _resize_llama_decoder(model.model.layers, model.config, model.config.hidden_size)
 
 
+def _resize_gqa_attention(attn, hidden: int, heads: int, kv: int, o_bias: bool) -> None:
+    """Give a LLaMA-like attention ``heads`` query heads in ``kv`` KV groups (and an o bias if a refit added one)."""
+    dh = attn.head_dim
+    qkv_bias = attn.q_proj.bias is not None  # the family's own layout (Qwen2: q/k/v biases)
+    attn.q_proj = _new_linear(hidden, heads * dh, qkv_bias, attn.q_proj)
+    attn.k_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.k_proj)
+    attn.v_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.v_proj)
+    attn.o_proj = _new_linear(heads * dh, hidden, o_bias, attn.o_proj)
+    # eager and sdpa attention repeat K/V by this factor; nothing else reads the head counts.
+    attn.num_key_value_groups = heads // kv
+
+
 def _resize_llama_decoder(layers, config, hidden: int) -> None:
     """Resize LLaMA-like decoder ``layers`` to the per-layer widths listed in ``config``."""
     for layer, (heads, kv, inter, o_bias, out_bias) in zip(layers, _per_layer(config, len(layers))):
-        attn = layer.self_attn
-        dh = attn.head_dim
-        qkv_bias = attn.q_proj.bias is not None  # the family's own layout (Qwen2: q/k/v biases)
-        attn.q_proj = _new_linear(hidden, heads * dh, qkv_bias, attn.q_proj)
-        attn.k_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.k_proj)
-        attn.v_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.v_proj)
-        attn.o_proj = _new_linear(heads * dh, hidden, bool(o_bias), attn.o_proj)
-        # eager and sdpa attention repeat K/V by this factor; nothing else reads the head counts.
-        attn.num_key_value_groups = heads // kv
-        mlp = layer.mlp
-        in_bias = mlp.gate_proj.bias is not None
-        mlp.gate_proj = _new_linear(hidden, inter, in_bias, mlp.gate_proj)
-        mlp.up_proj = _new_linear(hidden, inter, in_bias, mlp.up_proj)
-        mlp.down_proj = _new_linear(inter, hidden, bool(out_bias), mlp.down_proj)
-        mlp.intermediate_size = inter
+        _resize_gqa_attention(layer.self_attn, hidden, heads, kv, bool(o_bias))
+        _resize_gated_mlp(layer.mlp, hidden, inter, bool(out_bias))
 
 
 def _resize_opt_layers(model) -> None:
@@ -255,14 +254,7 @@ def _resize_moe_layers(model) -> None:
     layers = model.model.layers
     shared = getattr(config, "layer_shared_intermediate_size", None) or [0] * len(layers)
     for layer, (heads, kv, inter, o_bias, out_bias), s in zip(layers, _per_layer(config, len(layers)), shared):
-        attn = layer.self_attn
-        dh = attn.head_dim
-        qkv_bias = attn.q_proj.bias is not None
-        attn.q_proj = _new_linear(hidden, heads * dh, qkv_bias, attn.q_proj)
-        attn.k_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.k_proj)
-        attn.v_proj = _new_linear(hidden, kv * dh, qkv_bias, attn.v_proj)
-        attn.o_proj = _new_linear(heads * dh, hidden, bool(o_bias), attn.o_proj)
-        attn.num_key_value_groups = heads // kv
+        _resize_gqa_attention(layer.self_attn, hidden, heads, kv, bool(o_bias))
         mlp = layer.mlp
         if not hasattr(mlp, "experts"):  # Qwen2-MoE's dense layers
             _resize_gated_mlp(mlp, hidden, inter, bool(out_bias))
