@@ -45,18 +45,35 @@ def sh(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd).replace(PY, "python")
 
 
-def n_params(shape: str) -> int:
+def n_params(shape: str, layers: int | None = None) -> int:
     import torch
 
-    return checkpoint_plan(synthetic_config(shape), torch.bfloat16, "2GB").total_parameters
+    return checkpoint_plan(synthetic_config(shape, layers), torch.bfloat16, "2GB").total_parameters
 
 
-def ensure_checkpoint(shape: str, work: Path, log: list[str]) -> Path:
-    folder = work / "ckpt" / shape
+def full_layers(shape: str) -> int:
+    return synthetic_config(shape).num_hidden_layers
+
+
+def run_name(shape: str, layers: int | None) -> str:
+    """The row's model: the shape, or its first ``layers`` layers (a per-layer projection)."""
+    return shape if layers is None else f"{shape}@{layers}l"
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def ensure_checkpoint(shape: str, work: Path, log: list[str], layers: int | None = None) -> Path:
+    folder = work / "ckpt" / run_name(shape, layers)
     if (folder / "config.json").is_file():
         return folder
     cmd = [PY, "-m", "structprune.models.synthetic", shape, "--output", str(folder), "--dtype", "bfloat16",
-           "--max-shard-size", "2GB"]
+           "--max-shard-size", "2GB"] + ([] if layers is None else ["--layers", str(layers)])
     log.append(sh(cmd))
     print("+", sh(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -77,6 +94,14 @@ class MemoryGroup:
             if swappiness.exists():
                 swappiness.write_text("0")
             (self.path / "memory.max_usage_in_bytes").write_text("0")
+
+    @classmethod
+    def existing(cls, name: str) -> "MemoryGroup":
+        """A group made elsewhere (read only: its limit and peak are left as they are)."""
+        group = cls.__new__(cls)
+        group.path = CGROUP / name
+        group.ok = (group.path / "memory.limit_in_bytes").is_file()
+        return group
 
     def join(self) -> None:  # runs in the child before exec
         if self.ok:
@@ -108,8 +133,8 @@ def baseline_rss(threads: int) -> int:
     return int(out.stdout.strip())
 
 
-def run_one(shape: str, method: str, ckpt: Path, args, log: list[str]) -> dict:
-    out = Path(args.work) / "out" / f"{shape}-{method}"
+def prune_command(shape: str, method: str, ckpt: Path, args, layers: int | None = None) -> tuple[list[str], Path]:
+    out = Path(args.work) / "out" / f"{run_name(shape, layers)}-{method}"
     cmd = [PY, "-m", "structprune.cli", "prune", str(ckpt), "--sparsity", str(args.sparsity), "--method", method,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "", "--output", str(out),
            "--overwrite", "--max-shard-size", args.max_shard_size, "-q"]
@@ -119,37 +144,109 @@ def run_one(shape: str, method: str, ckpt: Path, args, log: list[str]) -> dict:
         cmd += ["--activation-budget", args.activation_budget]
     if not args.quiet:
         cmd.remove("-q")  # progress bars in the run's log: where the time (or the memory) went
+    return cmd, out
+
+
+def tqdm_seconds(log_text: str, desc: str) -> float | None:
+    """Elapsed seconds of the last finished tqdm bar ``desc`` in a log (runs whose report predates
+    the per-phase timings of the sensitivity pass)."""
+    import re
+
+    best = None
+    for m in re.finditer(re.escape(desc) + r": 100%\|[^|]*\| *\d+/\d+ \[(?:(\d+):)?(\d+):(\d+)<", log_text):
+        h, mi, se = (int(x) if x else 0 for x in m.groups())
+        best = 3600 * h + 60 * mi + se
+    return best
+
+
+def phase_seconds(row: dict, log_text: str = "") -> dict[str, float]:
+    """Seconds per phase of a finished run: the report's per-layer passes, with the sensitivity
+    pass read from the log's progress bars where the report lacks it."""
+    t = {k: v["seconds"] for k, v in (row.get("timings") or {}).items() if isinstance(v, dict) and v["seconds"]}
+    for desc in ("sensitivity fwd", "sensitivity bwd"):
+        if desc not in t and log_text:
+            sec = tqdm_seconds(log_text, desc)
+            if sec is not None:
+                t[desc] = float(sec)
+    return t
+
+
+def make_row(shape: str, method: str, out: Path, log_path: Path, returncode: int, wall: float, cap: int,
+             group: dict, args, layers: int | None = None) -> dict:
+    row = {"shape": run_name(shape, layers), "base_shape": shape, "method": method,
+           "params": n_params(shape, layers), "layers_run": layers or full_layers(shape),
+           "layers_full": full_layers(shape), "params_full": n_params(shape), "returncode": returncode,
+           "wall_seconds": wall, "capped": args.cap_gib is not None, "cap_enforced": bool(group),
+           "commit": git_commit(), "log": str(log_path), "nsamples": args.nsamples, "seqlen": args.seqlen, "threads": args.threads,
+           **group}
+    report = out / "report.json"
+    log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    if returncode == 0 and report.is_file():
+        r = json.loads(report.read_text())
+        row.update(finished=True, prune_seconds=r["prune_seconds"], peak_rss_bytes=r["peak_rss_bytes"],
+                   process_peak_rss_bytes=r["process_peak_rss_bytes"], peak_gpu_mem_bytes=r["peak_gpu_mem_bytes"],
+                   sparsity_achieved=r["sparsity_achieved"], residency=r.get("residency"),
+                   memory=r.get("memory"), timings=r.get("timings"))
+        row["phase_seconds"] = phase_seconds(row, log_text)
+    else:
+        tail = log_text[-600:]
+        killed = returncode in (-9, 137) or row.get("cgroup_failcnt", 0) > 0
+        row.update(finished=False, why=("killed at the memory limit of %.1f GiB" % (cap / 2**30)) if killed
+                   else "failed: " + tail.strip().splitlines()[-1] if tail.strip() else "failed")
+    return row
+
+
+def run_one(shape: str, method: str, ckpt: Path, args, log: list[str], layers: int | None = None) -> dict:
+    cmd, out = prune_command(shape, method, ckpt, args, layers)
     cap = int((args.cap_gib or SAFETY_CAP_GIB) * 2**30)
     group = MemoryGroup(f"structprune-scale-{os.getpid()}", cap)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     log.append(f"(cgroup memory.limit_in_bytes={cap}) OMP_NUM_THREADS={args.threads} {sh(cmd)}")
     print("+", log[-1], flush=True)
     t0 = time.perf_counter()
-    with open(Path(args.work) / f"{shape}-{method}.log", "w") as logf:
+    log_path = Path(args.work) / f"{run_name(shape, layers)}-{method}.log"
+    with open(log_path, "w") as logf:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
                               preexec_fn=group.join)
     wall = time.perf_counter() - t0
-    row = {"shape": shape, "method": method, "params": n_params(shape), "returncode": proc.returncode,
-           "wall_seconds": wall, "capped": args.cap_gib is not None, "cap_enforced": group.ok, **group.read()}
+    info = group.read()
     group.close()
-    report = out / "report.json"
-    if proc.returncode == 0 and report.is_file():
-        r = json.loads(report.read_text())
-        row.update(finished=True, prune_seconds=r["prune_seconds"], peak_rss_bytes=r["peak_rss_bytes"],
-                   process_peak_rss_bytes=r["process_peak_rss_bytes"], peak_gpu_mem_bytes=r["peak_gpu_mem_bytes"],
-                   sparsity_achieved=r["sparsity_achieved"], residency=r.get("residency"),
-                   memory=r.get("memory"), timings=r.get("timings"))
-    else:
-        tail = (Path(args.work) / f"{shape}-{method}.log").read_text()[-600:]
-        killed = proc.returncode in (-9, 137) or row.get("cgroup_failcnt", 0) > 0
-        row.update(finished=False, why=("killed at the memory limit of %.1f GiB" % (cap / 2**30)) if killed
-                   else "failed: " + tail.strip().splitlines()[-1] if tail.strip() else "failed")
+    return make_row(shape, method, out, log_path, proc.returncode, wall, cap, info, args, layers)
+
+
+def adopt_run(spec: str, args, log: list[str]) -> dict:
+    """A row for a run made outside this script with the same command (a long capped run started by
+    hand, or resumed with ``--resume``): ``SHAPE:METHOD:OUTPUT:LOG:CGROUP``, where LOG is the run's
+    ``/usr/bin/time -v`` output (wall time, exit status, the command) and CGROUP the name of its
+    cgroup v1 memory group (limit, peak, failures)."""
+    import re
+
+    shape, method, out, log_path, cgroup = spec.split(":")
+    text = Path(log_path).read_text(errors="replace")
+    m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", text)
+    if not m:
+        raise SystemExit(f"{log_path}: no /usr/bin/time -v summary (the run is not finished)")
+    wall = 3600 * int(m.group(1) or 0) + 60 * int(m.group(2)) + float(m.group(3))
+    status = re.search(r"Exit status: (\d+)", text)
+    cmd = re.search(r'Command being timed: "(.*)"', text)
+    group = MemoryGroup.existing(cgroup)
+    info = group.read()
+    cap = info.get("cgroup_limit_bytes", int(SAFETY_CAP_GIB * 2**30))
+    log.append(f"(cgroup memory.limit_in_bytes={cap}) OMP_NUM_THREADS={args.threads} "
+               + (cmd.group(1) if cmd else "?").replace(PY, "python"))
+    row = make_row(shape, method, Path(out), Path(log_path), int(status.group(1)) if status else 1, wall, cap,
+                   info, args)
+    row["capped"] = cap < SAFETY_CAP_GIB * 2**30
     return row
+
+
+def is_projection(r: dict) -> bool:
+    return r.get("layers_run", 0) < r.get("layers_full", 0)
 
 
 def slope(rows: list[dict], base: int) -> float | None:
     pts = [(math.log(r["params"]), math.log(r["process_peak_rss_bytes"] - base)) for r in rows
-           if r.get("finished") and r["process_peak_rss_bytes"] > base]
+           if r.get("finished") and not is_projection(r) and r["process_peak_rss_bytes"] > base]
     if len(pts) < 2:
         return None
     mx = sum(x for x, _ in pts) / len(pts)
@@ -157,40 +254,97 @@ def slope(rows: list[dict], base: int) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
+LAYER_PHASES = ("sensitivity fwd", "sensitivity bwd")  # plus every per-layer pass of the report
+
+
+def layer_seconds(r: dict) -> float:
+    """Seconds spent in per-layer work (every streamed pass, the sensitivity pass included)."""
+    ph = r.get("phase_seconds") or {}
+    return sum(v for k, v in ph.items() if k in LAYER_PHASES or k in (r.get("timings") or {}))
+
+
+def projected_seconds(r: dict) -> float:
+    """A run over the first layers of a shape, extended to all of them: the run's own time plus
+    the remaining layers at its measured seconds per layer."""
+    return r["prune_seconds"] + (r["layers_full"] - r["layers_run"]) * layer_seconds(r) / r["layers_run"]
+
+
 def write_outputs(res: dict, out: Path) -> None:
     rows, base = res["rows"], res["baseline_rss_bytes"]
+    full = [r for r in rows if not is_projection(r)]
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     gib = 2 ** 30
     lines = [f"# Pruning memory and time against model size ({res['hardware']})", "",
-             f"Random-weight bf16 checkpoints of real shapes, pruned to {res['settings']['sparsity']:.0%} with "
-             f"calibration {res['settings']['nsamples']}x{res['settings']['seqlen']} (C4), compute float32 on "
+             "Random-weight bf16 checkpoints of real shapes, pruned to "
+             f"{res['settings']['sparsity']:.0%} with calibration "
+             f"{res['settings']['nsamples']}x{res['settings']['seqlen']} (C4), compute float32 on "
              f"{res['settings']['device'] or 'cpu'}, {res['settings']['threads']} threads. Peak = the child "
              "process's peak resident memory (VmHWM / ru_maxrss); baseline = an empty process with the same "
              f"imports: {base / gib:.2f} GiB. Every run in its own cgroup v1 memory group whose limit is the "
              f"'cap' column (an enforced cap, or a safety cap of {SAFETY_CAP_GIB} GiB"
              f"{'' if res['cgroup'] else '; NOT enforced here: not root'}); 'fp32 model' is the model's size in "
-             "the compute dtype.", "",
+             "the compute dtype; 'code' the commit that ran.", "",
              "| model | params | bf16 on disk | fp32 model | method | cap | finished | wall | prune | peak RSS | "
-             "peak − baseline | cgroup peak | peak GPU |",
-             "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+             "peak − baseline | cgroup peak | peak GPU | code |",
+             "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+
+    def cap_of(r):
+        return (f"{r['cgroup_limit_bytes'] / gib:.0f} GiB" + ("" if r["capped"] else " (safety)")
+                if r.get("cgroup_limit_bytes") else "none")
+
+    for r in full:
         disk = r["params"] * 2 / gib
-        cap = (f"{r['cgroup_limit_bytes'] / gib:.0f} GiB" + ("" if r["capped"] else " (safety)")
-               if r.get("cgroup_limit_bytes") else "none")
-        head = f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {disk:.2f} GiB | {2 * disk:.2f} GiB | {r['method']} | {cap} "
+        head = (f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {disk:.2f} GiB | {2 * disk:.2f} GiB | {r['method']} "
+                f"| {cap_of(r)} ")
+        code = r.get("commit") or "?"
         if r.get("finished"):
             lines.append(head + "| yes | "
                          f"{r['wall_seconds'] / 60:.1f} min | {r['prune_seconds'] / 60:.1f} min | "
                          f"{r['process_peak_rss_bytes'] / gib:.2f} GiB | {(r['process_peak_rss_bytes'] - base) / gib:.2f} GiB | "
                          f"{r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB | "
-                         f"{(r['peak_gpu_mem_bytes'] or 0) / gib:.2f} GiB |")
+                         f"{(r['peak_gpu_mem_bytes'] or 0) / gib:.2f} GiB | {code} |")
         else:
             lines.append(head + f"| no: {r['why']} | {r['wall_seconds'] / 60:.1f} min | | | | "
-                         f"{r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB | |")
+                         f"{r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB | | {code} |")
     lines += ["", "Log-log slope of (peak RSS − baseline) against parameters, over the finished runs:", ""]
-    for m in sorted({r["method"] for r in rows}):
-        s = slope([r for r in rows if r["method"] == m], base)
-        lines.append(f"* {m}: " + (f"{s:.3f}" if s is not None else "fewer than two finished sizes"))
+    for m in sorted({r["method"] for r in full}):
+        sl = slope([r for r in full if r["method"] == m], base)
+        lines.append(f"* {m}: " + (f"{sl:.3f}" if sl is not None else "fewer than two finished sizes"))
+    timed = [r for r in full if r.get("finished") and r.get("phase_seconds")]
+    if timed:
+        lines += ["", "Where the time goes (minutes per phase; 'per layer' = all per-layer work / layers; "
+                  "'rest' = loading, calibration, the LM head, saving):", "",
+                  "| model | method | sensitivity fwd | sensitivity bwd | profile (statistics + removal paths) | "
+                  "passes (statistics + cut + refit) | rest | prune | per layer |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in timed:
+            ph = r["phase_seconds"]
+            passes = sum(v for k, v in ph.items() if k not in LAYER_PHASES and k != "structprune profile")
+            rest = r["prune_seconds"] - layer_seconds(r)
+            lines.append(f"| {r['shape']} | {r['method']} | {ph.get('sensitivity fwd', 0) / 60:.1f} | "
+                         f"{ph.get('sensitivity bwd', 0) / 60:.1f} | {ph.get('structprune profile', 0) / 60:.1f} | "
+                         f"{passes / 60:.1f} | {rest / 60:.1f} | {r['prune_seconds'] / 60:.1f} | "
+                         f"{layer_seconds(r) / r['layers_run']:.0f} s |")
+    proj = [r for r in rows if is_projection(r)]
+    if proj:
+        lines += ["", "**Projections** (not full runs): the first layers of a shape pruned for real (same "
+                  "layer shapes, embeddings and LM head), their measured time per layer extended to the full "
+                  "depth. Peak memory does not grow with depth on this path (one layer resident; activations "
+                  "beyond the budget on disk), so the measured peak stands for the full model.", "",
+                  "| model | layers run / full | params run / full | cap | finished | prune (measured) | "
+                  "per layer | projected prune, full depth | peak RSS | cgroup peak |",
+                  "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in proj:
+            head = (f"| {r['base_shape']} | {r['layers_run']} / {r['layers_full']} | {r['params'] / 1e9:.2f}B / "
+                    f"{r['params_full'] / 1e9:.2f}B | {cap_of(r)} ")
+            if r.get("finished"):
+                lines.append(head + f"| yes | {r['prune_seconds'] / 60:.1f} min | "
+                             f"{layer_seconds(r) / r['layers_run']:.0f} s | "
+                             f"**{projected_seconds(r) / 60:.0f} min (projection)** | "
+                             f"{r['process_peak_rss_bytes'] / gib:.2f} GiB | "
+                             f"{r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB |")
+            else:
+                lines.append(head + f"| no: {r['why']} | | | | | {r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB |")
     lines += ["", "Commands:", "", "```", *res["commands"], "```", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     try:
@@ -199,17 +353,29 @@ def write_outputs(res: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for m in sorted({r["method"] for r in rows}):
-        pts = [(r["params"], (r["process_peak_rss_bytes"] - base) / gib) for r in rows
-               if r["method"] == m and r.get("finished")]
-        if pts:
-            ax.loglog(*zip(*pts), "o-", label=m)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in sorted({r["method"] for r in full}):
+        done = [r for r in full if r["method"] == m and r.get("finished")]
+        if done:
+            ax.loglog([r["params"] for r in done], [(r["process_peak_rss_bytes"] - base) / gib for r in done],
+                      "o-", label=m)
+            bx.loglog([r["params"] for r in done], [r["prune_seconds"] / 60 for r in done], "o-", label=m)
+        for r in full:  # runs that did not fit: where they stopped
+            if r["method"] == m and not r.get("finished") and r.get("cgroup_max_usage_bytes"):
+                ax.loglog([r["params"]], [r["cgroup_max_usage_bytes"] / gib], "x", color="red", markersize=9)
+    for r in proj:
+        if r.get("finished"):
+            bx.loglog([r["params_full"]], [projected_seconds(r) / 60], "s", mfc="none", color="gray",
+                      label=f"{r['base_shape']} (projection)")
     ax.set_xlabel("parameters")
     ax.set_ylabel("peak RSS − baseline (GiB)")
-    ax.set_title("Pruning memory against model size (CPU)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.set_title("Peak memory (x: killed at its cap)")
+    bx.set_xlabel("parameters")
+    bx.set_ylabel("prune time (min)")
+    bx.set_title("Time (2-core CPU)")
+    for a_ in (ax, bx):
+        a_.grid(True, which="both", alpha=0.3)
+        a_.legend()
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
@@ -232,6 +398,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/scale_cpu", help="output stem (.md, .json, .png)")
     ap.add_argument("--resume", action="store_true", help="keep finished rows of an earlier run of --out")
     ap.add_argument("--keep-checkpoints", action="store_true", help="do not delete each size's checkpoint after")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="prune only each shape's first N layers and project the full depth's time (a row "
+                         "labelled as a projection; for shapes whose full run does not fit the session)")
+    ap.add_argument("--merge", action="append", default=[], metavar="JSON",
+                    help="add the rows and commands of another results file of this script (runs made with "
+                         "other caps); its rows replace those of the same model and method")
+    ap.add_argument("--adopt", action="append", default=[], metavar="SHAPE:METHOD:OUTPUT:LOG:CGROUP",
+                    help="add a row for a run made by hand with the same command under /usr/bin/time -v in "
+                         "cgroup CGROUP (a long capped run, possibly resumed), from its output folder and log")
+    ap.add_argument("--logs-dir", action="append", default=[], metavar="DIR",
+                    help="where merged rows' run logs are (SHAPE-METHOD.log), to read the sensitivity pass's "
+                         "time of runs whose report predates its per-layer timings")
+    ap.add_argument("--drop", action="append", default=[], metavar="MODEL:METHOD",
+                    help="remove a row (superseded by a later run of newer code; say so in the experiment log)")
     args = ap.parse_args(argv)
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,15 +424,35 @@ def main(argv=None) -> int:
     if args.resume and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
         res["rows"], res["commands"] = old["rows"], old["commands"]
+    for other in args.merge:
+        old = json.loads(Path(other).read_text())
+        newer = {(r["shape"], r["method"]) for r in old["rows"]}
+        res["rows"] = [r for r in res["rows"] if (r["shape"], r["method"]) not in newer] + old["rows"]
+        res["commands"] += [c for c in old["commands"] if c not in res["commands"]]
+    for r in res["rows"]:  # rows of older versions of this script: full-depth runs
+        if "layers_run" not in r:
+            r.update(base_shape=r["shape"], layers_run=full_layers(r["shape"]), layers_full=full_layers(r["shape"]),
+                     params_full=r["params"])
+        if r.get("finished") and "phase_seconds" not in r:
+            logs = [Path(d) / f"{r['shape']}-{r['method']}.log" for d in (*args.logs_dir, args.work)]
+            log = next((p for p in logs if p.is_file()), None)
+            r["phase_seconds"] = phase_seconds(r, log.read_text(errors="replace") if log else "")
+    for spec in args.drop:
+        model, method = spec.split(":")
+        res["rows"] = [r for r in res["rows"] if (r["shape"], r["method"]) != (model, method)]
     res["baseline_rss_bytes"] = baseline_rss(args.threads)
+    for spec in args.adopt:
+        row = adopt_run(spec, args, res["commands"])
+        res["rows"] = [r for r in res["rows"] if (r["shape"], r["method"]) != (row["shape"], row["method"])]
+        res["rows"].append(row)
     done = {(r["shape"], r["method"]) for r in res["rows"]}
-    for shape in args.sizes.split(","):
-        todo = [m for m in args.methods.split(",") if (shape, m) not in done]
+    for shape in filter(None, args.sizes.split(",")):
+        todo = [m for m in args.methods.split(",") if (run_name(shape, args.layers), m) not in done]
         if not todo:
             continue
-        ckpt = ensure_checkpoint(shape, work, res["commands"])
+        ckpt = ensure_checkpoint(shape, work, res["commands"], args.layers)
         for method in todo:
-            row = run_one(shape, method, ckpt, args, res["commands"])
+            row = run_one(shape, method, ckpt, args, res["commands"], args.layers)
             res["rows"].append(row)
             write_outputs(res, out)
             print(json.dumps({k: row.get(k) for k in ("shape", "method", "finished", "wall_seconds",

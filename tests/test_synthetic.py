@@ -32,6 +32,7 @@ PUBLISHED = {
     "opt-1.3b": 1.32e9,
     "opt-6.7b": 6.66e9,
     "smollm2-135m": 134.5e6,
+    "smollm2-360m": 361.8e6,
 }
 
 TINY = {

@@ -51,6 +51,7 @@ not depend on how many windows share a chunk.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -173,16 +174,17 @@ def reduce_energy(energy: torch.Tensor, width: int, skip_positions: int = SKIP_P
 def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: torch.Tensor, device,
                          swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
                          store_factory=None, skip_positions: int = SKIP_POSITIONS,
-                         trim: float = TRIM) -> list[dict[str, float]]:
+                         trim: float = TRIM, timings: dict | None = None) -> list[dict[str, float]]:
     """``[{"attn": s, "mlp": s}, ...]`` per layer: the squared gradient norm per token and
     output feature at each module's output for the LM loss on the windows of ``inputs``,
     reduced by :func:`reduce_energy` (``skip_positions``, ``trim``). Raises
     :class:`StructPruneError` naming the layer and module when one is not finite and positive.
 
     ``checkpoint_every``: layers between kept boundaries (default ``ceil(sqrt(L))``; 1 keeps
-    every boundary and recomputes nothing)."""
+    every boundary and recomputes nothing); ``timings``: filled as in :func:`gradient_energy`."""
     energy, widths = gradient_energy(model, adapter, inputs, calib, device, swap=swap, progress=progress,
-                                     checkpoint_every=checkpoint_every, store_factory=store_factory)
+                                     checkpoint_every=checkpoint_every, store_factory=store_factory,
+                                     timings=timings)
     out = []
     for i, (e, w) in enumerate(zip(energy, widths)):
         sens = {m: reduce_energy(e[m], w[m], skip_positions, trim) for m in MODULES}
@@ -203,12 +205,15 @@ def check_sensitivity(sens: dict[str, float], layer: int) -> None:
 
 def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.Tensor, device,
                     swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
-                    store_factory=None) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, int]]]:
+                    store_factory=None, timings: dict | None = None
+                    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, int]]]:
     """``(energy, widths)``: per layer, ``{"attn": E, "mlp": E}`` with ``E[w, t]`` the squared
     norm (float64, summed over output features) of the loss gradient at the module's output
     for window ``w``, position ``t``; and each module's output width. Computed in float32
     whatever the model's dtype (module docstring). Non-finite gradients raise at once,
-    naming the layer."""
+    naming the layer. ``timings`` (a report's ``pass -> seconds per layer``) gets the seconds of
+    each layer's forward (``"sensitivity fwd"``) and backward, recomputation included
+    (``"sensitivity bwd"``, from the last layer down)."""
     device = torch.device(device)
     layers = adapter.layers()
     num = len(layers)
@@ -225,6 +230,8 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     seg: dict[int, LayerInputs] = {}  # the other boundaries of the segment at hand
     grads, final = None, inputs  # final: the last boundary (the inputs when there are no layers)
     nwindows, seqlen = int(calib.shape[0]), int(calib.shape[1])
+    timings = {} if timings is None else timings
+    fwd_times, bwd_times = timings.setdefault("sensitivity fwd", []), timings.setdefault("sensitivity bwd", [])
 
     def forward(i: int, h: LayerInputs) -> LayerInputs:
         layer = store.fetch(i)
@@ -238,7 +245,9 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
         # 1. forward, keeping checkpoints and the current segment's boundaries.
         h = inputs
         for i in tqdm(range(num), desc="sensitivity fwd", disable=not progress):
+            t0 = time.perf_counter()
             h = forward(i, h)
+            fwd_times.append(time.perf_counter() - t0)
             if i + 1 == num:
                 final = h
             elif (i + 1) % k == 0:
@@ -269,6 +278,7 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
         energy: list = [None] * num
         widths: list = [None] * num
         for i in tqdm(reversed(range(num)), total=num, desc="sensitivity bwd", disable=not progress):
+            t0 = time.perf_counter()
             s = i - i % k
             if i > s and i not in seg:  # entering segment [s, s + k) from above: recompute it
                 h = ckpt[s]
@@ -292,6 +302,7 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
             grads = new_grads
             if b is not inputs:
                 b.close()  # free it now, not at garbage collection
+            bwd_times.append(time.perf_counter() - t0)
         return energy, widths
     finally:
         for b in (*ckpt.values(), *seg.values(), final):

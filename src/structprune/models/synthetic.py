@@ -120,6 +120,14 @@ SHAPES: dict[str, dict] = {
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
     ),
+    # HuggingFaceTB/SmolLM2-360M
+    "smollm2-360m": dict(
+        model_type="llama", vocab_size=49152, hidden_size=960, intermediate_size=2560,
+        num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, initializer_range=0.02,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    ),
     # Qwen/Qwen2-7B
     "qwen2-7b": dict(
         model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,

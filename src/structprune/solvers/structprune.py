@@ -92,7 +92,8 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict]]:
     sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
     ncal = sum(h.shape[0] for h in sub.hidden)
     sens = run.phase("sensitivities", lambda: module_sensitivities(
-        run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress, store_factory=run.home))
+        run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress, store_factory=run.home,
+        timings=run.timings))
     results, _ = run_pass(run, "structprune profile", profile_step(run, sens))
     menus = [m for r in results for m in r]
     if run.cache is not None:
