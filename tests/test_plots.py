@@ -66,7 +66,7 @@ def test_a_drawing_error_is_a_note_not_an_error(tmp_path):
     assert "widths" not in got and "ValueError" in got["note"]
 
 
-def test_the_cli_run_folder_has_the_widths_plot(tmp_path, make_tiny_llama, byte_tokenizer):
+def test_the_cli_run_folder_has_the_widths_plot(tmp_path, make_tiny_llama, byte_tokenizer, monkeypatch):
     pytest.importorskip("matplotlib")
     from structprune.cli import main
 
@@ -77,6 +77,9 @@ def test_the_cli_run_folder_has_the_widths_plot(tmp_path, make_tiny_llama, byte_
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(400)))
     out = tmp_path / "out"
+    drawn = []
+    real = plots.plot_widths
+    monkeypatch.setattr(plots, "plot_widths", lambda *a, **k: drawn.append(a[2]) or real(*a, **k))
     assert main(["prune", str(folder), "--sparsity", "0.4", "--method", "wanda-sp", "--calib", str(calib),
                  "--nsamples", "2", "--seqlen", "64", "--eval", "", "--eval-seqlen", "128", "--mlp-multiple", "1",
                  "--output", str(out),
@@ -84,6 +87,7 @@ def test_the_cli_run_folder_has_the_widths_plot(tmp_path, make_tiny_llama, byte_
     report = json.loads((out / "report.json").read_text())
     assert report["plots"] == {"widths": "widths.png"}
     assert _is_png(out / report["plots"]["widths"])
+    assert len(drawn) == 1  # drawn once, by the export, not again by the CLI
 
 
 def test_an_admm_run_gets_its_convergence_plot(tmp_path, one_torch_thread):

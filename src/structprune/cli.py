@@ -292,7 +292,10 @@ def cmd_prune(args) -> dict:
         report["versions"] = _versions()
         report["total_seconds"] = time.perf_counter() - t_start
         report["process_peak_rss_bytes"] = process_peak_rss()
-        report["plots"] = write_run_plots(report, tmp)  # never fails the run: a missing matplotlib is a note
+        # Drawn once: a streamed run's export already drew them (their titles need nothing added here).
+        drawn = tmp / "report.json"
+        drawn = json.loads(drawn.read_text()).get("plots") if drawn.is_file() else None
+        report["plots"] = drawn or write_run_plots(report, tmp)  # never fails the run: a missing matplotlib is a note
         write_json(tmp / "report.json", report)
     print_summary(report, args.output)
     return report
