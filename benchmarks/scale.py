@@ -216,12 +216,12 @@ def run_one(shape: str, method: str, ckpt: Path, args, log: list[str], layers: i
 
 def adopt_run(spec: str, args, log: list[str]) -> dict:
     """A row for a run made outside this script with the same command (a long capped run started by
-    hand, or resumed with ``--resume``): ``SHAPE:METHOD:OUTPUT:LOG:CGROUP``, where LOG is the run's
-    ``/usr/bin/time -v`` output (wall time, exit status, the command) and CGROUP the name of its
-    cgroup v1 memory group (limit, peak, failures)."""
+    hand, or resumed with ``--resume``): ``SHAPE:METHOD:OUTPUT:LOG:CGROUP[:COMMIT]``, where LOG is the
+    run's ``/usr/bin/time -v`` output (wall time, exit status, the command), CGROUP the name of its
+    cgroup v1 memory group (limit, peak, failures) and COMMIT the code that ran (default: this one)."""
     import re
 
-    shape, method, out, log_path, cgroup = spec.split(":")
+    shape, method, out, log_path, cgroup, *commit = spec.split(":")
     text = Path(log_path).read_text(errors="replace")
     m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", text)
     if not m:
@@ -237,6 +237,8 @@ def adopt_run(spec: str, args, log: list[str]) -> dict:
     row = make_row(shape, method, Path(out), Path(log_path), int(status.group(1)) if status else 1, wall, cap,
                    info, args)
     row["capped"] = cap < SAFETY_CAP_GIB * 2**30
+    if commit:
+        row["commit"] = commit[0]
     return row
 
 
@@ -404,7 +406,7 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="append", default=[], metavar="JSON",
                     help="add the rows and commands of another results file of this script (runs made with "
                          "other caps); its rows replace those of the same model and method")
-    ap.add_argument("--adopt", action="append", default=[], metavar="SHAPE:METHOD:OUTPUT:LOG:CGROUP",
+    ap.add_argument("--adopt", action="append", default=[], metavar="SHAPE:METHOD:OUTPUT:LOG:CGROUP[:COMMIT]",
                     help="add a row for a run made by hand with the same command under /usr/bin/time -v in "
                          "cgroup CGROUP (a long capped run, possibly resumed), from its output folder and log")
     ap.add_argument("--logs-dir", action="append", default=[], metavar="DIR",
