@@ -8,6 +8,8 @@ written to ``/proc/self/clear_refs``; elsewhere we fall back to ``ru_maxrss`` an
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from pathlib import Path
@@ -16,6 +18,35 @@ import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _glibc_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def empty_caches(device: torch.device | str = "cpu") -> None:
+    """Give freed memory back between layers: the CUDA cache on a GPU, and on glibc the C heap's
+    free pages (``malloc_trim(0)``, which also releases free pages inside the heap).
+
+    Why on the CPU: glibc serves allocations below its mmap threshold (which grows to 32 MB
+    as large blocks are freed) from heap arenas, and a streamed pass allocates and frees many
+    per-window activations of a few MB; the holes stay resident. On the 7B shape (4 layers,
+    8x512 calibration) the first profile layer peaked 1 GB higher than the live tensors
+    (3.3 GB with a fixed 1 MiB mmap threshold against 4.3 GB without), and the 32-layer run
+    was killed at its 6 GiB cap. Trimming once per layer costs milliseconds."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _status_kib(field: str) -> int | None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..models.checkpoint import dematerialize, materialize
+from ..memory import empty_caches
 from .residency import LayerStore, is_materialized
 
 
@@ -118,8 +119,7 @@ class DiskLayerStore(LayerStore):
         finally:
             dematerialize(layer)
             self.borrowed.discard(i)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            empty_caches(self.device)
 
     def finish(self) -> None:
         """Drop a layer still borrowed (an interrupted pass) without calling ``on_release``."""

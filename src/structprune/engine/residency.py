@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 from torch import nn
+from ..memory import empty_caches
 
 
 def _tensors(module: nn.Module):
@@ -65,8 +66,7 @@ class LayerStore:
     def release(self, i: int) -> None:
         self.layers[i].to(self.offload_device)
         self.borrowed.discard(i)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_caches(self.device)
 
     def finish(self) -> None:
         """Leave every layer materialised on the offload device (the normal model state)."""
@@ -110,6 +110,7 @@ class SwapLayerStore(LayerStore):
     def release(self, i: int) -> None:
         self._swap_out(i)
         self.borrowed.discard(i)
+        empty_caches(self.device)
 
     def finish(self) -> None:
         for i in list(self._saved):
