@@ -1,11 +1,22 @@
-"""Choose StructPrune's hyper-parameters on held-out calibration text (never evaluation sets).
+"""Choose StructPrune's hyper-parameters on held-out calibration text (never evaluation sets),
+with intervals (issue 11, item 4).
 
-For each setting: prune SmolLM2 with calibration windows from C4 documents C4_CALIB_DOCS,
-then score perplexity on held-out windows from C4 documents C4_HELDOUT_DOCS (disjoint
-from calibration and from the C4 evaluation documents). Writes a Markdown table + JSON.
+For each value of one ``PruneConfig`` field (``--sweep``) and each sparsity: prune the model with
+the protocol's calibration (C4 calibration documents, seed 0), then score held-out windows from
+C4 documents disjoint from calibration and evaluation (``get_heldout_calibration``, seed 1; the
+same windows `benchmarks/baselines.py` tunes `global` on). Every row keeps its per-window NLLs;
+the table gives each perplexity with its 95% bootstrap interval over windows and the paired ratio
+to the reference value (``--reference``, the current default) on the same windows, and a decision
+per sparsity by the protocol's rule: a value replaces the reference only where the upper end of
+its paired interval is below 1 (docs/protocol.md, ``at_most``).
 
-    python benchmarks/tune_structprune.py --sparsity 0.3,0.5 --sweep temperature=0,0.25,0.5,1,2,inf \
-        --nsamples 8 --seqlen 512 --heldout 8 --out benchmarks/results/tune_temperature
+    # CPU protocol (32x2048 calibration, 8 held-out windows of 2048), resumable across sessions
+    python benchmarks/tune_structprune.py --protocol cpu --sparsity 0.3,0.5 \\
+        --sweep temperature=0.25,0.5,1,2,inf --reference 1 --threads 2 --resume \\
+        --out benchmarks/results/tune_cpu_temperature
+
+Rows are saved (atomically) after each one; ``--resume`` keeps the finished rows of a JSON made
+with the same settings and refuses one made with others.
 """
 
 from __future__ import annotations
@@ -14,16 +25,24 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from structprune import PruneConfig, load_model, prune
-from structprune.data import get_calibration
-from structprune.data.calibration import get_heldout_calibration
-from structprune.eval.perplexity import perplexity_from_ids
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without install
+from structprune import PruneConfig, load_model, prune  # noqa: E402
+from structprune.data import get_calibration  # noqa: E402
+from structprune.data.calibration import get_heldout_calibration  # noqa: E402
+from structprune.eval.intervals import paired_ratio  # noqa: E402
+from structprune.eval.perplexity import perplexity_from_ids  # noqa: E402
+from structprune.eval.protocol import get_protocol  # noqa: E402
+
+# Held-out windows per protocol (of the protocol's calibration length), as baselines.py uses.
+HELDOUT = {"cpu": 8, "gpu": 32}
 
 
 def _value(v: str):
@@ -37,11 +56,88 @@ def _value(v: str):
     return v  # a string field (method, target, allocation)
 
 
-def main(argv=None):
+def _label(v) -> str | int | float:
+    """JSON-safe value (``inf`` as a string)."""
+    return "inf" if isinstance(v, float) and math.isinf(v) else v
+
+
+def heldout_nlls(model, held: torch.Tensor, device) -> dict:
+    """Perplexity of the held-out windows ``[n, seqlen]``: ``PerplexityResult.to_dict()``."""
+    r = perplexity_from_ids(model.to(device), held.reshape(1, -1), held.shape[1], device=device, progress=False,
+                            dataset="c4-heldout")
+    model.to("cpu")
+    return r.to_dict()
+
+
+def compare(rows: list[dict], name: str, reference) -> list[dict]:
+    """Per sparsity: each row's paired ratio to the reference row, the lowest held-out perplexity,
+    and the decision (the best value only where its paired interval's upper end is below 1)."""
+    out = []
+    for s in sorted({r["sparsity"] for r in rows}):
+        at = [r for r in rows if r["sparsity"] == s]
+        ref = next((r for r in at if r[name] == _label(reference)), None)
+        for r in at:
+            r["ratio_to_reference"] = None if ref is None else paired_ratio(
+                r["heldout"]["window_nlls"], ref["heldout"]["window_nlls"]).to_dict()
+        best = min(at, key=lambda r: r["heldout"]["ppl"])
+        ratio = best.get("ratio_to_reference")
+        if ref is None:
+            decision = f"reference {name}={reference} not measured at this sparsity"
+        elif best is ref:
+            decision = f"keep {name}={reference}: it has the lowest held-out perplexity"
+        elif ratio["high"] < 1.0:  # the protocol's at_most(ratio, 1), strictly
+            decision = f"{name}={best[name]}: lower than the reference, interval excludes 1"
+        else:
+            decision = (f"keep {name}={reference}: {name}={best[name]} is lower by a ratio of {ratio['value']:.4f} "
+                        f"[{ratio['low']:.4f}, {ratio['high']:.4f}], an interval that includes 1")
+        out.append({"sparsity": s, "best": best[name], "decision": decision})
+    return out
+
+
+def settings_of(a, protocol) -> dict:
+    return {"model": a.model, "dtype": a.dtype, "protocol": protocol, "nsamples": a.nsamples, "seqlen": a.seqlen,
+            "heldout": a.heldout, "sweep": a.sweep.split("=")[0], "fixed": a.fixed, "reference": a.reference}
+
+
+def write(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out.with_suffix(".json"))
+    s, name = record["settings"], record["settings"]["sweep"]
+    d = record["dense"]
+    lines = [f"# Sweep of `{name}` on held-out C4 calibration text", "",
+             f"Command: `{record['command']}`", "",
+             f"Model {s['model']}, {record['device']} {s['dtype']}, calibration {s['nsamples']}x{s['seqlen']} "
+             f"(C4 calibration documents, seed 0), scored on {s['heldout']} held-out windows of {s['seqlen']} "
+             f"(disjoint C4 documents, seed 1). Dense held-out perplexity: {d['ppl']:.3f} "
+             f"[{d['ppl_interval'][0]:.3f}, {d['ppl_interval'][1]:.3f}]. Fixed: {s['fixed'] or 'defaults'}. "
+             f"Intervals: 95% bootstrap over windows; ratios paired on the same windows against "
+             f"{name}={s['reference']} (the reference).", "",
+             f"| sparsity | {name} | held-out ppl [95%] | ratio to reference [95%] | achieved | objective per "
+             "iteration | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in record["rows"]:
+        h, q = r["heldout"], r.get("ratio_to_reference")
+        obj = ", ".join(f"{o:.4f}" for o in r["objective"])
+        rat = "" if q is None else f"{q['value']:.4f} [{q['low']:.4f}, {q['high']:.4f}]"
+        lines.append(f"| {r['sparsity']:.2f} | {r[name]} | {h['ppl']:.3f} [{h['ppl_interval'][0]:.3f}, "
+                     f"{h['ppl_interval'][1]:.3f}] | {rat} | {r['achieved']:.4f} | {obj} | {r['seconds']:.0f} |")
+    lines += ["", "Decision per sparsity (a value replaces the reference only where the upper end of its paired "
+              "interval is below 1):", ""]
+    lines += [f"* {c['sparsity']:.2f}: {c['decision']}" for c in record["decisions"]]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--protocol", choices=("cpu", "gpu"), default=None,
+                   help="calibration size and held-out windows of docs/protocol.md (else --nsamples/--seqlen/"
+                        "--heldout)")
     p.add_argument("--sparsity", default="0.3,0.5")
     p.add_argument("--sweep", required=True, help="name=v1,v2,... of a PruneConfig field")
+    p.add_argument("--reference", default=None, help="the sweep's reference value (default: the field's default)")
     p.add_argument("--fixed", default="", help="name=value;name=value of other PruneConfig fields")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=512)
@@ -50,54 +146,68 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--out", required=True, help="output path prefix (.md and .json are added)")
+    p.add_argument("--resume", action="store_true", help="keep the finished rows of --out's JSON")
     a = p.parse_args(argv)
 
+    if a.protocol:
+        proto = get_protocol(a.protocol)
+        a.nsamples, a.seqlen, a.heldout = proto.calib_nsamples, proto.calib_seqlen, HELDOUT[a.protocol]
     name, values = a.sweep.split("=")
     values = [_value(v) for v in values.split(",")]
+    if name not in PruneConfig.__dataclass_fields__:
+        p.error(f"--sweep: {name} is not a PruneConfig field")
+    if a.reference is None:
+        a.reference = _label(PruneConfig.__dataclass_fields__[name].default)
+    reference = _value(str(a.reference))
+    if _label(reference) not in [_label(v) for v in values]:
+        values.insert(0, reference)  # every comparison is paired against it
     fixed = {k: _value(v) for k, v in (kv.split("=") for kv in a.fixed.split(";") if kv)}
     if a.threads:
         torch.set_num_threads(a.threads)
+    out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
+    settings = settings_of(a, a.protocol)
+    record = {"command": "python " + " ".join(["benchmarks/tune_structprune.py", *(argv or sys.argv[1:])]),
+              "settings": settings, "device": a.device, "rows": [], "decisions": []}
+    if a.resume and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        if old["settings"] != settings:
+            raise SystemExit(f"--resume: {out.with_suffix('.json')} was measured with other settings "
+                             f"({old['settings']}); use another --out")
+        record["rows"], record["dense"] = old["rows"], old["dense"]
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     calib = get_calibration(tok, "c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)
-    held = get_heldout_calibration(tok, "c4", nsamples=a.heldout, seqlen=a.seqlen, seed=1).reshape(1, -1)
-    dense = perplexity_from_ids(model.to(a.device), held, a.seqlen, device=a.device, progress=False).ppl
-    model.to("cpu")
-    rows = []
+    held = get_heldout_calibration(tok, "c4", nsamples=a.heldout, seqlen=a.seqlen, seed=1)
+    if "dense" not in record:
+        record["dense"] = heldout_nlls(model, held, a.device)
+    done = {(r["sparsity"], r[name]) for r in record["rows"]}
     cache: dict = {}  # sensitivities and dense paths are shared by every setting (same model, same windows)
     for s in [float(x) for x in a.sparsity.split(",")]:
         for v in values:
+            if (s, _label(v)) in done:
+                continue
             m = copy.deepcopy(model)
             cfg = PruneConfig(sparsity=s, nsamples=a.nsamples, seqlen=a.seqlen,
                               **{"method": "structprune", **fixed, name: v})
             t = time.perf_counter()
             r = prune(m, calib, cfg, device=a.device, progress=False, cache=cache)
-            ppl = perplexity_from_ids(m.to(a.device), held, a.seqlen, device=a.device, progress=False).ppl
+            seconds = time.perf_counter() - t
             iters = [e for e in r.report["solver_log"] if "iteration" in e]
-            rows.append({"sparsity": s, name: v if not (isinstance(v, float) and math.isinf(v)) else "inf",
-                         "heldout_ppl": ppl, "achieved": r.report["sparsity_achieved"],
-                         "objective": [e["objective"] for e in iters], "seconds": time.perf_counter() - t})
-            print(json.dumps(rows[-1]), flush=True)
+            record["rows"].append({"sparsity": s, name: _label(v), "heldout": heldout_nlls(m, held, a.device),
+                                   "achieved": r.report["sparsity_achieved"],
+                                   "objective": [e["objective"] for e in iters], "seconds": seconds,
+                                   "threads": torch.get_num_threads(),
+                                   "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
             del m
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python " + " ".join(sys.argv), "dense_heldout_ppl": dense, "device": a.device,
-            "dtype": a.dtype, "nsamples": a.nsamples, "seqlen": a.seqlen, "heldout_windows": a.heldout,
-            "fixed": fixed, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-    lines = [f"# Sweep of `{name}` on held-out C4 calibration text", "",
-             f"Command: `{meta['command']}`", "",
-             f"Model {a.model}, {a.device} {a.dtype}, calibration {a.nsamples}x{a.seqlen} (C4 calibration documents, "
-             f"seed 0), scored on {a.heldout} held-out windows of {a.seqlen} (disjoint C4 documents). "
-             f"Dense held-out perplexity: {dense:.3f}. Fixed: {fixed or 'defaults'}.", "",
-             f"| sparsity | {name} | held-out ppl | achieved | objective per iteration | seconds |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        obj = ", ".join(f"{o:.4f}" for o in r["objective"])
-        lines.append(f"| {r['sparsity']:.2f} | {r[name]} | {r['heldout_ppl']:.3f} | {r['achieved']:.4f} | {obj} | "
-                     f"{r['seconds']:.0f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            record["decisions"] = compare(record["rows"], name, reference)
+            write(record, out)
+            row = record["rows"][-1]
+            print(json.dumps({"sparsity": s, name: row[name], "heldout_ppl": row["heldout"]["ppl"],
+                              "seconds": round(seconds)}), flush=True)
+    record["decisions"] = compare(record["rows"], name, reference)
+    write(record, out)
+    print(out.with_suffix(".md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""benchmarks/tune_structprune.py (issue 11 item 4) on a tiny random model: held-out perplexities
+with intervals, paired ratios to the reference value (itself: exactly 1), a decision per sparsity
+by the protocol's rule, and a resumed sweep that measures only what is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def tune(monkeypatch, make_tiny_llama, byte_tokenizer):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_structprune.py"
+    spec = importlib.util.spec_from_file_location("bench_tune_driver", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = make_tiny_llama(vocab_size=257, max_position_embeddings=64)
+    monkeypatch.setattr(mod, "load_model", lambda name, dtype=None: (model, byte_tokenizer))
+    calls = []
+    real = mod.prune
+
+    def counting(m, calib, cfg, **kw):
+        calls.append((cfg.sparsity, cfg.temperature))
+        return real(m, calib, cfg, **kw)
+
+    monkeypatch.setattr(mod, "prune", counting)
+    mod.calls = calls
+    return mod
+
+
+def _args(out, *extra):
+    return ["--model", "tiny", "--sparsity", "0.3,0.5", "--sweep", "temperature=0.5,inf", "--reference", "1",
+            "--nsamples", "4", "--seqlen", "32", "--heldout", "3", "--threads", "1", "--out", str(out), *extra]
+
+
+def test_sweep_has_intervals_paired_ratios_and_decisions(tune, tmp_path, one_torch_thread):
+    out = tmp_path / "tune_t"
+    assert tune.main(_args(out)) == 0
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert len(rec["rows"]) == 6 and len(tune.calls) == 6  # the reference (1) is added to the sweep
+    for r in rec["rows"]:
+        h = r["heldout"]
+        assert len(h["window_nlls"]) == 3 and h["ppl_interval"][0] <= h["ppl"] <= h["ppl_interval"][1]
+        q = r["ratio_to_reference"]
+        if r["temperature"] == 1:
+            assert (q["value"], q["low"], q["high"]) == (1.0, 1.0, 1.0)
+        else:
+            assert q["low"] <= q["value"] <= q["high"]
+    assert [d["sparsity"] for d in rec["decisions"]] == [0.3, 0.5]
+    for d in rec["decisions"]:
+        at = [r for r in rec["rows"] if r["sparsity"] == d["sparsity"]]
+        best = min(at, key=lambda r: r["heldout"]["ppl"])
+        assert d["best"] == best["temperature"]
+        if best["temperature"] != 1 and best["ratio_to_reference"]["high"] >= 1:
+            assert d["decision"].startswith("keep temperature=1")
+    md = out.with_suffix(".md").read_text()
+    assert "| 0.30 | inf |" in md and "Decision per sparsity" in md
+
+
+def test_resume_measures_only_what_is_missing_and_refuses_other_settings(tune, tmp_path, one_torch_thread):
+    out = tmp_path / "tune_t"
+    assert tune.main(_args(out)[:3] + ["0.3"] + _args(out)[4:]) == 0
+    assert len(tune.calls) == 3
+    assert tune.main(_args(out, "--resume")) == 0
+    assert len(tune.calls) == 6 and [c[0] for c in tune.calls[3:]] == [0.5, 0.5, 0.5]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert sorted((r["sparsity"], str(r["temperature"])) for r in rows) == sorted(
+        (s, t) for s in (0.3, 0.5) for t in ("1", "0.5", "inf"))
+    with pytest.raises(SystemExit, match="other settings"):
+        tune.main(_args(out, "--resume", "--fixed", "iterations=2"))
