@@ -187,7 +187,9 @@ def make_row(shape: str, method: str, out: Path, log_path: Path, returncode: int
                    process_peak_rss_bytes=r["process_peak_rss_bytes"], peak_gpu_mem_bytes=r["peak_gpu_mem_bytes"],
                    sparsity_achieved=r["sparsity_achieved"], residency=r.get("residency"),
                    memory=r.get("memory"), timings=r.get("timings"))
-        row["phase_seconds"] = phase_seconds(row, log_text)
+        row["resumed"] = bool((r.get("timings") or {}).get("resumed"))
+        # A resumed run's report times its last attempt only; the log's bars may be an earlier one's.
+        row["phase_seconds"] = phase_seconds(row, "" if row["resumed"] else log_text)
     else:
         tail = log_text[-600:]
         killed = returncode in (-9, 137) or row.get("cgroup_failcnt", 0) > 0
@@ -222,20 +224,33 @@ def adopt_run(spec: str, args, log: list[str]) -> dict:
     import re
 
     shape, method, out, log_path, cgroup, *commit = spec.split(":")
+    layers = re.fullmatch(r"(.+)@(\d+)l", shape)
+    shape, layers = (layers.group(1), int(layers.group(2))) if layers else (shape, None)
     text = Path(log_path).read_text(errors="replace")
     m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", text)
     if not m:
         raise SystemExit(f"{log_path}: no /usr/bin/time -v summary (the run is not finished)")
     wall = 3600 * int(m.group(1) or 0) + 60 * int(m.group(2)) + float(m.group(3))
+    # /usr/bin/time prints "Exit status: 0" after "Command terminated by signal 9"
+    killed = re.search(r"Command terminated by signal (\d+)", text)
     status = re.search(r"Exit status: (\d+)", text)
+    returncode = -int(killed.group(1)) if killed else int(status.group(1)) if status else 1
     cmd = re.search(r'Command being timed: "(.*)"', text)
+    threads = re.search(r"OMP_NUM_THREADS=(\d+)", text)
     group = MemoryGroup.existing(cgroup)
     info = group.read()
     cap = info.get("cgroup_limit_bytes", int(SAFETY_CAP_GIB * 2**30))
-    log.append(f"(cgroup memory.limit_in_bytes={cap}) OMP_NUM_THREADS={args.threads} "
-               + (cmd.group(1) if cmd else "?").replace(PY, "python"))
-    row = make_row(shape, method, Path(out), Path(log_path), int(status.group(1)) if status else 1, wall, cap,
-                   info, args)
+    line = (f"(cgroup memory.limit_in_bytes={cap}) OMP_NUM_THREADS={threads.group(1) if threads else '?'} "
+            + (cmd.group(1) if cmd else "?").replace(PY, "python"))
+    if line not in log:
+        log.append(line)
+    report = Path(out) / "report.json"
+    if returncode == 0 and report.is_file():  # the adopted run's own settings, not this invocation's
+        cal = json.loads(report.read_text()).get("calibration") or {}
+        args = argparse.Namespace(**{**vars(args), "nsamples": cal.get("nsamples", args.nsamples),
+                                     "seqlen": cal.get("seqlen", args.seqlen),
+                                     "threads": int(threads.group(1)) if threads else args.threads})
+    row = make_row(shape, method, Path(out), Path(log_path), returncode, wall, cap, info, args, layers)
     row["capped"] = cap < SAFETY_CAP_GIB * 2**30
     if commit:
         row["commit"] = commit[0]
@@ -261,14 +276,29 @@ LAYER_PHASES = ("sensitivity fwd", "sensitivity bwd")  # plus every per-layer pa
 
 def layer_seconds(r: dict) -> float:
     """Seconds spent in per-layer work (every streamed pass, the sensitivity pass included)."""
-    ph = r.get("phase_seconds") or {}
-    return sum(v for k, v in ph.items() if k in LAYER_PHASES or k in (r.get("timings") or {}))
+    return sum((r.get("phase_seconds") or {}).values())
+
+
+def recomputed_forwards(num_layers: int) -> int:
+    """Layer forwards the sensitivity backward sweep recomputes: every segment of
+    ``checkpoint_interval`` layers but the last (whose boundaries are still held) again, less its
+    checkpointed first layer (engine/sensitivity.py)."""
+    from structprune.engine.sensitivity import checkpoint_interval
+
+    k = checkpoint_interval(num_layers)
+    return (math.ceil(num_layers / k) - 1) * (k - 1)
 
 
 def projected_seconds(r: dict) -> float:
     """A run over the first layers of a shape, extended to all of them: the run's own time plus
-    the remaining layers at its measured seconds per layer."""
-    return r["prune_seconds"] + (r["layers_full"] - r["layers_run"]) * layer_seconds(r) / r["layers_run"]
+    the remaining layers at its measured seconds per layer. The sensitivity backward's share of
+    recomputed forwards grows with depth (about sqrt(L) per segment), so it is taken out of the
+    measured per-layer time and added back for the full depth at the measured forward time."""
+    lr, lf = r["layers_run"], r["layers_full"]
+    ph = r.get("phase_seconds") or {}
+    fwd = ph.get("sensitivity fwd", 0.0) / lr
+    per_layer = layer_seconds(r) / lr - recomputed_forwards(lr) / lr * fwd
+    return r["prune_seconds"] + (lf - lr) * per_layer + (recomputed_forwards(lf) - recomputed_forwards(lr)) * fwd
 
 
 def write_outputs(res: dict, out: Path) -> None:
@@ -291,8 +321,9 @@ def write_outputs(res: dict, out: Path) -> None:
              "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
 
     def cap_of(r):
-        return (f"{r['cgroup_limit_bytes'] / gib:.0f} GiB" + ("" if r["capped"] else " (safety)")
-                if r.get("cgroup_limit_bytes") else "none")
+        if not r.get("cgroup_limit_bytes") or r["cgroup_limit_bytes"] >= 2**50:  # no group, or an unlimited one
+            return "none"
+        return f"{r['cgroup_limit_bytes'] / gib:.0f} GiB" + ("" if r["capped"] else " (safety)")
 
     for r in full:
         disk = r["params"] * 2 / gib
@@ -315,7 +346,9 @@ def write_outputs(res: dict, out: Path) -> None:
     timed = [r for r in full if r.get("finished") and r.get("phase_seconds")]
     if timed:
         lines += ["", "Where the time goes (minutes per phase; 'per layer' = all per-layer work / layers; "
-                  "'rest' = loading, calibration, the LM head, saving):", "",
+                  "'rest' = the rest of the pruning time: first-layer inputs, the LM head's loss and "
+                  "gradient, allocation; loading and saving are outside 'prune', inside 'wall'; "
+                  "resumed runs time their last attempt only):", "",
                   "| model | method | sensitivity fwd | sensitivity bwd | profile (statistics + removal paths) | "
                   "passes (statistics + cut + refit) | rest | prune | per layer |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -331,22 +364,26 @@ def write_outputs(res: dict, out: Path) -> None:
     if proj:
         lines += ["", "**Projections** (not full runs): the first layers of a shape pruned for real (same "
                   "layer shapes, embeddings and LM head), their measured time per layer extended to the full "
-                  "depth. Peak memory does not grow with depth on this path (one layer resident; activations "
-                  "beyond the budget on disk), so the measured peak stands for the full model.", "",
-                  "| model | layers run / full | params run / full | cap | finished | prune (measured) | "
-                  "per layer | projected prune, full depth | peak RSS | cgroup peak |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+                  "depth (the sensitivity backward's recomputed forwards counted for the full depth). For "
+                  "StructPrune streamed from disk the peak is one layer's work plus activations within the "
+                  "budget (the rest spills to disk), which depth does not change, except the sensitivity "
+                  "pass's kept boundaries (about 2·sqrt(L), one [tokens, hidden] float32 tensor each) "
+                  "while they fit the budget.", "",
+                  "| model | method | layers run / full | params run / full | cap | finished | prune (measured) | "
+                  "per layer | projected prune, full depth | peak RSS | cgroup peak | code |",
+                  "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
         for r in proj:
-            head = (f"| {r['base_shape']} | {r['layers_run']} / {r['layers_full']} | {r['params'] / 1e9:.2f}B / "
-                    f"{r['params_full'] / 1e9:.2f}B | {cap_of(r)} ")
+            head = (f"| {r['base_shape']} | {r['method']} | {r['layers_run']} / {r['layers_full']} | "
+                    f"{r['params'] / 1e9:.2f}B / {r['params_full'] / 1e9:.2f}B | {cap_of(r)} ")
             if r.get("finished"):
                 lines.append(head + f"| yes | {r['prune_seconds'] / 60:.1f} min | "
                              f"{layer_seconds(r) / r['layers_run']:.0f} s | "
                              f"**{projected_seconds(r) / 60:.0f} min (projection)** | "
                              f"{r['process_peak_rss_bytes'] / gib:.2f} GiB | "
-                             f"{r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB |")
+                             f"{r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB | {r.get('commit') or '?'} |")
             else:
-                lines.append(head + f"| no: {r['why']} | | | | | {r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB |")
+                lines.append(head + f"| no: {r['why']} | | | | | {r.get('cgroup_max_usage_bytes', 0) / gib:.2f} GiB | "
+                             f"{r.get('commit') or '?'} |")
     lines += ["", "Commands:", "", "```", *res["commands"], "```", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     try:
@@ -368,13 +405,13 @@ def write_outputs(res: dict, out: Path) -> None:
     for r in proj:
         if r.get("finished"):
             bx.loglog([r["params_full"]], [projected_seconds(r) / 60], "s", mfc="none", color="gray",
-                      label=f"{r['base_shape']} (projection)")
+                      label=f"{r['base_shape']} {r['method']} (projection)")
     ax.set_xlabel("parameters")
     ax.set_ylabel("peak RSS − baseline (GiB)")
     ax.set_title("Peak memory (x: killed at its cap)")
     bx.set_xlabel("parameters")
     bx.set_ylabel("prune time (min)")
-    bx.set_title("Time (2-core CPU)")
+    bx.set_title(f"Time ({res['settings']['device'] or 'cpu'}, {res['settings']['threads']} threads)")
     for a_ in (ax, bx):
         a_.grid(True, which="both", alpha=0.3)
         a_.legend()
@@ -435,7 +472,8 @@ def main(argv=None) -> int:
         if "layers_run" not in r:
             r.update(base_shape=r["shape"], layers_run=full_layers(r["shape"]), layers_full=full_layers(r["shape"]),
                      params_full=r["params"])
-        if r.get("finished") and "phase_seconds" not in r:
+        if r.get("finished") and not r.get("resumed") and not all(
+                k in r.get("phase_seconds", {}) for k in LAYER_PHASES):
             logs = [Path(d) / f"{r['shape']}-{r['method']}.log" for d in (*args.logs_dir, args.work)]
             log = next((p for p in logs if p.is_file()), None)
             r["phase_seconds"] = phase_seconds(r, log.read_text(errors="replace") if log else "")

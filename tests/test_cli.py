@@ -325,10 +325,11 @@ def test_a_checkpoint_folder_is_streamed_from_disk_and_equals_the_in_memory_run(
     assert len(ppl["window_nlls"]["dense"]) == ppl["nwindows"]  # per-window NLLs saved with the result
     # time per phase and per layer, the sensitivity pass included (issue 10's profile)
     nlayers = len(rd["layers"])
-    for phase in ("sensitivity fwd", "sensitivity bwd", "structprune profile"):
-        t = rd["timings"][phase]
-        assert len(t["per_layer"]) == nlayers and all(x > 0 for x in t["per_layer"])
-        assert abs(t["seconds"] - sum(t["per_layer"])) < 1e-9
+    phases = ("sensitivity fwd", "sensitivity bwd", "structprune profile")
+    for phase in phases:
+        assert len(rd["timings"][phase]["per_layer"]) == nlayers
+        assert all(x > 0 for x in rd["timings"][phase]["per_layer"])
+    assert sum(rd["timings"][p]["seconds"] for p in phases) <= rd["prune_seconds"]
 
 
 def test_activation_budget_spills_and_gives_the_same_model(tiny_folder, calib_file, tmp_path):

@@ -9,7 +9,6 @@ written to ``/proc/self/clear_refs``; elsewhere we fall back to ``ru_maxrss`` an
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import resource
 import sys
 from pathlib import Path
@@ -23,9 +22,8 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 def _glibc_malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+    try:  # by its soname: find_library would run ldconfig at every import
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         return None
 

@@ -231,7 +231,8 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     grads, final = None, inputs  # final: the last boundary (the inputs when there are no layers)
     nwindows, seqlen = int(calib.shape[0]), int(calib.shape[1])
     timings = {} if timings is None else timings
-    fwd_times, bwd_times = timings.setdefault("sensitivity fwd", []), timings.setdefault("sensitivity bwd", [])
+    fwd_times = timings.setdefault("sensitivity fwd", [])
+    bwd_times = [0.0] * num  # in layer order, like every other pass (the sweep runs from the top)
 
     def forward(i: int, h: LayerInputs) -> LayerInputs:
         layer = store.fetch(i)
@@ -302,7 +303,8 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
             grads = new_grads
             if b is not inputs:
                 b.close()  # free it now, not at garbage collection
-            bwd_times.append(time.perf_counter() - t0)
+            bwd_times[i] = time.perf_counter() - t0
+        timings.setdefault("sensitivity bwd", []).extend(bwd_times)
         return energy, widths
     finally:
         for b in (*ckpt.values(), *seg.values(), final):
