@@ -13,6 +13,21 @@ if str(_SRC) not in sys.path:  # tests run from a checkout without `pip install 
     sys.path.insert(0, str(_SRC))
 
 
+@pytest.fixture
+def load_benchmark():
+    """``load_benchmark("baselines")``: ``benchmarks/baselines.py`` as a fresh module (the
+    benchmark drivers are scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     """A 257-token byte-level fast tokenizer (256 bytes + ``<eos>``), built offline."""

@@ -251,14 +251,8 @@ def test_obs_local_distorts_less_than_wanda_sp():
     assert errs["obs-local"] < errs["wanda-sp"], errs
 
 
-def test_benchmark_method_specs():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
-    spec = importlib.util.spec_from_file_location("bench_baselines", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_benchmark_method_specs(load_benchmark):
+    bench = load_benchmark("baselines")
     assert bench.parse_spec("wanda-sp:owl") == ("wanda-sp", "owl", {})
     assert bench.parse_spec("structprune+temperature=inf+iterations=2") == (
         "structprune", "auto", {"temperature": float("inf"), "iterations": 2})

@@ -5,10 +5,8 @@ and measures only the rest; per-window NLLs and intervals are in the JSON; paire
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -19,11 +17,8 @@ TINY = Protocol("cpu", 4, 32, 32, {"wikitext2": 4, "ptb": 3, "c4": 3})
 
 
 @pytest.fixture
-def bench(monkeypatch, make_tiny_llama, byte_tokenizer):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
-    spec = importlib.util.spec_from_file_location("bench_baselines_driver", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def bench(monkeypatch, make_tiny_llama, byte_tokenizer, load_benchmark):
+    mod = load_benchmark("baselines")
     model = make_tiny_llama(vocab_size=257, max_position_embeddings=64)
     monkeypatch.setattr(mod, "load_model", lambda name, dtype=None, device=None: (model, byte_tokenizer))
     monkeypatch.setattr(mod, "get_protocol", lambda name: TINY)

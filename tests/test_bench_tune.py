@@ -4,19 +4,14 @@ by the protocol's rule, and a resumed sweep that measures only what is missing."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture
-def tune(monkeypatch, make_tiny_llama, byte_tokenizer):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_structprune.py"
-    spec = importlib.util.spec_from_file_location("bench_tune_driver", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def tune(monkeypatch, make_tiny_llama, byte_tokenizer, load_benchmark):
+    mod = load_benchmark("tune_structprune")
     model = make_tiny_llama(vocab_size=257, max_position_embeddings=64)
     monkeypatch.setattr(mod, "load_model", lambda name, dtype=None: (model, byte_tokenizer))
     calls = []
