@@ -240,7 +240,7 @@ def adopt_run(spec: str, args, log: list[str]) -> dict:
     group = MemoryGroup.existing(cgroup)
     info = group.read()
     cap = info.get("cgroup_limit_bytes", int(SAFETY_CAP_GIB * 2**30))
-    line = (f"(cgroup memory.limit_in_bytes={cap}) OMP_NUM_THREADS={threads.group(1) if threads else '?'} "
+    line = (f"(cgroup memory.limit_in_bytes={cap}) OMP_NUM_THREADS={threads.group(1) if threads else args.threads} "
             + (cmd.group(1) if cmd else "?").replace(PY, "python"))
     if line not in log:
         log.append(line)
