@@ -315,7 +315,9 @@ def write_outputs(res: dict, out: Path) -> None:
              f"imports: {base / gib:.2f} GiB. Every run in its own cgroup v1 memory group whose limit is the "
              f"'cap' column (an enforced cap, or a safety cap of {SAFETY_CAP_GIB} GiB"
              f"{'' if res['cgroup'] else '; NOT enforced here: not root'}); 'fp32 model' is the model's size in "
-             "the compute dtype; 'code' the commit that ran.", "",
+             "the compute dtype; 'code' the commit that ran. The cgroup's peak counts the page cache of the "
+             "checkpoint being read, which the kernel evicts at the limit (clean file pages) instead of killing "
+             "the process: at a cap it reads the cap; the process's own peak is 'peak RSS'.", "",
              "| model | params | bf16 on disk | fp32 model | method | cap | finished | wall | prune | peak RSS | "
              "peak − baseline | cgroup peak | peak GPU | code |",
              "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -360,6 +362,21 @@ def write_outputs(res: dict, out: Path) -> None:
                          f"{ph.get('sensitivity bwd', 0) / 60:.1f} | {ph.get('structprune profile', 0) / 60:.1f} | "
                          f"{passes / 60:.1f} | {rest / 60:.1f} | {r['prune_seconds'] / 60:.1f} | "
                          f"{layer_seconds(r) / r['layers_run']:.0f} s |")
+    mem = [r for r in full if r.get("finished") and r.get("memory") and r["method"] == "structprune"]
+    if mem:
+        lines += ["", "One resident layer's memory by kind (the report's breakdown: weights, Grams and solver "
+                  "workspace are the largest layer's tensor sizes; activations measured):", "",
+                  "| model | layer weights | statistics | solver workspace | activations in RAM (budget) | "
+                  "spilled to disk | peak RSS |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in mem:
+            m = r["memory"]
+
+            def g(v):
+                return "" if v is None else f"{v / gib:.2f} GiB"
+            lines.append(f"| {r['shape']} | {g(m['layer_weights_bytes'])} | {g(m['statistics_bytes'])} | "
+                         f"{g(m['solver_workspace_bytes'])} | {g(m['activations_peak_ram_bytes'])} "
+                         f"({g(m['activation_budget']) or 'none'}) | {g(m['activations_spilled_bytes'])} | "
+                         f"{r['process_peak_rss_bytes'] / gib:.2f} GiB |")
     proj = [r for r in rows if is_projection(r)]
     if proj:
         lines += ["", "**Projections** (not full runs): the first layers of a shape pruned for real (same "

@@ -336,10 +336,11 @@ def _memory_breakdown(run: PruneRun, budget, widths_before: list[dict]) -> dict:
 
     Layer weights, statistics and solver workspace are the sizes of the tensors that exist
     at once for the largest layer (from its dense shapes: one layer in the compute dtype,
-    float32 Gram matrices of both modules, and the two float64 n x n buffers of a module
-    solve: see solvers/obs.py); activations are the activation store's measured peak in RAM
-    and what spilled to disk."""
+    float32 Gram matrices of both modules, and a module solve's n x n buffers: two float64 ones,
+    or 1.5 float64-equivalents for StructPrune's float32 removal paths: see solvers/obs.py);
+    activations are the activation store's measured peak in RAM and what spilled to disk."""
     dtype_size = next(run.model.parameters()).element_size()
+    solver_buffers = 1.5 if run.config.method == "structprune" else 2  # in float64 n x n buffers
     layers = run.adapter.layers()
     layer_bytes, gram_bytes, solver_bytes = 0, 0, 0
     for layer, w in zip(layers, widths_before):
@@ -348,7 +349,7 @@ def _memory_breakdown(run: PruneRun, budget, widths_before: list[dict]) -> dict:
         params = sum(p.numel() for p in layer.parameters())
         layer_bytes = max(layer_bytes, params * dtype_size)
         gram_bytes = max(gram_bytes, 4 * (n_attn ** 2 + n_mlp ** 2))
-        solver_bytes = max(solver_bytes, 2 * 8 * (max(n_attn, n_mlp) + 1) ** 2)
+        solver_bytes = max(solver_bytes, int(solver_buffers * 8 * (max(n_attn, n_mlp) + 1) ** 2))
     return {"layer_weights_bytes": layer_bytes, "statistics_bytes": gram_bytes, "solver_workspace_bytes": solver_bytes,
             "activations_peak_ram_bytes": getattr(budget, "peak_resident", None),
             "activations_spilled_bytes": getattr(budget, "peak_spilled", None),
