@@ -435,7 +435,10 @@ def write_outputs(res: dict, out: Path) -> None:
     bx.set_xlabel("parameters")
     bx.set_ylabel("prune time (min)")
     bx.set_title(f"Time ({res['settings']['device'] or 'cpu'}, {res['settings']['threads']} threads)")
+    from matplotlib.ticker import NullFormatter
+
     for a_ in (ax, bx):
+        a_.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
         a_.grid(True, which="both", alpha=0.3)
         a_.legend()
     fig.tight_layout()
