@@ -213,7 +213,7 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     whatever the model's dtype (module docstring). Non-finite gradients raise at once,
     naming the layer. ``timings`` (a report's ``pass -> seconds per layer``) gets the seconds of
     each layer's forward (``"sensitivity fwd"``) and backward, recomputation included
-    (``"sensitivity bwd"``, from the last layer down)."""
+    (``"sensitivity bwd"``), both in layer order."""
     device = torch.device(device)
     layers = adapter.layers()
     num = len(layers)
