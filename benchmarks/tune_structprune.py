@@ -41,6 +41,9 @@ from structprune.eval.intervals import paired_ratio  # noqa: E402
 from structprune.eval.perplexity import perplexity_from_ids  # noqa: E402
 from structprune.eval.protocol import get_protocol  # noqa: E402
 
+# Per ADMM iteration, from the report's solver log (StructPrune's section 3 in docs/structprune.md).
+ITERATION_FIELDS = ("iteration", "objective", "consensus_objective", "primal_residual", "dual_residual",
+                    "eps_primal", "eps_dual", "rho", "lambda", "converged", "seconds")
 # Held-out windows per protocol (of the protocol's calibration length), as baselines.py uses.
 HELDOUT = {"cpu": 8, "gpu": 32}
 
@@ -99,6 +102,12 @@ def settings_of(a, protocol) -> dict:
             "heldout": a.heldout, "sweep": a.sweep.split("=")[0], "fixed": a.fixed, "reference": a.reference}
 
 
+def _residuals(e: dict) -> str:
+    """``primal / dual`` of one iteration (the one-shot pass has no dual residual: no earlier consensus)."""
+    f = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"  # noqa: E731
+    return f"{f(e.get('primal_residual'))} / {f(e.get('dual_residual'))}"
+
+
 def write(record: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
@@ -115,14 +124,16 @@ def write(record: dict, out: Path) -> None:
              f"Intervals: 95% bootstrap over windows; ratios paired on the same windows against "
              f"{name}={s['reference']} (the reference).", "",
              f"| sparsity | {name} | held-out ppl [95%] | ratio to reference [95%] | achieved | objective per "
-             "iteration | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "iteration | primal / dual residual per iteration | kept iterate | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in record["rows"]:
         h, q = r["heldout"], r.get("ratio_to_reference")
         obj = ", ".join(f"{o:.4f}" for o in r["objective"])
+        res = ", ".join(_residuals(e) for e in r.get("admm_trace", []))
         rat = "" if q is None else f"{q['value']:.4f} [{q['low']:.4f}, {q['high']:.4f}]"
         lines.append(f"| {r['sparsity']:.2f} | {r[name]} | {h['ppl']:.3f} [{h['ppl_interval'][0]:.3f}, "
-                     f"{h['ppl_interval'][1]:.3f}] | {rat} | {r['achieved']:.4f} | {obj} | {r['seconds']:.0f} |")
+                     f"{h['ppl_interval'][1]:.3f}] | {rat} | {r['achieved']:.4f} | {obj} | {res} | "
+                     f"{r.get('chosen_iteration', '')} | {r['seconds']:.0f} |")
     lines += ["", "Decision per sparsity (a value replaces the reference only where the upper end of its paired "
               "interval is below 1):", ""]
     lines += [f"* {c['sparsity']:.2f}: {c['decision']}" for c in record["decisions"]]
@@ -195,6 +206,10 @@ def main(argv=None) -> int:
             record["rows"].append({"sparsity": s, name: _label(v), "heldout": heldout_nlls(m, held, a.device),
                                    "achieved": r.report["sparsity_achieved"],
                                    "objective": [e["objective"] for e in iters], "seconds": seconds,
+                                   # ADMM's trace (item 1): residuals, rho and the iterate kept, per iteration
+                                   "admm_trace": [{k: e.get(k) for k in ITERATION_FIELDS} for e in iters],
+                                   "chosen_iteration": next((e["chosen_iteration"] for e in r.report["solver_log"]
+                                                             if "chosen_iteration" in e), None),
                                    "threads": torch.get_num_threads(),
                                    "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
             del m
