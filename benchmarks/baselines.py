@@ -69,7 +69,10 @@ HELDOUT_WINDOWS = {"cpu": 8, "gpu": 32}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DATASET_TITLES = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 # Settings that must agree for rows of one table to be comparable (checked by --resume).
-SETTING_KEYS = ("model", "dtype", "protocol", "seed", "batch_size", "mlp_multiple", "heldout")
+SETTING_KEYS = ("model", "dtype", "eval_dtype", "protocol", "seed", "batch_size", "mlp_multiple", "heldout")
+# Rows also evaluated on WikiText-2 in the compute dtype when the evaluation dtype differs
+# (--eval-dtype): the paired ratio between the two shows what the cheaper evaluation costs.
+EVAL_DTYPE_CHECKS = (("dense", 0.0), (DEFAULT_LABEL, 0.5))
 
 
 def main_specs(admm_iterations: int) -> list[str]:
@@ -121,13 +124,25 @@ def build_config(spec: str, sparsity: float, settings: dict) -> PruneConfig:
 
 # -- measuring ------------------------------------------------------------------------------------
 
-def evaluate(model, tok, protocol, device) -> dict:
+def evaluate(model, tok, protocol, device, datasets=None) -> dict:
     """The protocol's evaluation: per dataset ``PerplexityResult.to_dict()`` (ppl, ppl_interval,
-    window_nlls, nwindows, ntokens, seqlen)."""
-    res = evaluate_datasets(model.to(device), tok, protocol.datasets, seqlen=protocol.eval_seqlen,
+    window_nlls, nwindows, ntokens, seqlen), in the model's current dtype."""
+    res = evaluate_datasets(model.to(device), tok, datasets or protocol.datasets, seqlen=protocol.eval_seqlen,
                             limit=dict(protocol.eval_limits), device=device, progress=False)
     model.to("cpu")
     return {k: v.to_dict() for k, v in res.items()}
+
+
+def evaluate_row(model, tok, protocol, device, settings: dict, check: bool) -> tuple[dict, dict | None]:
+    """``(ppl, ppl_compute_dtype)``: the protocol's evaluation in ``settings['eval_dtype']`` (the
+    model is converted in place) and, when ``check`` and that dtype is not the compute dtype,
+    WikiText-2 in the compute dtype first (else None)."""
+    ref = None
+    if settings["eval_dtype"] != settings["dtype"]:
+        if check:
+            ref = evaluate(model, tok, protocol, device, datasets=["wikitext2"])
+        model.to(DTYPES[settings["eval_dtype"]])
+    return evaluate(model, tok, protocol, device), ref
 
 
 def heldout_ppl(model, held: torch.Tensor, device) -> dict:
@@ -144,16 +159,21 @@ def _machine() -> dict:
             else None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def dense_row(model, tok, protocol, device) -> dict:
+def dense_row(model, tok, protocol, device, settings: dict) -> dict:
     from structprune.adapters import get_adapter
     from structprune.api import prunable_params
 
     t0 = time.perf_counter()
-    ppl = evaluate(model, tok, protocol, device)
-    return {"label": "dense", "method": "dense", "allocation": None, "sparsity_target": 0.0,
-            "sparsity_achieved": 0.0, "params": sum(p.numel() for p in model.parameters()),
-            "prunable_params": prunable_params(get_adapter(model)), "ppl": ppl, "peak_gpu_mem_bytes": None,
-            "prune_seconds": 0.0, "eval_seconds": time.perf_counter() - t0, **_machine()}
+    copied = settings["eval_dtype"] != settings["dtype"]  # the dense model is pruned afterwards: keep it
+    ppl, ref = evaluate_row(copy.deepcopy(model) if copied else model, tok, protocol, device, settings,
+                            ("dense", 0.0) in EVAL_DTYPE_CHECKS)
+    row = {"label": "dense", "method": "dense", "allocation": None, "sparsity_target": 0.0,
+           "sparsity_achieved": 0.0, "params": sum(p.numel() for p in model.parameters()),
+           "prunable_params": prunable_params(get_adapter(model)), "ppl": ppl, "peak_gpu_mem_bytes": None,
+           "prune_seconds": 0.0, "eval_seconds": time.perf_counter() - t0, **_machine()}
+    if ref is not None:
+        row["ppl_compute_dtype"] = ref
+    return row
 
 
 def _prune_copy(base, calib, config, device, quiet, cache):
@@ -199,7 +219,7 @@ def method_row(base, tok, calib, held, spec, sparsity, settings, protocol, devic
     else:
         model, r = _prune_copy(base, calib, config, device, quiet, cache)
     t0 = time.perf_counter()
-    ppl = evaluate(model, tok, protocol, device)
+    ppl, ref = evaluate_row(model, tok, protocol, device, settings, (spec, sparsity) in EVAL_DTYPE_CHECKS)
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -211,6 +231,8 @@ def method_row(base, tok, calib, held, spec, sparsity, settings, protocol, devic
            "spec_config": config.to_dict(), **_machine()}
     if selection is not None:
         row["global_selection"] = selection
+    if ref is not None:
+        row["ppl_compute_dtype"] = ref
     return row
 
 
@@ -303,6 +325,22 @@ def _fmt_ratio(r: dict | None) -> str:
     return "n/a" if r is None else f"{r['value']:.4f} [{r['low']:.4f}, {r['high']:.4f}]"
 
 
+def eval_dtype_note(record: dict) -> str:
+    """How the evaluation dtype changes WikiText-2, per checked row: the paired ratio of its
+    perplexity in the evaluation dtype to the compute dtype's (same windows)."""
+    checked = [r for r in record["rows"] if r.get("ppl_compute_dtype", {}).get("wikitext2")]
+    if not checked:
+        return ""
+    parts = []
+    for r in checked:
+        q = paired_ratio(r["ppl"]["wikitext2"]["window_nlls"], r["ppl_compute_dtype"]["wikitext2"]["window_nlls"])
+        name = r["label"] if r["method"] == "dense" else f"{r['label']} at {r['sparsity_target']:.0%}"
+        parts.append(f"{name} {q.value:.5f} [{q.low:.5f}, {q.high:.5f}]")
+    s = record["settings"]
+    return (f" (WikiText-2 perplexity ratio {s['eval_dtype']} / {s['dtype']} weights, paired: "
+            + "; ".join(parts) + ")")
+
+
 def markdown(record: dict) -> str:
     s, rows = record["settings"], record["rows"]
     p = s["protocol"]
@@ -323,7 +361,8 @@ def markdown(record: dict) -> str:
              f"- sparsity: fraction of prunable decoder parameters removed (q, k, v, o, MLP of all "
              f"{record['num_layers']} layers); embeddings and LM head kept; MLP widths rounded to multiples of "
              f"{s['mlp_multiple']}",
-             f"- {s['dtype']}, torch {record['versions']['torch']}, transformers {record['versions']['transformers']}; "
+             f"- pruned in {s['dtype']}, evaluated in {s.get('eval_dtype', s['dtype'])}"
+             f"{eval_dtype_note(record)}, torch {record['versions']['torch']}, transformers {record['versions']['transformers']}; "
              "device and threads per row in the JSON",
              *[f"- command: `{c}`" for c in record["commands"]], ""]
     if dense is not None:
@@ -460,7 +499,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--mlp-multiple", type=int, default=8, help="as the CLI's default")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype while pruning")
+    p.add_argument("--eval-dtype", default=None, choices=sorted(DTYPES),
+                   help="weights' dtype for the evaluation (default: --dtype); docs/protocol.md's CPU protocol "
+                        "evaluates in bfloat16, with a paired check against --dtype on WikiText-2")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads, set explicitly (recorded per row with the load average)")
     p.add_argument("--out", type=Path, default=None,
@@ -479,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     out = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
     try:
         protocol = get_protocol(a.protocol)
-        settings = {"model": a.model, "dtype": a.dtype, "protocol": protocol.to_dict(), "seed": a.seed,
+        settings = {"model": a.model, "dtype": a.dtype, "eval_dtype": a.eval_dtype or a.dtype, "protocol": protocol.to_dict(), "seed": a.seed,
                     "batch_size": a.batch_size, "mlp_multiple": a.mlp_multiple,
                     "heldout": a.heldout or HELDOUT_WINDOWS.get(protocol.name, HELDOUT_WINDOWS["cpu"])}
         todo = plan_rows(a)
@@ -497,7 +539,8 @@ def run(a, protocol, settings: dict, todo: list[tuple[str, float]], out: Path, a
     rows, commands = [], []
     if a.resume and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
-        diff = [k for k in SETTING_KEYS if old.get("settings", {}).get(k) != settings[k]]
+        old_settings = {"eval_dtype": old.get("settings", {}).get("dtype"), **old.get("settings", {})}  # before --eval-dtype
+        diff = [k for k in SETTING_KEYS if old_settings.get(k) != settings[k]]
         if diff:
             raise StructPruneError(f"--resume: {out}.json was measured with other settings ({', '.join(diff)}); "
                                    "use the same settings or another --out")
@@ -527,7 +570,7 @@ def run(a, protocol, settings: dict, todo: list[tuple[str, float]], out: Path, a
     t_start = time.perf_counter()
     cache: dict = {}
     if ("dense", 0.0) not in done:  # evaluated once per table; a resumed run reads it from the JSON
-        rows.insert(0, dense_row(base, tok, protocol, a.device))
+        rows.insert(0, dense_row(base, tok, protocol, a.device, settings))
         write(record, out)
     for spec, s in todo:
         if (spec, s) in done:

@@ -129,3 +129,36 @@ def test_plan_rows_main_and_ablations(bench):
     abl = [t for t in todo if t[0] == "structprune:uniform"]
     assert abl == [("structprune:uniform", 0.3), ("structprune:uniform", 0.5)]
     assert ("structprune:softmax+temperature=0.5", 0.3) in todo and ("structprune+iterations=8", 0.5) in todo
+
+
+def test_eval_dtype_evaluates_a_bf16_copy_and_checks_it_against_fp32(bench, tmp_path):
+    """--eval-dtype bfloat16: pruning stays in float32 (the dense model is not converted), every row
+    is scored with bf16 weights, and the checked rows (dense, structprune at 50%) also carry their
+    float32 WikiText-2 NLLs, from which the Markdown gives the paired ratio."""
+    import copy
+
+    import torch
+
+    out = tmp_path / "table"
+    argv = ["--protocol", "cpu", "--threads", "1", "--heldout", "3", "--sparsities", "0.3,0.5", "--mlp-multiple",
+            "1", "-q", "--out", str(out), "--methods", "structprune,obs-local", "--eval-dtype", "bfloat16"]
+    base = bench.load_model("tiny")[0]
+    ref = copy.deepcopy(base)
+    assert bench.main(argv) == 0
+    assert next(base.parameters()).dtype == torch.float32  # evaluated on a copy
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["settings"]["eval_dtype"] == "bfloat16" and rec["settings"]["dtype"] == "float32"
+    checked = {(r["label"], r["sparsity_target"]) for r in rec["rows"] if "ppl_compute_dtype" in r}
+    assert checked == {("dense", 0.0), ("structprune", 0.5)}
+    dense = rec["rows"][0]
+    tok = bench.load_model("tiny")[1]
+    want32 = bench.evaluate(copy.deepcopy(ref), tok, TINY, "cpu", datasets=["wikitext2"])["wikitext2"]
+    want16 = bench.evaluate(copy.deepcopy(ref).to(torch.bfloat16), tok, TINY, "cpu")["wikitext2"]
+    assert dense["ppl_compute_dtype"]["wikitext2"]["window_nlls"] == want32["window_nlls"]
+    assert dense["ppl"]["wikitext2"]["window_nlls"] == want16["window_nlls"]
+    assert want16["window_nlls"] != want32["window_nlls"]  # the two dtypes really differ
+    md = out.with_suffix(".md").read_text()
+    assert "evaluated in bfloat16 (WikiText-2 perplexity ratio bfloat16 / float32 weights, paired: dense " in md
+    assert "structprune at 50% " in md
+    # A table made with float32 evaluation is not resumed into a bf16 one.
+    assert bench.main([*argv[:-1], "float32", "--resume"]) == 2
