@@ -22,8 +22,8 @@ The JSON is rewritten (atomically) after every row, so a kill loses at most the 
 ``--resume`` keeps the finished rows, the dense evaluation included (same protocol settings
 required), so one table can be filled across sessions:
 
-    python benchmarks/baselines.py --protocol cpu --threads 2 --out benchmarks/results/baselines_cpu_smollm2
-    python benchmarks/baselines.py --protocol cpu --threads 2 --resume --out benchmarks/results/baselines_cpu_smollm2
+    python benchmarks/baselines.py --protocol cpu --eval-dtype bfloat16 --threads 2 --out benchmarks/results/baselines_cpu_smollm2
+    python benchmarks/baselines.py --protocol cpu --eval-dtype bfloat16 --threads 2 --resume --out benchmarks/results/baselines_cpu_smollm2
 """
 
 from __future__ import annotations
