@@ -206,6 +206,8 @@ def main(argv=None) -> int:
             record["rows"].append({"sparsity": s, name: _label(v), "heldout": heldout_nlls(m, held, a.device),
                                    "achieved": r.report["sparsity_achieved"],
                                    "objective": [e["objective"] for e in iters], "seconds": seconds,
+                                   "phase_seconds": {k: v["seconds"] for k, v in r.report.get("timings", {}).items()
+                                                     if isinstance(v, dict) and "seconds" in v},
                                    # ADMM's trace (item 1): residuals, rho and the iterate kept, per iteration
                                    "admm_trace": [{k: e.get(k) for k in ITERATION_FIELDS} for e in iters],
                                    "chosen_iteration": next((e["chosen_iteration"] for e in r.report["solver_log"]
