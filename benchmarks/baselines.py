@@ -57,7 +57,7 @@ log = logging.getLogger("baselines")
 
 SPARSITIES = "0.2,0.3,0.4,0.5"
 ABLATION_SPARSITIES = (0.3, 0.5)
-ADMM_ITERATIONS = 4  # as benchmarks/admm_vs_oneshot.py measured (rho 1, the default)
+ADMM_ITERATIONS = 4  # K of the ADMM row (rho 1, the default); tune_cpu_iterations.md compares K on held-out text
 LOCAL_METHODS = ("obs-local", "flap", "wanda-sp", "magnitude-sp")  # layer-wise: no cross-layer signal
 DEFAULT_LABEL = "structprune"  # the row the targets are about
 TARGET_VS_GLOBAL = 1.02  # upper end of StructPrune / global, every sparsity (issue 11)
