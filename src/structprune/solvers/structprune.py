@@ -343,6 +343,10 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             for h in hs:
                 h.remove()
         t_mlp.close()
+        if prev is not None:  # the previous u/w of this layer are used up: one iteration's state at a time
+            for v in prev.values():
+                v["u"].close()
+                v["w"].close()
         num = sum(float((p - d).float().pow(2).sum()) for p, d in zip(ctx.outputs.hidden, dense_next.hidden))
         den = sum(float(d.float().pow(2).sum()) for d in dense_next.hidden)
         y_attn.close()
@@ -383,7 +387,7 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
         step = admm_step(run, sens, kept, widths, state, rho, keep_state=k < K)
         results, _ = run_pass(run, f"structprune iter {k}", step, {"dense": first, "owned": False, "rounding": 0.0},
                               cuts=True, final=K == 1)
-        if state is not None:
+        if state is not None:  # each step closed its layer's; a resumed pass skipped the layers done before
             for s in state:
                 for v in (s or {}).values():
                     v["u"].close()
