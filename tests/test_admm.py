@@ -203,3 +203,32 @@ def test_one_iterations_consensus_and_duals_at_a_time(tmp_path):
     state = 4 * 2 * 2 * one_store  # layers x modules x (u, w)
     # Iteration 2 holds the rest of iteration 1's state, its own so far and one layer's temporaries.
     assert peaks[3] - peaks[2] <= 2 * 2 * one_store + 2 * one_store < state
+
+
+@pytest.mark.parametrize("target", ["own", "dense"])
+def test_objective_from_the_profiles_final_states_equals_the_dense_trajectorys(target, monkeypatch):
+    """With the ``own`` target the ADMM passes take the objective's reference (the dense model's
+    final hidden states) from the profile pass instead of running every dense layer again: the
+    same objectives bit for bit and the same model, one dense forward fewer per layer. The
+    ``dense`` target still follows the dense trajectory (its targets need it)."""
+    from structprune.solvers import structprune as sp
+
+    base = tiny_llama(layers=3)
+    ids = calib_ids(6, 24)
+    real_dense, real_profile = sp._dense_module_outputs, sp.sensitivities_and_paths
+    runs = {}
+    for reuse in (True, False):
+        calls = []
+        monkeypatch.setattr(sp, "_dense_module_outputs", lambda *a, **k: calls.append(1) or real_dense(*a, **k))
+        if not reuse:  # the former way: no final states handed over, the passes follow the dense trajectory
+            monkeypatch.setattr(sp, "sensitivities_and_paths", lambda run, T: (*real_profile(run, T)[:2], None))
+        m = copy.deepcopy(base)
+        r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24,
+                      iterations=2, tol_abs=0.0, tol_rel=0.0, target=target)
+        with torch.no_grad():
+            runs[reuse] = ([e["objective"] for e in _iterations(r.report)], m(ids).logits, len(calls))
+        monkeypatch.setattr(sp, "sensitivities_and_paths", real_profile)
+    assert runs[True][0] == runs[False][0] and all(math.isfinite(o) for o in runs[True][0])
+    assert torch.equal(runs[True][1], runs[False][1])
+    assert runs[False][2] == 2 * 3  # every layer of both passes
+    assert runs[True][2] == (0 if target == "own" else 2 * 3)

@@ -73,13 +73,15 @@ def _floor_and_blocks(adapter, layer, cfg, widths: dict | None):
 
 # -- phase 1 and 2: sensitivities and the dense removal paths -----------------------------------
 
-def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict]]:
-    """``(sensitivities per layer, menus as dicts)`` of the dense model, from the reuse cache when
-    the same dense model, windows and knobs were profiled before."""
+def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict], ActivationStore | None]:
+    """``(sensitivities per layer, menus as dicts, the dense model's final hidden states)`` (the
+    last from the same streamed pass: the objective's reference, so the ADMM passes need not run
+    the dense model again; None for uniform widths, which skip this phase), from the reuse cache
+    when the same dense model, windows and knobs were profiled before."""
     cfg, adapter = run.config, run.adapter
     layers = adapter.layers()
     if math.isinf(T):  # uniform widths need no menus or sensitivities (only the logs' menus carry weights)
-        return [{"attn": 1.0, "mlp": 1.0} for _ in layers], []
+        return [{"attn": 1.0, "mlp": 1.0} for _ in layers], [], None
     # The profile depends on the dense model, the calibration windows (order included: the
     # sensitivities use the first sens_nsamples), the compute device and these knobs: keyed by
     # content hashes (provenance.py), so permuted windows or another model never collide.
@@ -95,16 +97,19 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict]]:
         run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress, store_factory=run.home,
         timings=run.timings))
     results, _ = run_pass(run, "structprune profile", profile_step(run, sens))
-    menus = [m for r in results for m in r]
+    menus = [m for r in results for m in r["menus"]]
+    final = results[-1]["final"]
     if run.cache is not None:
-        run.cache[key] = copy.deepcopy((sens, menus))
-    return sens, menus
+        run.cache[key] = copy.deepcopy((sens, menus, final))
+    return sens, menus, final
 
 
 def profile_step(run, sens: list[dict]):
     """Pass step of phase 2: the dense layer's statistics, each module's removal path against its
-    own output, as sensitivity-weighted menus (dicts)."""
+    own output, as sensitivity-weighted menus (dicts); the last layer's result also keeps the
+    dense model's final hidden states (``final``)."""
     cfg, adapter = run.config, run.adapter
+    last = len(adapter.layers()) - 1
 
     def step(ctx, carry):
         stats, ctx.outputs = ctx.collect(return_outputs=True)
@@ -113,8 +118,9 @@ def profile_step(run, sens: list[dict]):
         path_m = mlp_path(adapter, ctx.layer, stats["mlp"], cfg, floor, blocks, dtype=torch.float32)
         ca, cm = module_costs(adapter, ctx.layer)
         i = ctx.index
-        return [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
-                Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()], carry
+        return {"menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
+                          Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
+                "final": ctx.outputs.hidden.clone() if i == last else None}, carry
     return step
 
 
@@ -204,14 +210,20 @@ def _dense_module_outputs(adapter, layer, dense: LayerInputs, device):
 
 
 def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict] | None, state: list | None,
-              rho: float, keep_state: bool):
+              rho: float, keep_state: bool, final_dense: ActivationStore | None = None):
     """Pass step of one ADMM iteration (phase 4).
 
     ``kept``: per module the kept cost ``lambda`` allocated (None with ``widths``: exact uniform
     widths per layer); ``state``: per layer the previous iteration's ``{"attn"|"mlp": {"u", "w"}}``
     activation stores (None at the first iteration); ``keep_state``: store this iteration's
-    ``u``/``w`` for the next one. The carry is ``{"dense": LayerInputs of the dense trajectory,
-    "owned": whether this pass made it, "rounding": the running kept-cost rounding}``.
+    ``u``/``w`` for the next one; ``final_dense``: the dense model's final hidden states from the
+    profile pass. The carry is ``{"dense": LayerInputs of the dense trajectory, "owned": whether
+    this pass made it, "rounding": the running kept-cost rounding}``.
+
+    The dense trajectory is run only where something needs it: the ``dense`` target's
+    ``y_dense + gap``, and the objective when ``final_dense`` is not given. With the ``own`` target
+    and ``final_dense`` the pass skips the dense layer's forward (one of four per layer), the carry's
+    ``dense`` is None, and only the last layer's drift (the objective) is measured.
 
     Per layer: the dense layer's module outputs on the dense trajectory; the attention's W-step
     (statistics against ``u - y`` on the pruned inputs, path, cut, refit); one forward doing the
@@ -221,13 +233,18 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
     dense model's)."""
     cfg, adapter, device = run.config, run.adapter, run.device
     trajectory = cfg.target == "dense"
+    follow_dense = trajectory or final_dense is None
+    last = len(adapter.layers()) - 1
 
     def step(ctx, carry):
         layer, i, pruned = ctx.layer, ctx.index, ctx.inputs
         dense = carry["dense"]
         prev = state[i] if state is not None else None
         w = widths[i] if widths is not None else None
-        y_attn, y_mlp, dense_next = _dense_module_outputs(adapter, layer, dense, device)
+        if follow_dense:
+            y_attn, y_mlp, dense_next = _dense_module_outputs(adapter, layer, dense, device)
+        else:
+            y_attn = y_mlp = dense_next = None
         ca, cm = module_costs(adapter, layer)
         _, o = adapter.attn_linears(layer)
         parts = adapter.mlp_parts(layer)
@@ -347,24 +364,31 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             for v in prev.values():
                 v["u"].close()
                 v["w"].close()
-        num = sum(float((p - d).float().pow(2).sum()) for p, d in zip(ctx.outputs.hidden, dense_next.hidden))
-        den = sum(float(d.float().pow(2).sum()) for d in dense_next.hidden)
-        y_attn.close()
-        y_mlp.close()
-        if carry["owned"]:
+        reference = dense_next.hidden if follow_dense else (final_dense if i == last else None)
+        drift = None
+        if reference is not None:
+            num = sum(float((p - d).float().pow(2).sum()) for p, d in zip(ctx.outputs.hidden, reference))
+            den = sum(float(d.float().pow(2).sum()) for d in reference)
+            drift = num / max(den, 1e-30)
+        if follow_dense:
+            y_attn.close()
+            y_mlp.close()
+        if carry["owned"] and dense is not None:
             dense.close()  # this pass's own copy of the dense trajectory; the first layer's inputs are shared
         result = {"plan": {"heads": heads, "kv_heads": groups, "channels": channels},
                   "menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
                             Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
-                  "drift": num / max(den, 1e-30), "residuals": res, "state": new}
+                  "drift": drift, "residuals": res, "state": new}
         return result, {"dense": dense_next, "owned": True, "rounding": rounding}
     return step
 
 
-def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: float) -> list[dict]:
+def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: float,
+                final_dense: ActivationStore | None = None) -> list[dict]:
     """Phases 3 and 4: up to ``cfg.iterations`` ADMM iterations, each an allocation (``lambda``) and a
     streamed pass. Returns the iterates ``[{"iteration", "objective", "plans", "snapshot"}]`` (a
-    snapshot of the layers only where it may be selected later), logging one entry per iteration."""
+    snapshot of the layers only where it may be selected later), logging one entry per iteration.
+    ``final_dense``: the dense final hidden states (the objective's reference; see :func:`admm_step`)."""
     cfg, adapter = run.config, run.adapter
     layers = adapter.layers()
     K = cfg.iterations
@@ -384,7 +408,7 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
         else:
             prefixes, lam = allocate_prefixes([Menu.from_dict(m) for m in menus], budget, T)
             kept, widths = [Menu.from_dict(m).kept[p] for m, p in zip(menus, prefixes)], None
-        step = admm_step(run, sens, kept, widths, state, rho, keep_state=k < K)
+        step = admm_step(run, sens, kept, widths, state, rho, keep_state=k < K, final_dense=final_dense)
         results, _ = run_pass(run, f"structprune iter {k}", step, {"dense": first, "owned": False, "rounding": 0.0},
                               cuts=True, final=K == 1)
         if state is not None:  # each step closed its layer's; a resumed pass skipped the layers done before
@@ -458,10 +482,12 @@ def prune_structprune(run):
     cfg, adapter = run.config, run.adapter
     T = temperature_of(cfg)
     t0 = time.perf_counter()
-    sens, menus = sensitivities_and_paths(run, T)  # phases 1 and 2
+    sens, menus, final_dense = sensitivities_and_paths(run, T)  # phases 1 and 2
     t_profile = time.perf_counter() - t0
     budget = removable_cost(adapter) - cfg.sparsity * prunable_params(adapter)
-    iterates = admm_passes(run, sens, menus, budget, T)  # phases 3 and 4
+    iterates = admm_passes(run, sens, menus, budget, T, final_dense)  # phases 3 and 4
+    if final_dense is not None:
+        final_dense.close()
     best = select_iterate(run, iterates)  # phase 5
     run.log.append({"chosen_iteration": best["iteration"], "iterations_run": len(iterates),
                     "profile_seconds": t_profile, "sensitivities": sens})
