@@ -23,7 +23,7 @@ import time
 import torch
 
 from .errors import StructPruneError
-from .memory import peak_rss, reset_peak_rss
+from .memory import empty_caches, peak_rss, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        # Freed heap pages (an earlier model's tensors) stay resident until trimmed, and would count
+        # in this model's peak: glibc raises its mmap threshold after large frees, so they need not
+        # have been returned to the system.
+        empty_caches(device)
         reset_peak_rss()
 
 
