@@ -36,7 +36,7 @@ from ..errors import StructPruneError
 from .activations import ActivationStore
 from .capture import LayerInputs
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: StructPrune's profile results are {"menus", "final"}
 _DATACLASSES: dict[str, type] = {}
 
 

@@ -483,6 +483,9 @@ def prune_structprune(run):
     T = temperature_of(cfg)
     t0 = time.perf_counter()
     sens, menus, final_dense = sensitivities_and_paths(run, T)  # phases 1 and 2
+    if final_dense is not None and cfg.target == "dense":  # its passes follow the dense trajectory anyway
+        final_dense.close()
+        final_dense = None
     t_profile = time.perf_counter() - t0
     budget = removable_cost(adapter) - cfg.sparsity * prunable_params(adapter)
     iterates = admm_passes(run, sens, menus, budget, T, final_dense)  # phases 3 and 4
