@@ -119,7 +119,7 @@ def no_leftovers(out: Path):
                             r"softmax, threshold, uniform"),
     ({"method": "wanda-sp", "temperature": 0.5}, r"temperature=0\.5 is ignored by method 'wanda-sp' with allocation "
                                                  r"'uniform' \(read by: structprune \(softmax\)\); leave it at its "
-                                                 r"default 1\.0"),
+                                                 r"default 0\.03125"),
     ({"iterations": 1.5}, r"iterations must be an integer, got 1\.5"),
     ({"nsamples": 0}, r"nsamples must be a positive integer, got 0"),
     ({"seqlen": 1}, r"seqlen must be at least 2, got 1"),

@@ -61,7 +61,7 @@ class PruneConfig:
     mlp_multiple: int = 1  # round kept MLP widths to a multiple (8 suits fast kernels)
     uniform_widths: bool = False  # same kept widths in every layer (stock-config export)
     # Allocation and solver knobs (used by the methods that read them).
-    temperature: float = 1.0
+    temperature: float = 0.03125  # softmax allocation T (docs/structprune.md: how chosen)
     r_min: float = 0.05
     owl_lambda: float = 0.08
     owl_m: float = 5.0
