@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
 from structprune import PruneConfig, load_model, prune  # noqa: E402
-from structprune.config import GLOBAL_SCORES  # noqa: E402
+from structprune.config import GLOBAL_SCORES, effective_fields  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.data.calibration import get_heldout_calibration  # noqa: E402
 from structprune.errors import StructPruneError  # noqa: E402
@@ -244,9 +244,10 @@ def same_config_row(rows: list[dict], spec: str, sparsity: float, settings: dict
     config = build_config(spec, sparsity, settings)
     if config.method == "global":
         return None
-    want = config.to_dict()
+    want = config.effective_dict()
     return next((r for r in rows if r["method"] != "dense" and r["sparsity_target"] == sparsity
-                 and r.get("spec_config") == want and "same_as" not in r), None)
+                 and "spec_config" in r and effective_fields(r["spec_config"]) == want and "same_as" not in r), None)
+
 
 
 # -- comparisons ----------------------------------------------------------------------------------
@@ -545,10 +546,11 @@ def run(a, protocol, settings: dict, todo: list[tuple[str, float]], out: Path, a
             raise StructPruneError(f"--resume: {out}.json was measured with other settings ({', '.join(diff)}); "
                                    "use the same settings or another --out")
         rows, commands = old["rows"], old.get("commands", [])
-        # A default changed since (e.g. StructPrune's iterations): the label no longer names what
-        # was measured, and mixing both in one table would mislabel rows.
+        # A default the row's method reads changed since (e.g. StructPrune's iterations): the label
+        # no longer names what was measured, and mixing both in one table would mislabel rows.
         stale = [f"{r['label']}@{r['sparsity_target']}" for r in rows if "spec_config" in r
-                 and build_config(r["label"], r["sparsity_target"], settings).to_dict() != r["spec_config"]]
+                 and build_config(r["label"], r["sparsity_target"], settings).effective_dict()
+                 != effective_fields(r["spec_config"])]
         if stale:
             raise StructPruneError(f"--resume: rows {', '.join(stale)} of {out}.json were measured with another "
                                    "resolved config (a default changed); start a new --out")

@@ -119,6 +119,22 @@ def test_kill_resume_nlls_ratios_and_global_selection(bench, tmp_path, monkeypat
     # Resuming under other settings is refused.
     assert bench.main([*argv[:5], "4", *argv[6:], "--resume"]) == 2
 
+    # A default changed since: rows whose method ignores it stay valid (nothing re-measured), a
+    # row whose method reads it is stale and refused.
+    def measured_with(label, **knobs):
+        rec = json.loads(out.with_suffix(".json").read_text())
+        for r in rec["rows"]:
+            if r["label"] == label:
+                r["spec_config"].update(knobs)
+        out.with_suffix(".json").write_text(json.dumps(rec))
+
+    bench.calls.clear()
+    measured_with("obs-local", temperature=7.0)
+    measured_with("wanda-sp", rho=7.0, iterations=3)
+    assert bench.main(argv + ["--resume"]) == 0 and bench.calls == []
+    measured_with("structprune", temperature=7.0)
+    assert bench.main(argv + ["--resume"]) == 2 and bench.calls == []
+
 
 def test_plan_rows_main_and_ablations(bench):
     a = bench.parser().parse_args(["--ablations"])

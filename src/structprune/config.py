@@ -38,6 +38,13 @@ def reads(method: str, allocation: str, knob: str) -> bool:
     return knob in METHOD_OPTIONS[method]["knobs"] and allocation in ALLOCATION_KNOBS.get(knob, (allocation,))
 
 
+def effective_fields(config_dict: dict) -> dict:
+    """A resolved config's dict (``PruneConfig.to_dict()``, allocation resolved) without the knobs
+    its method and allocation ignore; not validated, so a stored config with stale defaults reads."""
+    method, allocation = config_dict["method"], config_dict["allocation"]
+    return {k: v for k, v in config_dict.items() if k not in KNOBS or reads(method, allocation, k)}
+
+
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
          "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel")
 
@@ -163,6 +170,11 @@ class PruneConfig:
         if math.isinf(d["temperature"]):
             d["temperature"] = "inf"
         return d
+
+    def effective_dict(self) -> dict:
+        """``to_dict()`` without the knobs this method and allocation ignore: two configs with the
+        same effective dict prune identically (a table row stays valid when an unread default changes)."""
+        return effective_fields(self.to_dict())
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
