@@ -342,7 +342,6 @@ def test_gemma_sliding_layers_get_their_own_mask():
 
 def test_gemma2_final_softcap_is_part_of_the_head():
     model = FAMILIES["gemma2"]()
-    adapter = get_adapter(model)
     ids = calib_ids(2, 16)
     out = logits(model, ids)
     assert out.abs().max() <= model.config.final_logit_softcapping

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..adapters.base import LayerPlan
 from ..allocation import LayerWidths, cost_normalised, outlier_ratio, owl_widths, threshold_widths, uniform_widths
 from ..errors import StructPruneError
