@@ -365,7 +365,7 @@ def markdown(record: dict) -> str:
              f"- pruned in {s['dtype']}, evaluated in {s.get('eval_dtype', s['dtype'])}"
              f"{eval_dtype_note(record)}, torch {record['versions']['torch']}, transformers {record['versions']['transformers']}; "
              "device and threads per row in the JSON",
-             *[f"- command: `{c}`" for c in record["commands"]], ""]
+             *[f"- command: `{c}`" for c in dict.fromkeys(record["commands"])], ""]
     if dense is not None:
         lines += [f"Dense: {dense['params']:,} parameters, {dense['prunable_params']:,} prunable; "
                   + ", ".join(f"{DATASET_TITLES.get(d, d)} {_fmt_ppl(dense['ppl'].get(d))}" for d in ds) + ".", ""]
