@@ -144,10 +144,10 @@ def test_a_checkpoint_saved_without_the_model_prefix_exports_model_names_once(tm
 def test_disk_path_bounds_activations_by_default(tmp_path, monkeypatch):
     """Without --activation-budget the disk path still bounds activations in RAM (a quarter of the
     available memory), and says so in the report; an explicit budget is kept."""
-    import structprune.api as api
+    from structprune import memory
 
     monkeypatch.delenv("STRUCTPRUNE_ACTIVATION_BUDGET", raising=False)
-    monkeypatch.setattr(api, "available_memory", lambda: 4 * 2**20)
+    monkeypatch.setattr(memory, "available_memory", lambda: 4 * 2**20)
     folder = _save(tiny_llama(), tmp_path / "dense")
     r = prune_checkpoint(folder, tmp_path / "a", calib_ids(4, 16), _cfg("wanda-sp"), device="cpu",
                          progress=False).report

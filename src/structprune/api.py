@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -23,10 +22,10 @@ from .adapters import Adapter, LayerPlan, count_params, get_adapter, prunable_pa
 from .config import PruneConfig
 from .engine import LayerStream
 from .engine.stream import check_finite_weights
-from .engine.activations import ENV_BUDGET, activation_budget, current_budget
+from .engine.activations import activation_budget, current_budget, explicit_budget
 from .engine.homes import MemoryHome
 from .errors import CalibrationError, StructPruneError
-from .memory import available_memory, peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
+from .memory import default_ram_budget, peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
 from .modelstate import ModelState
 from .models.loading import check_tokenizer, model_context_length
 from .provenance import calibration_sha256, library_versions, model_fingerprint
@@ -282,7 +281,13 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
     reset_peak_gpu(device)
     rss_reset = reset_peak_rss()
     t0 = time.perf_counter()
-    with activation_budget(config.activation_budget, config.offload_dir) if config.activation_budget is not None \
+    limit = config.activation_budget
+    if limit is None and explicit_budget() is None:
+        # The activations must not grow without bound in memory either (32x2048 windows with ADMM
+        # hold ~18 GB of consensus and duals for a 135M model): by default a quarter of the memory
+        # available now, the rest spilled (exact: spilled stores read back the same bytes).
+        limit = default_ram_budget()
+    with activation_budget(limit, config.offload_dir) if limit is not None \
             else contextlib.nullcontext(current_budget()) as budget:
         plans = METHODS[config.method](run)
     peak = peak_gpu(device)
@@ -403,10 +408,10 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     if config.method == "global":
         raise StructPruneError("the 'global' reference needs the whole model in memory: load it with "
                                "load_model() and call prune(), or choose a streamed method")
-    if config.activation_budget is None and not os.environ.get(ENV_BUDGET):
+    if config.activation_budget is None and explicit_budget() is None:
         # A model larger than memory must not get its activations in RAM without bound either:
         # by default a quarter of the memory available now, the rest spilled (the report says so).
-        config = replace(config, activation_budget=int(0.25 * (available_memory() or 16 * 2**30)))
+        config = replace(config, activation_budget=default_ram_budget())
     model, reader = load_skeleton(folder, dtype=dtype)
     fingerprint = checkpoint_fingerprint(folder, reader.files)
     adapter = get_adapter(model)

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB", help="split safetensors weights above this size (e.g. 500MB)")
     p.add_argument("--activation-budget", default=None,
                    help="calibration activations kept in RAM at most (e.g. 4GiB); the rest spill to memory-mapped "
-                        "files (default: $STRUCTPRUNE_ACTIVATION_BUDGET, else no limit)")
+                        "files (default: $STRUCTPRUNE_ACTIVATION_BUDGET, else a quarter of the memory available at "
+                        "the start; inf: no limit)")
     p.add_argument("--offload-dir", default=None, help="folder for spilled activations (default: the temp folder)")
     p.add_argument("--in-memory", action="store_true",
                    help="load the whole model instead of streaming a checkpoint folder one layer at a time")

@@ -84,7 +84,8 @@ class PruneConfig:
     sens_nsamples: int = 16  # calibration windows used for the streamed-backward sensitivities (0: all)
     swap_layers: bool = False  # keep released layers' tensors outside the modules (memory tests)
     # Calibration activations kept in RAM at most (bytes, or "4GiB"); beyond it they spill to
-    # memory-mapped files under offload_dir. None: $STRUCTPRUNE_ACTIVATION_BUDGET, else unlimited.
+    # memory-mapped files under offload_dir. None: $STRUCTPRUNE_ACTIVATION_BUDGET, else a quarter
+    # of the memory available at the start ("inf": no limit).
     activation_budget: str | int | None = None
     offload_dir: str | None = None
 

@@ -63,6 +63,13 @@ def current_rss() -> int | None:
     return None if kib is None else kib * 1024
 
 
+def default_ram_budget() -> int:
+    """RAM for activations when no budget is given: a quarter of the memory available now
+    (cgroup-aware; 4 GiB where it cannot be read). Activations of a long calibration (ADMM's
+    consensus and duals: two stores per module of every layer) outgrow a small model many times."""
+    return int(0.25 * (available_memory() or 16 * 2**30))
+
+
 def available_memory() -> int | None:
     """Memory available to this process now, in bytes: the smaller of the system's MemAvailable
     and the room left under a cgroup v1 memory limit (None where neither can be read)."""

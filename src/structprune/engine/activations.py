@@ -161,6 +161,15 @@ def current_budget() -> ActivationBudget:
     return _env_budget[1]
 
 
+def explicit_budget() -> ActivationBudget | None:
+    """The budget someone set: the innermost :func:`activation_budget` block's, else the one
+    ``$STRUCTPRUNE_ACTIVATION_BUDGET`` describes; None when neither is set (callers then apply
+    their default)."""
+    if _context or os.environ.get(ENV_BUDGET):
+        return current_budget()
+    return None
+
+
 @contextmanager
 def activation_budget(limit: str | int | float | None, scratch_dir: str | os.PathLike | None = None):
     """Stores created inside the block keep at most ``limit`` bytes of chunks in RAM (together)

@@ -28,7 +28,7 @@ from ..engine.activations import current_budget, parse_size
 from ..engine.capture import capture_first_layer_inputs, run_layer
 from ..engine.disk import DiskLayerStore, module_prefixes
 from ..engine.residency import LayerStore, moved_to
-from ..memory import available_memory
+from ..memory import default_ram_budget
 from ..models.loading import model_context_length
 from .perplexity import PerplexityResult, protocol_windows
 
@@ -178,7 +178,7 @@ def eval_ram_budget() -> int:
     limit = current_budget().limit
     if math.isfinite(limit):
         return int(limit)
-    return int(0.25 * (available_memory() or 16 * 2**30))
+    return default_ram_budget()
 
 
 def evaluate_checkpoint(folder, tokenizer, datasets: list[str], seqlen: int = 2048,
