@@ -97,6 +97,12 @@ def compare(rows: list[dict], name: str, reference) -> list[dict]:
     return out
 
 
+def sweep_config(a, fixed: dict, name: str, sparsity: float, value) -> PruneConfig:
+    """The config of one row: StructPrune at ``sparsity`` with the fixed fields and ``name = value``."""
+    return PruneConfig(sparsity=sparsity, nsamples=a.nsamples, seqlen=a.seqlen,
+                       **{"method": "structprune", **fixed, name: value})
+
+
 def settings_of(a, protocol) -> dict:
     return {"model": a.model, "dtype": a.dtype, "protocol": protocol, "nsamples": a.nsamples, "seqlen": a.seqlen,
             "heldout": a.heldout, "sweep": a.sweep.split("=")[0], "fixed": a.fixed, "reference": a.reference}
@@ -185,6 +191,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"--resume: {out.with_suffix('.json')} was measured with other settings "
                              f"({old['settings']}); use another --out")
         record["rows"], record["dense"] = old["rows"], old["dense"]
+        # A default the sweep reads changed since (e.g. the temperature): its rows measured another
+        # config than the one their labels now name, and mixing them would mislabel the table.
+        stale = [f"{r['sparsity']}@{r[name]}" for r in record["rows"] if "config" in r
+                 and sweep_config(a, fixed, name, r["sparsity"], _value(str(r[name]))).effective_dict() != r["config"]]
+        if stale:
+            raise SystemExit(f"--resume: rows {', '.join(stale)} of {out.with_suffix('.json')} were measured with "
+                             "another resolved config (a default changed); use another --out")
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     calib = get_calibration(tok, "c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)
     held = get_heldout_calibration(tok, "c4", nsamples=a.heldout, seqlen=a.seqlen, seed=1)
@@ -197,13 +210,13 @@ def main(argv=None) -> int:
             if (s, _label(v)) in done:
                 continue
             m = copy.deepcopy(model)
-            cfg = PruneConfig(sparsity=s, nsamples=a.nsamples, seqlen=a.seqlen,
-                              **{"method": "structprune", **fixed, name: v})
+            cfg = sweep_config(a, fixed, name, s, v)
             t = time.perf_counter()
             r = prune(m, calib, cfg, device=a.device, progress=False, cache=cache)
             seconds = time.perf_counter() - t
             iters = [e for e in r.report["solver_log"] if "iteration" in e]
-            record["rows"].append({"sparsity": s, name: _label(v), "heldout": heldout_nlls(m, held, a.device),
+            record["rows"].append({"sparsity": s, name: _label(v), "config": cfg.effective_dict(),
+                                   "heldout": heldout_nlls(m, held, a.device),
                                    "achieved": r.report["sparsity_achieved"],
                                    "objective": [e["objective"] for e in iters], "seconds": seconds,
                                    "phase_seconds": {k: v["seconds"] for k, v in r.report.get("timings", {}).items()

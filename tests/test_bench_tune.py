@@ -66,6 +66,15 @@ def test_resume_measures_only_what_is_missing_and_refuses_other_settings(tune, t
         (s, t) for s in (0.3, 0.5) for t in ("1", "0.5", "inf"))
     with pytest.raises(SystemExit, match="other settings"):
         tune.main(_args(out, "--resume", "--fixed", "iterations=2"))
+    # Rows measured under another default the sweep reads are refused; restored, they resume.
+    rec = json.loads(out.with_suffix(".json").read_text())
+    rec["rows"][0]["config"]["r_min"] = 0.2
+    out.with_suffix(".json").write_text(json.dumps(rec))
+    with pytest.raises(SystemExit, match="another resolved config"):
+        tune.main(_args(out, "--resume"))
+    rec["rows"][0]["config"]["r_min"] = 0.05
+    out.with_suffix(".json").write_text(json.dumps(rec))
+    assert tune.main(_args(out, "--resume")) == 0 and len(tune.calls) == 6
 
 
 def test_iterations_sweep_keeps_admm_trace(tune, tmp_path, one_torch_thread):

@@ -390,6 +390,10 @@ def test_streamed_perplexity_equals_in_memory(saved, family, shard):
     assert got.ppl == pytest.approx(expected.ppl, rel=1e-5)
     assert len(nlls) == 6 and sum(nlls) / 6 == pytest.approx(torch.tensor(expected.ppl).log().item(), rel=1e-5)
     assert not is_materialized(model)
+    # "inf" (the CLI's "no limit") sizes the groups as no budget does, and scores the same.
+    inf, _ = streamed_perplexity(model, reader, adapter, ids, 16, limit=6, batch_size=2, progress=False,
+                                 ram_budget="inf")
+    assert inf.ppl == pytest.approx(expected.ppl, rel=1e-5)
 
 
 def test_prune_from_disk_write_shards_and_evaluate(saved, tmp_path):

@@ -170,3 +170,25 @@ def test_all_layers_pruned_is_computed(family, monkeypatch):
     assert report["all_layers_pruned"] is False
     assert [count_params(get_adapter(model).prunable_linears(l)) for l in get_adapter(model).layers()][1:] == \
         per_layer[1:]
+
+
+def test_a_config_stored_under_other_defaults_still_loads():
+    """A stored config lists every knob; those its method ignores were the defaults of their day
+    (temperature 1.0 before it became 1/32) and must not make it unreadable."""
+    from structprune.config import effective_fields
+
+    old = PruneConfig(method="wanda-sp").to_dict() | {"temperature": 1.0, "rho": 3.0}
+    assert PruneConfig.from_dict(old) == PruneConfig(method="wanda-sp")
+    kept = PruneConfig(method="structprune", temperature=0.5).to_dict()
+    assert PruneConfig.from_dict(kept).temperature == 0.5  # a knob the method reads is kept as stored
+    with pytest.raises(StructPruneError, match="temperature=1.0 is ignored"):
+        PruneConfig(method="wanda-sp", temperature=1.0)  # a user's own config is still checked
+
+    # Effective fields: "auto" resolved, unread knobs dropped, ADMM's knobs only with iterations > 1.
+    auto = PruneConfig(method="structprune").to_dict() | {"allocation": "auto"}
+    assert effective_fields(auto) == PruneConfig(method="structprune").effective_dict()
+    assert effective_fields(auto)["allocation"] == "softmax"
+    one_shot = effective_fields(PruneConfig(method="structprune", rho=3.0).to_dict())
+    assert "rho" not in one_shot and "temperature" in one_shot
+    assert effective_fields(PruneConfig(method="structprune", rho=3.0, iterations=2).to_dict())["rho"] == 3.0
+    assert "temperature" not in PruneConfig(method="obs-local").effective_dict()

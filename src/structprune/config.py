@@ -38,11 +38,29 @@ def reads(method: str, allocation: str, knob: str) -> bool:
     return knob in METHOD_OPTIONS[method]["knobs"] and allocation in ALLOCATION_KNOBS.get(knob, (allocation,))
 
 
+# Knobs StructPrune reads only for ADMM iterations (iterations > 1); the one-shot pass logs them.
+ADMM_KNOBS = ("rho", "tol_abs", "tol_rel")
+
+
+def resolved_allocation(method: str, allocation: str, uniform_widths: bool = False) -> str:
+    """``allocation`` with ``auto`` replaced by what it means for ``method``."""
+    if allocation != "auto":
+        return allocation
+    return "uniform" if uniform_widths else DEFAULT_ALLOCATION.get(method, "uniform")
+
+
 def effective_fields(config_dict: dict) -> dict:
-    """A resolved config's dict (``PruneConfig.to_dict()``, allocation resolved) without the knobs
-    its method and allocation ignore; not validated, so a stored config with stale defaults reads."""
-    method, allocation = config_dict["method"], config_dict["allocation"]
-    return {k: v for k, v in config_dict.items() if k not in KNOBS or reads(method, allocation, k)}
+    """A config's dict (``PruneConfig.to_dict()``) without the knobs its method and allocation
+    ignore, allocation resolved: two configs with the same effective fields prune identically.
+    Not validated, so a stored config written under other defaults still reads."""
+    method = config_dict.get("method", "structprune")
+    if method not in METHOD_OPTIONS:
+        return dict(config_dict)
+    allocation = resolved_allocation(method, config_dict.get("allocation", "auto"),
+                                     bool(config_dict.get("uniform_widths", False)))
+    one_shot = config_dict.get("iterations", 1) == 1
+    return {**{k: v for k, v in config_dict.items() if k not in KNOBS or (
+        reads(method, allocation, k) and not (one_shot and k in ADMM_KNOBS))}, "allocation": allocation}
 
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
@@ -96,10 +114,8 @@ class PruneConfig:
             raise StructPruneError(f"unknown method {self.method!r}: choose one of {', '.join(sorted(METHODS))}")
         if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
             raise StructPruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.allocation == "auto":
-            # Uniform widths mean the uniform allocation; otherwise the method's own default.
-            default = "uniform" if self.uniform_widths else DEFAULT_ALLOCATION.get(self.method, "uniform")
-            object.__setattr__(self, "allocation", default)
+        # Uniform widths mean the uniform allocation; otherwise "auto" is the method's own default.
+        object.__setattr__(self, "allocation", resolved_allocation(self.method, self.allocation, self.uniform_widths))
         if self.allocation not in ALLOCATIONS:
             raise StructPruneError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations", "path_steps", "sens_nsamples"):
@@ -189,4 +205,10 @@ class PruneConfig:
         d = dict(d)
         if d.get("temperature") == "inf":
             d["temperature"] = math.inf
+        # A stored config lists every knob, read or not; those its method ignores take today's
+        # defaults, so a config written before a default changed still loads.
+        method = d.get("method", "structprune")
+        if method in METHOD_OPTIONS:  # else the constructor names the unknown method
+            allocation = resolved_allocation(method, d.get("allocation", "auto"), bool(d.get("uniform_widths", False)))
+            d = {k: v for k, v in d.items() if k not in KNOBS or reads(method, allocation, k)}
         return cls(**d)

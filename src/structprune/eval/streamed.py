@@ -110,7 +110,8 @@ def streamed_perplexity(
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     # The decoder's width (a multimodal config, Gemma 3's, nests it in text_config).
     per_window = seqlen * text.hidden_size * act_dtype.itemsize * 2  # two boundaries at once
-    budget = eval_ram_budget() if ram_budget is None else int(parse_size(ram_budget))
+    limit = None if ram_budget is None else parse_size(ram_budget)
+    budget = eval_ram_budget() if limit is None or math.isinf(limit) else int(limit)  # inf: as with no budget
     group = max(batch_size, (budget // per_window) // batch_size * batch_size)
     layers = adapter.layers()
     ngroups = math.ceil(nwindows / group)
