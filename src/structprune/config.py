@@ -49,18 +49,24 @@ def resolved_allocation(method: str, allocation: str, uniform_widths: bool = Fal
     return "uniform" if uniform_widths else DEFAULT_ALLOCATION.get(method, "uniform")
 
 
+def _drop_unread_knobs(config_dict: dict, admm_only_when_iterating: bool) -> dict:
+    """``config_dict`` without the knobs its method and allocation ignore (with the flag: also
+    ADMM's knobs of a one-shot run), allocation resolved; as given for an unknown method."""
+    method = config_dict.get("method", "structprune")
+    if method not in METHOD_OPTIONS:  # the constructor names the unknown method
+        return dict(config_dict)
+    allocation = resolved_allocation(method, config_dict.get("allocation", "auto"),
+                                     bool(config_dict.get("uniform_widths", False)))
+    one_shot = admm_only_when_iterating and config_dict.get("iterations", 1) == 1
+    return {**{k: v for k, v in config_dict.items() if k not in KNOBS or (
+        reads(method, allocation, k) and not (one_shot and k in ADMM_KNOBS))}, "allocation": allocation}
+
+
 def effective_fields(config_dict: dict) -> dict:
     """A config's dict (``PruneConfig.to_dict()``) without the knobs its method and allocation
     ignore, allocation resolved: two configs with the same effective fields prune identically.
     Not validated, so a stored config written under other defaults still reads."""
-    method = config_dict.get("method", "structprune")
-    if method not in METHOD_OPTIONS:
-        return dict(config_dict)
-    allocation = resolved_allocation(method, config_dict.get("allocation", "auto"),
-                                     bool(config_dict.get("uniform_widths", False)))
-    one_shot = config_dict.get("iterations", 1) == 1
-    return {**{k: v for k, v in config_dict.items() if k not in KNOBS or (
-        reads(method, allocation, k) and not (one_shot and k in ADMM_KNOBS))}, "allocation": allocation}
+    return _drop_unread_knobs(config_dict, admm_only_when_iterating=True)
 
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
@@ -207,8 +213,4 @@ class PruneConfig:
             d["temperature"] = math.inf
         # A stored config lists every knob, read or not; those its method ignores take today's
         # defaults, so a config written before a default changed still loads.
-        method = d.get("method", "structprune")
-        if method in METHOD_OPTIONS:  # else the constructor names the unknown method
-            allocation = resolved_allocation(method, d.get("allocation", "auto"), bool(d.get("uniform_widths", False)))
-            d = {k: v for k, v in d.items() if k not in KNOBS or reads(method, allocation, k)}
-        return cls(**d)
+        return cls(**_drop_unread_knobs(d, admm_only_when_iterating=False))
