@@ -77,7 +77,7 @@ def test_resume_measures_only_what_is_missing_and_refuses_other_settings(tune, t
     assert tune.main(_args(out, "--resume")) == 0 and len(tune.calls) == 6
 
 
-def test_iterations_sweep_keeps_admm_trace(tune, tmp_path, one_torch_thread):
+def test_iterations_sweep_keeps_admm_trace(tune, tmp_path, one_torch_thread, load_benchmark):
     """Sweeping ``iterations`` is item 1's ADMM-against-one-shot comparison: each row keeps the
     residuals, rho and the kept iterate of every iteration, the one-shot row exactly one."""
     out = tmp_path / "tune_k"
@@ -95,3 +95,14 @@ def test_iterations_sweep_keeps_admm_trace(tune, tmp_path, one_torch_thread):
         assert e["primal_residual"] >= 0 and e["dual_residual"] >= 0 and e["rho"] > 0
     md = out.with_suffix(".md").read_text()
     assert "primal / dual residual per iteration" in md
+    # the sweep's convergence picture draws the rows with two or more iterations, and refuses a
+    # sweep without any
+    plot = load_benchmark("plot_convergence")
+    png = tmp_path / "conv.png"
+    plot.main([str(out.with_suffix(".json")), "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rec["rows"] = [one]
+    only_one = tmp_path / "one.json"
+    only_one.write_text(json.dumps(rec))
+    with pytest.raises(SystemExit, match="two or more iterations"):
+        plot.main([str(only_one), "--out", str(tmp_path / "none.png")])
