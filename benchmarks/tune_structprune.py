@@ -51,6 +51,8 @@ HELDOUT = {"cpu": 8, "gpu": 32}
 def _value(v: str):
     if v == "inf":
         return math.inf
+    if v.lower() in ("true", "false"):  # a boolean field (refit_bias); str(True) on resume
+        return v.lower() == "true"
     for kind in (int, float):
         try:
             return kind(v)
