@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without install
 from structprune import PruneConfig, load_model, prune  # noqa: E402
+from structprune.config import effective_fields  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.data.calibration import get_heldout_calibration  # noqa: E402
 from structprune.eval.intervals import paired_ratio  # noqa: E402
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
         # A default the sweep reads changed since (e.g. the temperature): its rows measured another
         # config than the one their labels now name, and mixing them would mislabel the table.
         stale = [f"{r['sparsity']}@{r[name]}" for r in record["rows"] if "config" in r
-                 and sweep_config(a, fixed, name, r["sparsity"], _value(str(r[name]))).effective_dict() != r["config"]]
+                 and sweep_config(a, fixed, name, r["sparsity"], _value(str(r[name]))).effective_dict() != effective_fields(r["config"])]
         if stale:
             raise SystemExit(f"--resume: rows {', '.join(stale)} of {out.with_suffix('.json')} were measured with "
                              "another resolved config (a default changed); use another --out")

@@ -80,6 +80,50 @@ def test_stopping_tolerances_reached_at_the_first_iteration_give_the_one_shot_mo
     assert torch.equal(out["admm"][0], out["one-shot"][0])
 
 
+def test_admm_end_point_is_the_one_shot_model_when_the_kept_sets_hold():
+    """The limit in which ADMM reduces to the one-shot pass, run through every iteration: with
+    u0 = t and rho = 1 the W-step's target u - y stays the module's own target t while its output
+    does not move, so if the kept sets hold, every iterate is the one-shot model. Three full
+    iterations (no early stop) and the last iterate kept, not the best: a wrong dual sign, a
+    consensus streamed to the wrong layer or a stale input would all show here."""
+    base = tiny_llama(layers=3)
+    ids = calib_ids(6, 24)
+    out = {}
+    for name, kw in (("one-shot", dict(iterations=1)),
+                     ("admm", dict(iterations=3, rho=1.0, tol_abs=0.0, tol_rel=0.0, select="last"))):
+        m = copy.deepcopy(base)
+        r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24, **kw)
+        with torch.no_grad():
+            out[name] = (m(ids).logits, _iterations(r.report), r.report)
+    it = out["admm"][1]
+    assert [e["iteration"] for e in it] == [1, 2, 3] and not any(e["converged"] for e in it)
+    assert all(e["kept"] == out["one-shot"][1][0]["kept"] for e in it)
+    chosen = next(e["chosen_iteration"] for e in out["admm"][2]["solver_log"] if "chosen_iteration" in e)
+    assert chosen == 3
+    torch.testing.assert_close(out["admm"][0], out["one-shot"][0], rtol=0, atol=1e-4)
+    # Away from rho = 1 the target moves ((2t + (rho - 1) z) / (1 + rho) after one step): the
+    # last iterate is another model, so the equality above is not a property of any ADMM run.
+    m = copy.deepcopy(base)
+    api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24, iterations=3,
+              rho=1e3, tol_abs=0.0, tol_rel=0.0, select="last")
+    with torch.no_grad():
+        assert (m(ids).logits - out["one-shot"][0]).abs().max() > 1e-2
+
+
+def test_select_last_keeps_the_last_iterate_and_best_the_lowest_objective():
+    m0 = tiny_llama(layers=3)
+    ids = calib_ids(6, 24)
+    chosen = {}
+    for sel in ("best", "last"):
+        m = copy.deepcopy(m0)
+        r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24,
+                      iterations=3, rho=1e3, tol_abs=0.0, tol_rel=0.0, select=sel)
+        it = _iterations(r.report)
+        chosen[sel] = (next(e["chosen_iteration"] for e in r.report["solver_log"] if "chosen_iteration" in e), it)
+    assert chosen["last"][0] == 3
+    assert chosen["best"][0] == min(chosen["best"][1], key=lambda e: e["objective"])["iteration"]
+
+
 def test_admm_residuals_decrease_and_the_log_shows_every_iteration():
     """rho = 1 on a tiny model: the primal and dual residuals fall over the iterations (with tight
     tolerances so that all run); each iteration logs residuals, tolerances, rho, lambda, objective

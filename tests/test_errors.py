@@ -129,6 +129,7 @@ def no_leftovers(out: Path):
     ({"rho": math.inf}, r"rho must be finite and >= 0, got inf"),
     ({"r_min": 1.0}, r"r_min must be in \[0, 1\), got 1\.0"),
     ({"target": "best"}, r"unknown target 'best': choose one of dense, own"),
+    ({"select": "first"}, r"unknown select 'first': choose one of best, last"),
     ({"method": "global", "global_score": "l2"}, r"unknown global_score 'l2': choose one of taylor, fisher"),
     ({"method": "wanda-sp", "allocation": "owl", "owl_lambda": -1.0}, r"owl_lambda must be finite and >= 0"),
     ({"method": "wanda-sp", "allocation": "owl", "owl_m": 0.0}, r"owl_m must be finite and > 0"),

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol-rel", dest="tol_rel", type=float, default=None,
                    help="StructPrune ADMM stopping: tolerance relative to the module outputs and duals")
     p.add_argument("--target", default=None, choices=("own", "dense"), help="StructPrune refit anchor")
+    p.add_argument("--select", default=None, choices=("best", "last"),
+                   help="StructPrune's result among its ADMM iterates: lowest calibration objective (default) or the last")
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true",
@@ -214,7 +216,7 @@ def cmd_prune(args) -> dict:
     t_start = time.perf_counter()
     device, dtype, defaults = resolve_runtime(args)
     nsamples, seqlen, limit = _counts(args, defaults)
-    solver_opts = ("temperature", "iterations", "rho", "target", "tol_abs", "tol_rel")
+    solver_opts = ("temperature", "iterations", "rho", "target", "tol_abs", "tol_rel", "select")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,

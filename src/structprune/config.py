@@ -15,6 +15,8 @@ ALLOCATIONS = ("uniform", "owl", "threshold", "softmax")
 DEFAULT_ALLOCATION = {"structprune": "softmax", "flap": "threshold", "global": "threshold"}
 GLOBAL_SCORES = ("taylor", "fisher")
 TARGETS = ("dense", "own")
+# StructPrune's result among its ADMM iterates: the lowest calibration objective, or the last one.
+SELECTS = ("best", "last")
 
 # What each method reads (solvers/): the allocations it runs and the knobs it uses. A knob
 # set away from its default on a method that ignores it is refused, not silently dropped.
@@ -26,7 +28,7 @@ METHOD_OPTIONS = {
     "global": {"allocations": ("threshold",), "knobs": ("global_score", "damp", "refit_bias")},
     "structprune": {"allocations": ("softmax", "threshold", "uniform"),
                     "knobs": ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps",
-                              "damp", "refit_bias", "tol_abs", "tol_rel")},
+                              "damp", "refit_bias", "tol_abs", "tol_rel", "select")},
 }
 # Knobs read only under some allocations (StructPrune's uniform limit needs no menus or sensitivities).
 ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",),
@@ -39,7 +41,10 @@ def reads(method: str, allocation: str, knob: str) -> bool:
 
 
 # Knobs StructPrune reads only for ADMM iterations (iterations > 1); the one-shot pass logs them.
-ADMM_KNOBS = ("rho", "tol_abs", "tol_rel")
+ADMM_KNOBS = ("rho", "tol_abs", "tol_rel", "select")
+# Knobs added after results were stored, with the value that reproduces what those results ran:
+# a stored config without them reads as having that value.
+LATER_KNOBS = {"select": "best"}
 
 
 def resolved_allocation(method: str, allocation: str, uniform_widths: bool = False) -> str:
@@ -66,11 +71,11 @@ def effective_fields(config_dict: dict) -> dict:
     """A config's dict (``PruneConfig.to_dict()``) without the knobs its method and allocation
     ignore, allocation resolved: two configs with the same effective fields prune identically.
     Not validated, so a stored config written under other defaults still reads."""
-    return _drop_unread_knobs(config_dict, admm_only_when_iterating=True)
+    return _drop_unread_knobs({**LATER_KNOBS, **config_dict}, admm_only_when_iterating=True)
 
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
-         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel")
+         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class PruneConfig:
     tol_abs: float = 1e-4  # StructPrune ADMM stopping: absolute tolerance per output entry
     tol_rel: float = 1e-2  # StructPrune ADMM stopping: tolerance relative to the outputs / duals
     path_steps: int = 32  # StructPrune: MLP removal-path steps per module (block = channels // path_steps)
+    select: str = "best"  # StructPrune's result: the ADMM iterate with the lowest calibration objective, or the last
     target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs, or the dense module's
     damp: float = 0.01
     refit_bias: bool = True
@@ -139,6 +145,8 @@ class PruneConfig:
             raise StructPruneError(f"temperature must be >= 0 (inf allowed), got {self.temperature}")
         if self.global_score not in GLOBAL_SCORES:
             raise StructPruneError(f"unknown global_score {self.global_score!r}: choose one of {', '.join(GLOBAL_SCORES)}")
+        if self.select not in SELECTS:
+            raise StructPruneError(f"unknown select {self.select!r}: choose one of {', '.join(SELECTS)}")
         if self.target not in TARGETS:
             raise StructPruneError(f"unknown target {self.target!r}: choose one of {', '.join(TARGETS)}")
         if not (self.rho >= 0 and math.isfinite(self.rho)):

@@ -439,9 +439,11 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
         run.log.append(entry)
         log.info("iter %d: objective %.5f primal %.4g (eps %.3g) dual %.4g (eps %.3g) rho %.3g lambda %.3f (%.1fs)",
                  k, objective, primal, eps_pri, dual, eps_dual, rho, lam, entry["seconds"])
-        better = objective < best
+        # Only the best iterate so far may be restored later (one snapshot at a time); with
+        # select = last the layers in place are the result and nothing is snapshotted.
+        better = objective < best and cfg.select == "best"
         best = min(best, objective)
-        if better:  # only the best iterate so far may be restored later: one snapshot at a time
+        if better:
             for it in iterates:
                 it["snapshot"] = None
         iterates.append({"iteration": k, "objective": objective, "plans": plans,
@@ -466,7 +468,10 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
 # -- phase 5: selection -------------------------------------------------------------------------
 
 def select_iterate(run, iterates: list[dict]) -> dict:
-    """The iterate with the lowest objective; its layers are restored if a later pass replaced them."""
+    """The iterate with the lowest objective (``select = best``; its layers are restored if a later
+    pass replaced them), or the last one (``select = last``: ADMM's own end point, as measured)."""
+    if run.config.select == "last":
+        return iterates[-1]
     best = min(iterates, key=lambda it: it["objective"])
     if best is not iterates[-1]:
         run.home.restore(run.adapter.layers(), best["snapshot"])
