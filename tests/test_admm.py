@@ -157,7 +157,6 @@ def test_rho_schedule_rebalances_a_dominant_residual():
 
 
 def test_convergence_plot_is_written_and_named(tmp_path):
-    pytest.importorskip("matplotlib")
     from structprune.plots import write_run_plots
 
     m = tiny_llama(layers=3)

@@ -20,7 +20,6 @@ def _is_png(path) -> bool:
 
 
 def test_widths_and_convergence_plots_are_pngs(tmp_path):
-    pytest.importorskip("matplotlib")
     assert _is_png(plots.plot_widths(BEFORE, AFTER, tmp_path / "w.png"))
     residuals = {"primal_residual": [1.0, 0.3, 0.05], "dual_residual": [float("nan"), 0.2, 0.01],
                  "objective": [0.5, 0.4, 0.39]}
@@ -40,10 +39,11 @@ def test_convergence_series_reads_iterations_in_order():
 
 
 def test_write_run_plots_names_what_it_drew(tmp_path):
-    pytest.importorskip("matplotlib")
     report = {"method": "structprune", "sparsity_achieved": 0.3, "layers_before": BEFORE, "layers": AFTER,
               "solver_log": [{"iteration": 1, "primal_residual": 1.0, "objective": 2.0}]}
-    assert plots.write_run_plots(report, tmp_path) == {"widths": "widths.png"}  # one iteration: no convergence
+    # the one-shot pass (one iteration) gets its point; a log without iterations (other methods) none
+    assert plots.write_run_plots(report, tmp_path) == {"widths": "widths.png", "convergence": "convergence.png"}
+    assert plots.write_run_plots({**report, "solver_log": [{"layer": 0}]}, tmp_path) == {"widths": "widths.png"}
     report["solver_log"].append({"iteration": 2, "primal_residual": 0.1, "objective": 1.5})
     got = plots.write_run_plots(report, tmp_path)
     assert got == {"widths": "widths.png", "convergence": "convergence.png"}
@@ -60,14 +60,12 @@ def test_missing_matplotlib_is_a_note_not_an_error(tmp_path, monkeypatch):
 
 
 def test_a_drawing_error_is_a_note_not_an_error(tmp_path):
-    pytest.importorskip("matplotlib")
     report = {"method": "wanda-sp", "sparsity_achieved": 0.4, "layers_before": BEFORE, "layers": AFTER[:2]}
     got = plots.write_run_plots(report, tmp_path)
     assert "widths" not in got and "ValueError" in got["note"]
 
 
 def test_the_cli_run_folder_has_the_widths_plot(tmp_path, make_tiny_llama, byte_tokenizer, monkeypatch):
-    pytest.importorskip("matplotlib")
     from structprune.cli import main
 
     model = make_tiny_llama()
@@ -92,7 +90,6 @@ def test_the_cli_run_folder_has_the_widths_plot(tmp_path, make_tiny_llama, byte_
 
 def test_an_admm_run_gets_its_convergence_plot(tmp_path, one_torch_thread):
     """StructPrune with several iterations logs residuals per iteration; the run's pictures include them."""
-    pytest.importorskip("matplotlib")
     from tiny import calib_ids, tiny_llama
 
     from structprune import api
@@ -102,4 +99,24 @@ def test_an_admm_run_gets_its_convergence_plot(tmp_path, one_torch_thread):
     series = plots.convergence_series(r.report["solver_log"])
     assert set(series) == {"primal_residual", "dual_residual", "objective"} and len(series["primal_residual"]) == 3
     assert plots.write_run_plots(r.report, tmp_path) == {"widths": "widths.png", "convergence": "convergence.png"}
+    assert _is_png(tmp_path / "convergence.png")
+
+
+def test_a_one_shot_structprune_run_gets_its_point_with_the_tolerances(tmp_path, one_torch_thread, monkeypatch):
+    """The default (one-shot) StructPrune run is ADMM's first iteration: its convergence picture
+    shows where the residuals stand against their stopping tolerances."""
+    from tiny import calib_ids, tiny_llama
+
+    from structprune import api
+
+    r = api.prune(tiny_llama(layers=3), calib_ids(6, 24), device="cpu", progress=False, method="structprune",
+                  sparsity=0.4, seqlen=24)
+    seen = {}
+    real = plots.plot_convergence
+    monkeypatch.setattr(plots, "plot_convergence", lambda s, p, title="", tolerances=None: seen.update(
+        series=s, tolerances=tolerances) or real(s, p, title=title, tolerances=tolerances))
+    assert plots.write_run_plots(r.report, tmp_path) == {"widths": "widths.png", "convergence": "convergence.png"}
+    (entry,) = [e for e in r.report["solver_log"] if "iteration" in e]
+    assert seen["series"]["primal_residual"] == [entry["primal_residual"]]
+    assert seen["tolerances"] == {"primal_residual": [entry["eps_primal"]], "dual_residual": [entry["eps_dual"]]}
     assert _is_png(tmp_path / "convergence.png")

@@ -10,7 +10,7 @@ from .api import PruneResult, prune, prune_checkpoint
 from .config import PruneConfig
 from .errors import CalibrationError, StructPruneError, UnsupportedArchitectureError
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load_model(*args, **kwargs):

@@ -350,9 +350,9 @@ def cmd_eval(args) -> dict:
     limit = dict(protocol.eval_limits) if protocol else (defaults["eval_limit"] if args.eval_limit == -1
                                                          else (args.eval_limit or None))
     if args.zero_shot:  # fail before loading the model if lm-eval is missing
-        from .eval.zeroshot import _import_lm_eval
+        from .eval.zeroshot import import_lm_eval
 
-        _import_lm_eval()
+        import_lm_eval()
     model, tok = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     default = "" if args.zero_shot else (",".join(protocol.datasets) if protocol else "wikitext2")
     datasets = _datasets(args.datasets if args.datasets is not None else default)

@@ -120,10 +120,10 @@ class PruneConfig:
     offload_dir: str | None = None
 
     def __post_init__(self):
-        from .solvers import METHODS  # late import: solvers import this module
-
-        if self.method not in METHODS:
-            raise StructPruneError(f"unknown method {self.method!r}: choose one of {', '.join(sorted(METHODS))}")
+        # The method names live here (METHOD_OPTIONS), the solvers' functions in solvers.METHODS
+        # (tests check they name the same methods): config never imports the solvers.
+        if self.method not in METHOD_OPTIONS:
+            raise StructPruneError(f"unknown method {self.method!r}: choose one of {', '.join(sorted(METHOD_OPTIONS))}")
         if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
             raise StructPruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
         # Uniform widths mean the uniform allocation; otherwise "auto" is the method's own default.

@@ -3,10 +3,10 @@
 * ``widths.png``: kept widths per decoder layer, before and after (query heads with the KV
   groups kept, and MLP channels): where the allocation put the budget, at a glance.
 * ``convergence.png``: per-iteration residuals and objective of an iterative solver
-  (:func:`plot_convergence`; :func:`write_run_plots` draws it from the solver log when it
-  has at least two iterations).
+  with their stopping tolerances (:func:`plot_convergence`; :func:`write_run_plots` draws
+  it from any solver log with iterations: StructPrune's, one point for the one-shot pass).
 
-matplotlib is optional (the ``plot`` extra). Without it, or if drawing fails, the run
+matplotlib is a dependency; should it be missing anyway, or if drawing fails, the run
 does not fail: :func:`write_run_plots` returns a note instead of file names, and the report
 carries it. Figures are built with the object API (``matplotlib.figure.Figure``), never
 pyplot, so no global backend or figure state is touched inside a user's process.
@@ -25,6 +25,8 @@ WIDTHS_FILE = "widths.png"
 CONVERGENCE_FILE = "convergence.png"
 # Keys of an iteration entry of the solver log drawn by the convergence plot, when present.
 CONVERGENCE_KEYS = ("primal_residual", "dual_residual", "objective")
+# Their stopping tolerances, drawn dashed in the residuals' panels.
+TOLERANCE_KEYS = ("eps_primal", "eps_dual")
 
 
 def _figure(nrows: int, height: float):
@@ -60,38 +62,49 @@ def plot_widths(before: Sequence[Mapping], after: Sequence[Mapping], path: str |
     return Path(path)
 
 
-def plot_convergence(series: Mapping[str, Sequence[float]], path: str | Path, title: str = "") -> Path:
+def plot_convergence(series: Mapping[str, Sequence[float]], path: str | Path, title: str = "",
+                     tolerances: Mapping[str, Sequence[float]] | None = None) -> Path:
     """One panel per series (e.g. ``primal_residual``, ``dual_residual``, ``objective``: one
     value per iteration) against the iteration number, log scale where every value is
-    positive, to ``path`` (PNG). The ADMM solver calls it with its per-iteration residual lists."""
+    positive, to ``path`` (PNG); ``tolerances`` (same keys) are drawn dashed in their series'
+    panel, so a reader sees how far each residual is from stopping."""
     names = [n for n, v in series.items() if len(v) > 0]
     if not names:
         raise ValueError("plot_convergence needs at least one non-empty series")
+    tolerances = tolerances or {}
     fig, axes = _figure(len(names), 2.2 * len(names) + 0.8)
     for ax, name in zip(axes, names):
         values = [float(v) for v in series[name]]
         it = list(range(1, len(values) + 1))
-        ax.plot(it, values, marker="o")
-        finite = [v for v in values if math.isfinite(v)]
+        ax.plot(it, values, marker="o", label=name.replace("_", " "))
+        drawn = list(values)
+        if tolerances.get(name):
+            tol = [float(v) for v in tolerances[name]]
+            ax.plot(range(1, len(tol) + 1), tol, ls="--", marker="x", label="stopping tolerance")
+            ax.legend(fontsize=7)
+            drawn += tol
+        finite = [v for v in drawn if math.isfinite(v)]
         if finite and all(v > 0 for v in finite):
             ax.set_yscale("log")
         ax.set_ylabel(name.replace("_", " "))
         ax.grid(alpha=0.3)
+    n = max(len(series[name]) for name in names)
     axes[-1].set_xlabel("iteration")
-    axes[-1].xaxis.get_major_locator().set_params(integer=True)
+    axes[-1].set_xlim(0.5, n + 0.5)  # one iteration (the one-shot pass) is a point, not a range
+    axes[-1].set_xticks(range(1, n + 1) if n <= 12 else range(1, n + 1, max(1, n // 10)))
     axes[0].set_title(title or "convergence")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
 
 
-def convergence_series(solver_log: Sequence[Mapping]) -> dict[str, list[float]]:
-    """Per-iteration lists of :data:`CONVERGENCE_KEYS` from the entries of a solver log that
-    carry an ``iteration`` number (in iteration order); a key absent from them is left out."""
+def convergence_series(solver_log: Sequence[Mapping], keys: Sequence[str] = CONVERGENCE_KEYS) -> dict[str, list[float]]:
+    """Per-iteration lists of ``keys`` from the entries of a solver log that carry an
+    ``iteration`` number (in iteration order); a key absent from them is left out."""
     iters = sorted((e for e in solver_log if isinstance(e, Mapping) and "iteration" in e),
                    key=lambda e: e["iteration"])
     out = {}
-    for key in CONVERGENCE_KEYS:
+    for key in keys:
         if iters and all(key in e and e[key] is not None for e in iters):
             out[key] = [float(e[key]) for e in iters]
     return out
@@ -99,8 +112,8 @@ def convergence_series(solver_log: Sequence[Mapping]) -> dict[str, list[float]]:
 
 def write_run_plots(report: Mapping, folder: str | Path) -> dict:
     """Draw the run's pictures into ``folder`` and return the report's ``plots`` entry: file
-    names relative to ``folder`` (``widths``, and ``convergence`` for a solver log with two
-    or more iterations), plus a ``note`` when a picture could not be drawn. Never raises for
+    names relative to ``folder`` (``widths``, and ``convergence`` for a solver log with
+    iterations), plus a ``note`` when a picture could not be drawn. Never raises for
     a missing matplotlib or a drawing error: the pruned model matters more than its picture."""
     folder = Path(folder)
     out: dict = {}
@@ -109,17 +122,23 @@ def write_run_plots(report: Mapping, folder: str | Path) -> dict:
     if report.get("layers_before") and report.get("layers"):
         jobs.append(("widths", WIDTHS_FILE, lambda p: plot_widths(report["layers_before"], report["layers"], p,
                                                                    title=f"kept widths per layer, {title}")))
-    series = convergence_series(report.get("solver_log") or [])
-    if series and len(next(iter(series.values()))) >= 2:
-        jobs.append(("convergence", CONVERGENCE_FILE, lambda p: plot_convergence(series, p,
-                                                                                 title=f"convergence, {title}")))
+    log_entries = report.get("solver_log") or []
+    series = convergence_series(log_entries)
+    # StructPrune's one-shot pass is ADMM's first iteration: one point per panel, with the
+    # tolerances, says how far from a consensus it stopped.
+    tol = convergence_series(log_entries, TOLERANCE_KEYS)
+    tolerances = {name: tol[key] for name, key in (("primal_residual", "eps_primal"), ("dual_residual", "eps_dual"))
+                  if key in tol}
+    if series:
+        jobs.append(("convergence", CONVERGENCE_FILE, lambda p: plot_convergence(
+            series, p, title=f"convergence, {title}", tolerances=tolerances)))
     notes = []
     for kind, name, draw in jobs:
         try:
             draw(folder / name)
             out[kind] = name
         except ImportError:
-            notes.append("matplotlib is not installed (pip install 'structprune[plot]'): no plots were drawn")
+            notes.append("matplotlib is not installed (pip install matplotlib): no plots were drawn")
             break
         except Exception as exc:  # a picture must never cost the run its output
             log.warning("could not draw %s: %s", name, exc, exc_info=True)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .version import __version__
+
 # Config fields that say where a model was loaded from or by what, not what it is.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
 _SAMPLE_BLOCKS, _BLOCK = 64, 4096
@@ -38,8 +40,6 @@ def library_versions() -> dict:
     """Versions of Python, torch, transformers, safetensors and StructPrune in this process."""
     import safetensors
     import transformers
-
-    from . import __version__
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "safetensors": safetensors.__version__,

@@ -24,7 +24,8 @@ _NETWORK_ERRORS = ("Connection", "Timeout", "Offline", "LocalEntryNotFound", "Da
                    "HTTPError", "MaxRetry", "NameResolution")
 
 
-def _import_lm_eval():
+def import_lm_eval():
+    """``(lm_eval, HFLM)``, or a :class:`StructPruneError` saying how to install lm-evaluation-harness."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -52,7 +53,7 @@ def zero_shot(model, tokenizer, tasks: list[str] | tuple[str, ...] = PROTOCOL_TA
     Returns ``{"tasks": {task: {"acc": .., "acc_norm": .., "primary": metric}}, "lm_eval_version": ..}``.
     ``limit`` caps examples per task (a smoke test, not a protocol number).
     """
-    lm_eval, HFLM = _import_lm_eval()
+    lm_eval, HFLM = import_lm_eval()
     tasks = list(tasks)
     if not tasks:
         raise StructPruneError("no zero-shot tasks given")

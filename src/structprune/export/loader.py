@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StructPruneError
-from ..models.checkpoint import check_shard_name
+from ..checkpoint_files import check_shard_name
 from ..provenance import file_sha256
 from .modeling import modeling_structprune as modeling
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 CUSTOM_PREFIX = "structprune_"
 
 
-def _read_config(path: Path) -> dict:
+def read_model_config(path: Path) -> dict:
+    """The parsed ``config.json`` of a model folder, or a :class:`StructPruneError` saying why not."""
     if not path.is_dir():
         raise StructPruneError(f"{path} is not a folder; pass a folder written by `structprune prune --output`")
     cfg_file = path / "config.json"
@@ -159,7 +160,7 @@ def verify_modeling_file(path: Path, cfg: dict, trust_remote_code: bool = False)
                                "refusing to load it; restore the file or re-export the model")
 
 
-def _model_classes(cfg: dict, trust_remote_code: bool):
+def model_classes(cfg: dict, trust_remote_code: bool):
     """``(config class, model class)`` to load with, or ``(None, None)`` for transformers' Auto classes."""
     model_type = cfg["model_type"]
     if _is_per_layer(cfg):
@@ -196,10 +197,10 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
-    cfg = _read_config(path)
+    cfg = read_model_config(path)
     verify_modeling_file(path, cfg, trust_remote_code)
     shapes = weight_shapes(path)  # before loading: a truncated file fails here, clearly
-    config_cls, model_cls = _model_classes(cfg, trust_remote_code)
+    config_cls, model_cls = model_classes(cfg, trust_remote_code)
     kwargs = {"dtype": dtype if dtype is not None else "auto", "output_loading_info": True}
     try:
         if model_cls is not None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import StructPruneError
 from ..files import current_umask
-from ..models.checkpoint import INDEX_NAME, SINGLE_NAME, check_shard_name, own_copy
+from ..checkpoint_files import INDEX_NAME, SINGLE_NAME, check_shard_name, own_copy
 
 log = logging.getLogger(__name__)
 

@@ -39,12 +39,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint_files import INDEX_NAME, SINGLE_NAME, check_shard_name, own_copy
 from ..errors import StructPruneError
+from ..export.loader import model_classes, read_model_config
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,18 +61,6 @@ def _safetensors_errors() -> tuple[type[BaseException], ...]:
     return (SafetensorError, OSError)
 
 
-def check_shard_name(folder: Path, name: object, index: Path) -> Path:
-    """``folder / name`` for a shard file named in an index; refuse names that leave ``folder``.
-
-    Lexical check only: Hugging Face cache snapshots are symlinks into a blob folder,
-    so resolving links and requiring the target inside ``folder`` would refuse them.
-    """
-    if not isinstance(name, str) or not name:
-        raise StructPruneError(f"{index} names a shard {name!r} that is not a file name")
-    parts = re.split(r"[\\/]", name)
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts or Path(name).is_absolute():
-        raise StructPruneError(f"{index} names the shard {name!r}, a path outside the folder; refusing to read it")
-    return folder / name
 
 
 def _open_error(path: Path, exc: BaseException) -> StructPruneError:
@@ -380,14 +367,6 @@ def _natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def own_copy(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
-    """A copy of ``t`` on ``device`` in ``dtype`` that owns its memory."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return t.to(dtype=dtype or t.dtype, copy=True)
-    # Transfer in the stored (usually narrower) dtype, cast on the device.
-    out = t.to(device)
-    return out.to(dtype) if dtype is not None and out.dtype != dtype else out
 
 
 # -- meta skeletons ---------------------------------------------------------------------------------
@@ -441,11 +420,9 @@ def load_skeleton(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..export.loader import _model_classes, _read_config
-
     folder = Path(folder).expanduser()
     reader = CheckpointReader(folder)
-    config_cls, model_cls = _model_classes(_read_config(folder), trust_remote_code)
+    config_cls, model_cls = model_classes(read_model_config(folder), trust_remote_code)
     try:
         # Buffers are built for real (they are tiny, and computing them is the module's job);
         # parameters go to meta as soon as they are registered.

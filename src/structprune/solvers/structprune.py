@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from ..adapters import module_costs, prunable_params, removable_cost
+from ..adapters import LayerPlan, module_costs, prunable_params, removable_cost
 from ..allocation.softmax import Menu, allocate_prefixes
 from ..allocation.widths import uniform_widths
 from ..engine import LayerInputs
@@ -482,8 +482,6 @@ def select_iterate(run, iterates: list[dict]) -> dict:
 
 def prune_structprune(run):
     """StructPrune (see the module docstring); returns the kept structures of every layer."""
-    from ..adapters.base import LayerPlan
-
     cfg, adapter = run.config, run.adapter
     T = temperature_of(cfg)
     t0 = time.perf_counter()
