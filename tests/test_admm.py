@@ -138,10 +138,14 @@ def test_admm_residuals_decrease_and_the_log_shows_every_iteration():
         assert {"objective", "consensus_objective", "primal_residual", "dual_residual", "eps_primal", "eps_dual", "rho",
                 "lambda", "kept", "converged"} <= set(e)
         assert len(e["kept"]) == 3 and not e["converged"]
-    assert it[-1]["primal_residual"] < 0.5 * it[0]["primal_residual"]
-    assert it[-1]["dual_residual"] < 0.5 * it[0]["dual_residual"]
+    # docs/structprune.md quotes this run: 33.0 -> 8.6 (primal), 33.0 -> 8.8 at iteration 3 (dual),
+    # and an ADMM iterate with a lower calibration objective than the one-shot pass
+    assert it[-1]["primal_residual"] < 0.3 * it[0]["primal_residual"]
+    assert min(e["dual_residual"] for e in it[1:]) < 0.3 * it[0]["dual_residual"]
+    obj = [e["objective"] for e in it]
+    assert min(obj[1:]) < 0.995 * obj[0] and max(obj) < 1.02 * obj[0]
     chosen = next(e["chosen_iteration"] for e in r.report["solver_log"] if "chosen_iteration" in e)
-    assert chosen == min(it, key=lambda e: e["objective"])["iteration"]
+    assert chosen == min(it, key=lambda e: e["objective"])["iteration"] and chosen > 1
 
 
 def test_rho_schedule_rebalances_a_dominant_residual():

@@ -140,11 +140,16 @@ def test_plan_rows_main_and_ablations(bench):
     a = bench.parser().parse_args(["--ablations"])
     todo = bench.plan_rows(a)
     main = bench.main_specs(bench.ADMM_ITERATIONS)
+    # the main rows; ADMM (not the default) among the ablations, as the committed table has them
+    assert main == ["structprune", "structprune+iterations=1", "global", "obs-local", "flap", "wanda-sp"]
     assert todo[:len(main)] == [(s, 0.2) for s in main]
-    assert ("structprune+iterations=1", 0.5) in todo and ("structprune+iterations=4", 0.4) in todo
+    assert ("structprune+iterations=1", 0.5) in todo and not any(s == "structprune+iterations=2" and x == 0.4
+                                                                 for s, x in todo)
     abl = [t for t in todo if t[0] == "structprune:uniform"]
     assert abl == [("structprune:uniform", 0.3), ("structprune:uniform", 0.5)]
-    assert ("structprune:softmax+temperature=0.5", 0.3) in todo and ("structprune+iterations=8", 0.5) in todo
+    assert ("structprune:softmax+temperature=1", 0.3) in todo and ("structprune+iterations=2", 0.5) in todo
+    a4 = bench.parser().parse_args(["--admm-iterations", "4"])
+    assert ("structprune+iterations=4", 0.4) in bench.plan_rows(a4)
 
 
 def test_eval_dtype_evaluates_a_bf16_copy_and_checks_it_against_fp32(bench, tmp_path):

@@ -149,3 +149,24 @@ def test_protocols_and_per_dataset_limits(make_tiny_llama, byte_tokenizer, tmp_p
     res = evaluate_datasets(make_tiny_llama(), byte_tokenizer, [str(a), str(b)], seqlen=64,
                             limit={str(a): 3}, progress=False)
     assert (res[str(a)].nwindows, res[str(b)].nwindows) == (3, 10)
+
+
+def test_evaluate_datasets_under_a_protocol(make_tiny_llama, byte_tokenizer, tmp_path):
+    """``protocol=`` sets the datasets, the window length and the windows; the per-window NLLs it
+    keeps give the interval and the paired ratio of two models."""
+    from structprune.eval import Protocol, paired_ratio
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the quick brown fox " * 40)
+    b.write_text("jumps over the lazy dog " * 40)
+    proto = Protocol("tiny", 2, 32, 32, {str(a): 3, str(b): 2})
+    m1, m2 = make_tiny_llama(), make_tiny_llama(seed=1)
+    r1 = evaluate_datasets(m1, byte_tokenizer, protocol=proto, progress=False)
+    r2 = evaluate_datasets(m2, byte_tokenizer, protocol=proto, progress=False)
+    assert list(r1) == [str(a), str(b)]
+    assert [(r.nwindows, r.seqlen) for r in r1.values()] == [(3, 32), (2, 32)]
+    ratio = paired_ratio(r1[str(a)].window_nlls, r2[str(a)].window_nlls)
+    assert ratio.low <= ratio.value <= ratio.high and ratio.nwindows == 3
+    assert math.isclose(ratio.value, r1[str(a)].ppl / r2[str(a)].ppl, rel_tol=1e-6)
+    with pytest.raises(StructPruneError, match="needs datasets or a protocol"):
+        evaluate_datasets(m1, byte_tokenizer, progress=False)

@@ -22,7 +22,7 @@ from ..data.corpora import C4_EVAL_MAX_WINDOWS
 from ..errors import StructPruneError
 from ..models.loading import model_context_length
 from .intervals import ppl_interval
-from .protocol import limit_for
+from .protocol import Protocol, get_protocol, limit_for
 
 logger = logging.getLogger(__name__)
 
@@ -172,16 +172,25 @@ def perplexity(
 def evaluate_datasets(
     model,
     tokenizer,
-    datasets: list[str],
+    datasets: list[str] | None = None,
     seqlen: int = 2048,
     limit: int | None | dict[str, int | None] = None,
     device: str | torch.device | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    protocol: str | Protocol | None = None,
 ) -> dict[str, PerplexityResult]:
     """:func:`perplexity` on each dataset, same settings; keyed by dataset name. ``limit`` is
-    one window limit for every dataset or a mapping ``{dataset: limit}`` (a protocol's,
-    ``eval/protocol.py``)."""
+    one window limit for every dataset or a mapping ``{dataset: limit}``. ``protocol``
+    (``"cpu"``, ``"gpu"`` or a :class:`Protocol`) sets the datasets (unless given), the window
+    length and the windows of docs/protocol.md; each result keeps its per-window NLLs, so
+    ``result.interval()`` and :func:`~structprune.eval.paired_ratio` compare models."""
+    if protocol is not None:
+        proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
+        datasets = proto.datasets if datasets is None else datasets
+        seqlen, limit = proto.eval_seqlen, proto.eval_limits
+    if not datasets:
+        raise StructPruneError("evaluate_datasets needs datasets or a protocol")
     return {
         name: perplexity(
             model, tokenizer, name, seqlen=seqlen, limit=limit_for(limit, name), device=device, batch_size=batch_size,
