@@ -100,6 +100,24 @@ def compare(rows: list[dict], name: str, reference) -> list[dict]:
     return out
 
 
+def joint_decision(rows: list[dict], name: str) -> dict | None:
+    """The rule that sets one default from several sparsities (docs/structprune.md): among the
+    values measured at every sparsity of the sweep, the lowest geometric mean of held-out
+    perplexity. None with fewer than two sparsities."""
+    sparsities = sorted({r["sparsity"] for r in rows})
+    if len(sparsities) < 2:
+        return None
+    by_value: dict = {}
+    for r in rows:
+        by_value.setdefault(r[name], {})[r["sparsity"]] = r["heldout"]["ppl"]
+    gm = {v: math.exp(sum(math.log(p) for p in at.values()) / len(at))
+          for v, at in by_value.items() if set(at) == set(sparsities)}
+    if not gm:
+        return None
+    ranked = sorted(gm, key=gm.get)
+    return {"sparsities": sparsities, "best": ranked[0], "geomean": {str(v): gm[v] for v in ranked}}
+
+
 def sweep_config(a, fixed: dict, name: str, sparsity: float, value) -> PruneConfig:
     """The config of one row: StructPrune at ``sparsity`` with the fixed fields and ``name = value``."""
     return PruneConfig(sparsity=sparsity, nsamples=a.nsamples, seqlen=a.seqlen,
@@ -146,6 +164,12 @@ def write(record: dict, out: Path) -> None:
     lines += ["", "Decision per sparsity (a value replaces the reference only where the upper end of its paired "
               "interval is below 1):", ""]
     lines += [f"* {c['sparsity']:.2f}: {c['decision']}" for c in record["decisions"]]
+    joint = joint_decision(record["rows"], name)
+    if joint:
+        ranked = ", ".join(f"{v} {g:.2f}" for v, g in joint["geomean"].items())
+        lines += ["", f"One default for all sparsities (the rule of docs/structprune.md: the lowest geometric mean "
+                  f"of held-out perplexity over {', '.join(f'{x:.2f}' for x in joint['sparsities'])}, among the "
+                  f"values measured at each): **{name}={joint['best']}**. Geometric means: {ranked}."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -156,7 +180,7 @@ def main(argv=None) -> int:
                    help="calibration size and held-out windows of docs/protocol.md (else --nsamples/--seqlen/"
                         "--heldout)")
     p.add_argument("--sparsity", default="0.3,0.5")
-    p.add_argument("--sweep", required=True, help="name=v1,v2,... of a PruneConfig field")
+    p.add_argument("--sweep", help="name=v1,v2,... of a PruneConfig field (required unless --render)")
     p.add_argument("--reference", default=None, help="the sweep's reference value (default: the field's default)")
     p.add_argument("--fixed", default="", help="name=value;name=value of other PruneConfig fields")
     p.add_argument("--nsamples", type=int, default=8)
@@ -167,7 +191,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--out", required=True, help="output path prefix (.md and .json are added)")
     p.add_argument("--resume", action="store_true", help="keep the finished rows of --out's JSON")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite --out's Markdown (decisions included) from its JSON; measures nothing")
     a = p.parse_args(argv)
+    if a.render:
+        out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
+        record = json.loads(out.with_suffix(".json").read_text())
+        name = record["settings"]["sweep"]
+        record["decisions"] = compare(record["rows"], name, _value(str(record["settings"]["reference"])))
+        write(record, out)
+        return 0
+    if not a.sweep:
+        p.error("--sweep is required")
 
     if a.protocol:
         proto = get_protocol(a.protocol)

@@ -5,6 +5,7 @@ by the protocol's rule, and a resumed sweep that measures only what is missing."
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -115,3 +116,23 @@ def test_sweep_values_parse_to_the_fields_types(load_benchmark):
     assert v("false") is False and v("true") is True and v("True") is True
     assert v("inf") == float("inf") and v("32") == 32 and isinstance(v("32"), int) and v("0.01") == 0.01
     assert v("own") == "own"
+
+
+def test_render_rewrites_the_markdown_with_the_joint_decision(tune, tmp_path, one_torch_thread):
+    """--render measures nothing (no prune), keeps the JSON's rows and command, and states the
+    one-default rule: the lowest geometric mean over the sparsities."""
+    out = tmp_path / "tune_r"
+    assert tune.main(_args(out)) == 0
+    rec = json.loads(out.with_suffix(".json").read_text())
+    tune.calls.clear()
+    out.with_suffix(".md").unlink()
+    assert tune.main(["--out", str(out), "--render"]) == 0 and tune.calls == []
+    assert json.loads(out.with_suffix(".json").read_text()) == rec
+    joint = tune.joint_decision(rec["rows"], "temperature")
+    gm = {v: (math.prod(r["heldout"]["ppl"] for r in rec["rows"] if r["temperature"] == v)) ** 0.5
+          for v in {r["temperature"] for r in rec["rows"]}}
+    assert joint["best"] == min(gm, key=gm.get) and joint["sparsities"] == [0.3, 0.5]
+    md = out.with_suffix(".md").read_text()
+    assert f"**temperature={joint['best']}**" in md and rec["command"] in md
+    assert tune.joint_decision([r for r in rec["rows"] if r["sparsity"] == 0.3], "temperature") is None
+
