@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
 from structprune import PruneConfig, load_model, prune  # noqa: E402
+from structprune.bench import hardware_name  # noqa: E402
 from structprune.config import GLOBAL_SCORES, effective_fields  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.data.calibration import get_heldout_calibration  # noqa: E402
@@ -560,8 +561,7 @@ def run(a, protocol, settings: dict, todo: list[tuple[str, float]], out: Path, a
     record = {"settings": settings, "rows": rows,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
-              "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda")
-              else (platform.processor() or platform.machine()),
+              "device_name": hardware_name(a.device),
               "commands": commands + [command]}  # a resumed table lists every command that added rows
 
     base, tok = load_model(a.model, dtype=DTYPES[a.dtype], device="cpu")

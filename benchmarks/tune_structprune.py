@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without install
 from structprune import PruneConfig, load_model, prune  # noqa: E402
+from structprune.bench import hardware_name  # noqa: E402
 from structprune.config import effective_fields  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.data.calibration import get_heldout_calibration  # noqa: E402
@@ -129,6 +130,13 @@ def settings_of(a, protocol) -> dict:
             "heldout": a.heldout, "sweep": a.sweep.split("=")[0], "fixed": a.fixed, "reference": a.reference}
 
 
+def machine(device) -> str:
+    """The processor and the kernels' instruction set: rows measured on different ones are not
+    bit-comparable."""
+    isa = torch.backends.cpu.get_cpu_capability() if str(device).startswith("cpu") else f"torch {torch.__version__}"
+    return f"{hardware_name(device)} ({isa})"
+
+
 def _residuals(e: dict) -> str:
     """``primal / dual`` of one iteration (the one-shot pass has no dual residual: no earlier consensus)."""
     f = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"  # noqa: E731
@@ -149,7 +157,8 @@ def write(record: dict, out: Path) -> None:
              f"(disjoint C4 documents, seed 1). Dense held-out perplexity: {d['ppl']:.3f} "
              f"[{d['ppl_interval'][0]:.3f}, {d['ppl_interval'][1]:.3f}]. Fixed: {s['fixed'] or 'defaults'}. "
              f"Intervals: 95% bootstrap over windows; ratios paired on the same windows against "
-             f"{name}={s['reference']} (the reference).", "",
+             f"{name}={s['reference']} (the reference). Hardware: "
+             f"{', '.join(sorted({r.get('hardware', 'not recorded') for r in record['rows']})) or 'none yet'}.", "",
              f"| sparsity | {name} | held-out ppl [95%] | ratio to reference [95%] | achieved | objective per "
              "iteration | primal / dual residual per iteration | kept iterate | seconds |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -264,6 +273,9 @@ def main(argv=None) -> int:
                                    "chosen_iteration": next((e["chosen_iteration"] for e in r.report["solver_log"]
                                                              if "chosen_iteration" in e), None),
                                    "threads": torch.get_num_threads(),
+                                   # float kernels differ between CPUs: the same config can round to
+                                   # another discrete choice on another machine (experiment log)
+                                   "hardware": machine(a.device),
                                    "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
             del m
             record["decisions"] = compare(record["rows"], name, reference)
