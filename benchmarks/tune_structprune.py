@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
     settings = settings_of(a, a.protocol)
-    record = {"command": "python " + " ".join(["benchmarks/tune_structprune.py", *(argv or sys.argv[1:])]),
+    record = {"command": shlex.join(["python", "benchmarks/tune_structprune.py", *(argv or sys.argv[1:])]),
               "settings": settings, "device": a.device, "rows": [], "decisions": []}
     if a.resume and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
