@@ -113,7 +113,7 @@ def test_permuted_windows_do_not_share_a_cache_entry(monkeypatch):
     cache = {}
     a = _prune(copy.deepcopy(base), calib, method="structprune", allocation="auto", sens_nsamples=2, cache=cache)
     b = _prune(copy.deepcopy(base), permuted, method="structprune", allocation="auto", sens_nsamples=2, cache=cache)
-    assert len(calls) == 2 and len(cache) == 2
+    assert len(calls) == 2 and len(cache) == 4  # a profile and its sensitivities per window order
     fresh = _prune(copy.deepcopy(base), permuted, method="structprune", allocation="auto", sens_nsamples=2)
     assert b.report["solver_log"][-1]["sensitivities"] == fresh.report["solver_log"][-1]["sensitivities"]
     assert a.report["solver_log"][-1]["sensitivities"] != b.report["solver_log"][-1]["sensitivities"]
@@ -218,3 +218,17 @@ def test_refused_before_work_also_leaves_the_model(monkeypatch):
     with pytest.raises(StructPruneError):
         _prune(model, calib=torch.full((2, 16), 10_000))  # ids beyond the vocabulary
     assert _state(model) == before
+
+
+def test_a_knob_of_the_paths_only_reuses_the_sensitivities(monkeypatch):
+    """damp and refit_bias change the removal paths, not the streamed backward: a sweep of them
+    back-propagates once, and each run's sensitivities equal a fresh run's."""
+    calls = _profile_calls(monkeypatch)
+    calib, cache = calib_ids(4, 16), {}
+    base = FACTORIES["llama-gqa"]()
+    runs = [_prune(copy.deepcopy(base), calib, method="structprune", allocation="auto", cache=cache, **kw)
+            for kw in ({}, {"damp": 0.1}, {"refit_bias": False})]
+    assert len(calls) == 1 and sum(k[0] == "structprune-profile" for k in cache) == 3
+    fresh = _prune(copy.deepcopy(base), calib, method="structprune", allocation="auto", damp=0.1)
+    assert runs[1].report["solver_log"][-1]["sensitivities"] == fresh.report["solver_log"][-1]["sensitivities"]
+    assert runs[1].report["layers"] == fresh.report["layers"]

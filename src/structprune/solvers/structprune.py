@@ -89,13 +89,21 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict], Acti
            cfg.r_min, cfg.damp, cfg.refit_bias, cfg.mlp_multiple, cfg.path_steps, cfg.batch_size)
     if run.cache is not None and key in run.cache:
         return copy.deepcopy(run.cache[key])
-    inputs = run.stream().first_inputs()
-    nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
-    sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
-    ncal = sum(h.shape[0] for h in sub.hidden)
-    sens = run.phase("sensitivities", lambda: module_sensitivities(
-        run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress, store_factory=run.home,
-        timings=run.timings))
+    # The sensitivities depend on fewer knobs than the paths (not damp, refit_bias, r_min, path
+    # steps): a sweep of those reuses the streamed backward, the most expensive phase.
+    sens_key = ("structprune-sensitivities", *key[1:5])
+    if run.cache is not None and sens_key in run.cache:
+        sens = copy.deepcopy(run.cache[sens_key])
+    else:
+        inputs = run.stream().first_inputs()
+        nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
+        sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
+        ncal = sum(h.shape[0] for h in sub.hidden)
+        sens = run.phase("sensitivities", lambda: module_sensitivities(
+            run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress, store_factory=run.home,
+            timings=run.timings))
+        if run.cache is not None:
+            run.cache[sens_key] = copy.deepcopy(sens)
     results, _ = run_pass(run, "structprune profile", profile_step(run, sens))
     menus = [m for r in results for m in r["menus"]]
     final = results[-1]["final"]
