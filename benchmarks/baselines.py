@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from structprune import PruneConfig, load_model, prune  # noqa: E402
 from structprune.bench import hardware_name  # noqa: E402
-from structprune.config import GLOBAL_SCORES, effective_fields  # noqa: E402
+from structprune.config import GLOBAL_SCORES, effective_fields, field_value  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.data.calibration import get_heldout_calibration  # noqa: E402
 from structprune.errors import StructPruneError  # noqa: E402
@@ -90,19 +90,6 @@ def ablation_specs(temperatures: list[float], iterations: list[int]) -> list[str
             + [f"structprune+iterations={k}" for k in iterations])
 
 
-def _value(v: str):
-    if v in ("inf", "-inf"):
-        return float(v)
-    if v in ("true", "false", "True", "False"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
 def parse_spec(spec: str) -> tuple[str, str, dict]:
     """``method[:allocation][+field=value...]`` -> ``(method, allocation, overrides)``."""
     head, *sets = spec.split("+")
@@ -112,7 +99,7 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
         k, sep, v = kv.partition("=")
         if not sep:
             raise StructPruneError(f"bad override {kv!r} in method spec {spec!r}: use field=value")
-        overrides[k] = _value(v)
+        overrides[k] = field_value(v)
     return method, allocation or "auto", overrides
 
 

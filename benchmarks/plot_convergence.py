@@ -31,7 +31,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     rec = json.load(open(a.json))
-    knob = rec["settings"]["sweep"] if isinstance(rec.get("settings"), dict) and "sweep" in rec["settings"] else None
+    knob = rec["settings"]["sweep"]  # the swept field names each row
     rows = [r for r in rec["rows"] if len(r.get("admm_trace") or []) >= 2]
     if not rows:
         raise SystemExit(f"no row of {a.json} has an ADMM trace of two or more iterations")
@@ -39,8 +39,7 @@ def main(argv=None):
     for r in rows:
         trace = sorted(r["admm_trace"], key=lambda e: e["iteration"])
         it = [e["iteration"] for e in trace]
-        name = knob or next((k for k in r if k in ("rho", "iterations", "temperature", "target")), "row")
-        label = f"{name}={r.get(name)}, {r['sparsity']:.0%}, kept iteration {r.get('chosen_iteration')}"
+        label = f"{knob}={r[knob]}, {r['sparsity']:.0%}, kept iteration {r.get('chosen_iteration')}"
         for ax, (key, tol, _) in zip(axes, PANELS):
             line, = ax.plot(it, [e[key] for e in trace], marker="o", label=label)
             if tol:
@@ -54,8 +53,7 @@ def main(argv=None):
     axes[-1].set_xlabel("ADMM iteration")
     axes[-1].xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
-    model = rec.get("settings", {}).get("model", "") if isinstance(rec.get("settings"), dict) else ""
-    axes[0].set_title(f"{model} ADMM convergence ({a.json.rsplit('/', 1)[-1]})".strip(), fontsize=9)
+    axes[0].set_title(f"{rec['settings']['model']} ADMM convergence ({a.json.rsplit('/', 1)[-1]})", fontsize=9)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without install
 from structprune import PruneConfig, load_model, prune  # noqa: E402
 from structprune.bench import hardware_name  # noqa: E402
-from structprune.config import effective_fields  # noqa: E402
+from structprune.config import effective_fields, field_value  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.data.calibration import get_heldout_calibration  # noqa: E402
 from structprune.eval.intervals import paired_ratio  # noqa: E402
@@ -49,19 +49,6 @@ ITERATION_FIELDS = ("iteration", "objective", "consensus_objective", "primal_res
                     "eps_primal", "eps_dual", "rho", "lambda", "converged", "seconds")
 # Held-out windows per protocol (of the protocol's calibration length), as baselines.py uses.
 HELDOUT = {"cpu": 8, "gpu": 32}
-
-
-def _value(v: str):
-    if v == "inf":
-        return math.inf
-    if v.lower() in ("true", "false"):  # a boolean field (refit_bias); str(True) on resume
-        return v.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v  # a string field (method, target, allocation)
 
 
 def _label(v) -> str | int | float:
@@ -204,11 +191,11 @@ def main(argv=None) -> int:
     p.add_argument("--render", action="store_true",
                    help="only rewrite --out's Markdown (decisions included) from its JSON; measures nothing")
     a = p.parse_args(argv)
+    out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
     if a.render:
-        out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
         record = json.loads(out.with_suffix(".json").read_text())
         name = record["settings"]["sweep"]
-        record["decisions"] = compare(record["rows"], name, _value(str(record["settings"]["reference"])))
+        record["decisions"] = compare(record["rows"], name, field_value(str(record["settings"]["reference"])))
         write(record, out)
         return 0
     if not a.sweep:
@@ -218,18 +205,17 @@ def main(argv=None) -> int:
         proto = get_protocol(a.protocol)
         a.nsamples, a.seqlen, a.heldout = proto.calib_nsamples, proto.calib_seqlen, HELDOUT[a.protocol]
     name, values = a.sweep.split("=")
-    values = [_value(v) for v in values.split(",")]
+    values = [field_value(v) for v in values.split(",")]
     if name not in PruneConfig.__dataclass_fields__:
         p.error(f"--sweep: {name} is not a PruneConfig field")
     if a.reference is None:
         a.reference = _label(PruneConfig.__dataclass_fields__[name].default)
-    reference = _value(str(a.reference))
+    reference = field_value(str(a.reference))
     if _label(reference) not in [_label(v) for v in values]:
         values.insert(0, reference)  # every comparison is paired against it
-    fixed = {k: _value(v) for k, v in (kv.split("=") for kv in a.fixed.split(";") if kv)}
+    fixed = {k: field_value(v) for k, v in (kv.split("=") for kv in a.fixed.split(";") if kv)}
     if a.threads:
         torch.set_num_threads(a.threads)
-    out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
     settings = settings_of(a, a.protocol)
     record = {"command": shlex.join(["python", "benchmarks/tune_structprune.py", *(argv or sys.argv[1:])]),
               "settings": settings, "device": a.device, "rows": [], "decisions": []}
@@ -242,7 +228,7 @@ def main(argv=None) -> int:
         # A default the sweep reads changed since (e.g. the temperature): its rows measured another
         # config than the one their labels now name, and mixing them would mislabel the table.
         stale = [f"{r['sparsity']}@{r[name]}" for r in record["rows"] if "config" in r
-                 and sweep_config(a, fixed, name, r["sparsity"], _value(str(r[name]))).effective_dict() != effective_fields(r["config"])]
+                 and sweep_config(a, fixed, name, r["sparsity"], field_value(str(r[name]))).effective_dict() != effective_fields(r["config"])]
         if stale:
             raise SystemExit(f"--resume: rows {', '.join(stale)} of {out.with_suffix('.json')} were measured with "
                              "another resolved config (a default changed); use another --out")

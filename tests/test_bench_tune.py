@@ -109,10 +109,10 @@ def test_iterations_sweep_keeps_admm_trace(tune, tmp_path, one_torch_thread, loa
         plot.main([str(only_one), "--out", str(tmp_path / "none.png")])
 
 
-def test_sweep_values_parse_to_the_fields_types(load_benchmark):
+def test_sweep_values_parse_to_the_fields_types():
     """Booleans must not arrive as the truthy string "false", also when a resumed row's value
     comes back through str() (``True``)."""
-    v = load_benchmark("tune_structprune")._value
+    from structprune.config import field_value as v
     assert v("false") is False and v("true") is True and v("True") is True
     assert v("inf") == float("inf") and v("32") == 32 and isinstance(v("32"), int) and v("0.01") == 0.01
     assert v("own") == "own"

@@ -47,6 +47,22 @@ ADMM_KNOBS = ("rho", "tol_abs", "tol_rel", "select")
 LATER_KNOBS = {"select": "best"}
 
 
+def field_value(text: str):
+    """A config field's value written as text (a benchmark's sweep or row spec): ``inf`` and
+    ``-inf``, ``true``/``false`` (any case, so ``str(True)`` reads back), an int, a float, else
+    the string itself (method, target, allocation)."""
+    if text in ("inf", "-inf"):
+        return float(text)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def resolved_allocation(method: str, allocation: str, uniform_widths: bool = False) -> str:
     """``allocation`` with ``auto`` replaced by what it means for ``method``."""
     if allocation != "auto":
