@@ -31,6 +31,17 @@ def _datasets(s: str) -> list[str]:
     return [d.strip() for d in s.split(",") if d.strip()] if s else []
 
 
+def _default_datasets(protocol) -> list[str]:
+    """What a run evaluates when no set is named: WikiText-2, or the protocol's sets that can be
+    read here (a set left out, PTB where nothing provides it, is said in one line)."""
+    if protocol is None:
+        return ["wikitext2"]
+    have, notes = protocol.readable_datasets()
+    for note in notes:
+        print(f"[structprune] {note}", file=sys.stderr)
+    return have
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local HF folder, .gguf file, hub name, or smollm2-135m")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
@@ -223,8 +234,7 @@ def cmd_prune(args) -> dict:
                          mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths,
                          activation_budget=args.activation_budget, offload_dir=args.offload_dir, **overrides)
     protocol = _protocol(args)
-    datasets = _datasets(args.eval if args.eval is not None else
-                         ",".join(protocol.datasets) if protocol else "wikitext2")
+    datasets = _datasets(args.eval) if args.eval is not None else _default_datasets(protocol)
     if protocol is None and device.type == "cpu" and (args.nsamples is None or args.seqlen is None
                                                       or args.eval_limit == -1):
         print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "
@@ -354,8 +364,10 @@ def cmd_eval(args) -> dict:
 
         import_lm_eval()
     model, tok = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    default = "" if args.zero_shot else (",".join(protocol.datasets) if protocol else "wikitext2")
-    datasets = _datasets(args.datasets if args.datasets is not None else default)
+    if args.datasets is not None:
+        datasets = _datasets(args.datasets)
+    else:
+        datasets = [] if args.zero_shot else _default_datasets(protocol)
     res = _eval(model, tok, datasets, args, limit, device)
     for d, v in res.items():
         ci = f" [{v['ppl_interval'][0]:.4f}, {v['ppl_interval'][1]:.4f}] (95% bootstrap)" if v["ppl_interval"] else ""
