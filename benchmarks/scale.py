@@ -142,7 +142,11 @@ def prune_command(shape: str, method: str, ckpt: Path, args, layers: int | None 
     out = Path(args.work) / "out" / f"{run_name(shape, layers)}-{method}"
     cmd = [PY, "-m", "structprune.cli", "prune", str(ckpt), "--sparsity", str(args.sparsity), "--method", method,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "", "--output", str(out),
-           "--overwrite", "--max-shard-size", args.max_shard_size, "-q"]
+           "--overwrite", "-q"]
+    if args.max_shard_size:  # default: the CLI's own (shards are streamed: no memory either way)
+        cmd += ["--max-shard-size", args.max_shard_size]
+    if args.max_memory:
+        cmd += ["--max-memory", args.max_memory]
     if args.device:
         cmd += ["--device", args.device]
     if args.activation_budget:
@@ -456,7 +460,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--cap-gib", type=float, default=None, help="enforced memory cap per run (cgroup v1)")
-    ap.add_argument("--max-shard-size", default="1GB", help="the output writer holds up to one shard in RAM")
+    ap.add_argument("--max-shard-size", default=None, help="passed to structprune prune (default: its own)")
+    ap.add_argument("--max-memory", default=None, help="passed to structprune prune (default: its own: the cgroup's limit)")
     ap.add_argument("--activation-budget", default=None, help="passed to structprune prune (default: its own)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars in the runs' logs")
     ap.add_argument("--work", default=os.environ.get("STRUCTPRUNE_SCALE_DIR", "/tmp/structprune-scale"))
@@ -484,7 +489,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     res = {"hardware": hardware_name(args.device or "cpu"), "rows": [], "commands": [],
            "settings": {k: getattr(args, k) for k in ("sparsity", "nsamples", "seqlen", "threads", "device",
-                                                       "cap_gib", "max_shard_size", "activation_budget")},
+                                                       "cap_gib", "max_shard_size", "max_memory", "activation_budget")},
            "cgroup": CGROUP.is_dir() and os.access(CGROUP, os.W_OK)}
     if args.resume and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())

@@ -498,10 +498,10 @@ def _full_disk(monkeypatch, where):
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    if where == "shard":  # streamed path: ShardWriter -> safetensors
-        import safetensors.torch
+    if where == "shard":  # streamed path: ShardWriter closing a shard
+        import structprune.export.shards as shards
 
-        monkeypatch.setattr(safetensors.torch, "save_file", lambda t, path, metadata=None: fail(path))
+        monkeypatch.setattr(shards, "_write_shard", lambda tmp, *a: fail(tmp))
     elif where == "save_pretrained":  # in-memory path: transformers -> safetensors
         import transformers.modeling_utils as mu
 
@@ -673,16 +673,17 @@ def test_the_source_never_unpickles_nor_trusts_remote_code_by_itself():
 def test_safetensors_wrapped_os_error_is_named(folder, calib, tmp_path, capsys, monkeypatch):
     """safetensors reports a failed write as its own error with the OS code in the text (a real
     `ulimit -f` run gave "I/O error: File too large (os error 27)"): it is one line naming the OS error."""
-    import safetensors.torch
+    import transformers.modeling_utils as mu
     from safetensors import SafetensorError
 
     def too_large(t, path, metadata=None):
         Path(path).write_bytes(b"partial")
         raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
-    monkeypatch.setattr(safetensors.torch, "save_file", too_large)
+    # The in-memory path writes through safetensors (the streamed one writes its shards itself).
+    monkeypatch.setattr(mu, "safe_save_file", too_large)
     out = tmp_path / "deep" / "out"
-    refused(prune_args(folder(), out, calib), capsys,
-            r"File too large: .*\.safetensors\.tmp \(the file system or a limit refuses files this large; write "
+    refused(prune_args(folder(), out, calib, "--in-memory"), capsys,
+            r"File too large: .*\.safetensors \(the file system or a limit refuses files this large; write "
             r"elsewhere\); nothing was written to .*out$")
     assert not (tmp_path / "deep").exists()
 

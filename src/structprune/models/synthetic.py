@@ -64,6 +64,15 @@ _LLAMA3_ROPE = {
 # Published config.json values (transformers 5 spelling: rope_theta/rope_scaling live in
 # rope_parameters). Keys are keyword arguments of the model_type's config class.
 SHAPES: dict[str, dict] = {
+    # No published model: the 0.76B LLaMA of issue 25 (a container capped at 1.5 GiB killed a run with
+    # the old defaults): 24 layers, hidden 1536, MLP 4096, 12 heads / 4 KV heads, SmolLM2's vocabulary.
+    "llama-0.76b": dict(
+        model_type="llama", vocab_size=49152, hidden_size=1536, intermediate_size=4096,
+        num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, initializer_range=0.02,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    ),
     # meta-llama/Llama-2-7b-hf
     "llama-2-7b": dict(
         model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
