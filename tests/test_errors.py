@@ -717,3 +717,44 @@ def test_resume_of_another_runs_journal_is_refused(family, folder, calib, tmp_pa
 def test_resume_of_an_in_memory_run_is_refused(folder, calib, tmp_path, capsys):
     refused([*prune_args(folder(), tmp_path / "out", calib), "--in-memory", "--resume"], capsys,
             r"--resume continues a run streamed from a checkpoint folder; this run holds the model in memory")
+
+
+# -- memory limits (engine/budget.py) -------------------------------------------------------------
+
+@covers("memory-too-small")
+@pytest.mark.parametrize("how", ["--max-memory", "cgroup"])
+def test_a_limit_too_small_for_one_layer_is_refused_before_any_work(how, folder, calib, tmp_path, capsys,
+                                                                     monkeypatch):
+    """The limit comes from --max-memory or the container (an injected cgroup v1 limit): either way the
+    run stops before reading any weight, with the estimate and the limit in one line."""
+    import structprune.engine.budget as budget
+    from structprune.models import checkpoint
+
+    read = []
+    real = checkpoint.CheckpointReader.get
+    monkeypatch.setattr(checkpoint.CheckpointReader, "get", lambda self, *a, **k: read.append(1) or real(self, *a, **k))
+    out = tmp_path / "deep" / "out"
+    if how == "cgroup":
+        monkeypatch.setattr(budget, "cgroup_limit", lambda: (300 * 2**20, "cgroup v1 /sys/fs/cgroup/memory/x/memory.limit_in_bytes"))
+        extra = ()
+    else:
+        extra = ("--max-memory", "300MiB")
+    line = refused(prune_args(folder(), out, calib, *extra), capsys,
+                   r"not enough memory for one layer: this run needs about \d+\.\d\d GiB \(process now \d+\.\d\d GiB, "
+                   r"largest layer's work \d+\.\d\d GiB, activations at least 0\.06 GiB\) but may use 0\.29 GiB \("
+                   + ("--max-memory" if how == "--max-memory" else r"cgroup v1 \S+memory\.limit_in_bytes") + r"\)")
+    assert read == [] and not (tmp_path / "deep").exists()
+    assert "raise the limit" in line
+
+
+@covers("max-memory-value")
+@pytest.mark.parametrize("value, pattern", [("lots", r"--max-memory 'lots' is not a size such as 6GiB"),
+                                            ("0", r"--max-memory must be a positive size such as 6GiB, got '0'")])
+def test_max_memory_value(value, pattern, folder, calib, tmp_path, capsys):
+    refused(prune_args(folder(), tmp_path / "out", calib, "--max-memory", value), capsys, pattern)
+
+
+@covers("max-memory-in-memory")
+def test_max_memory_needs_a_streamed_run(folder, calib, tmp_path, capsys):
+    refused(prune_args(folder(), tmp_path / "out", calib, "--in-memory", "--max-memory", "8GiB"), capsys,
+            r"^structprune: error: --max-memory bounds a run streamed from a checkpoint folder")

@@ -72,6 +72,7 @@ def default_ram_budget() -> int:
 
 
 _CGROUP = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
 _UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63
 
 
@@ -93,7 +94,7 @@ def _own_cgroups() -> list[tuple[str, Path, str]]:
     """``(version, folder, limit file)`` of this process's memory cgroup and of each of its
     ancestors up to the mount's root (a parent's limit binds its children too)."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = _PROC_CGROUP.read_text().splitlines()
     except OSError:
         return []
     found = []
