@@ -170,7 +170,7 @@ def read_layout(folder: Path, weights: _Weights | None = None) -> Layout:
     if family.startswith("structprune_"):
         family = family[len("structprune_"):]
     widths = (cfg.get("structprune") or {}).get("layers")
-    check_family(family, None if not widths else all(w == widths[0] for w in widths))
+    check_family(family, all(w == widths[0] for w in widths) if widths else "layer_num_heads" not in cfg)
     w = weights or _Weights(folder)
     hidden, n_layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
     head_dim = int(cfg.get("head_dim") or hidden // int(cfg["num_attention_heads"]))
@@ -193,7 +193,7 @@ def read_layout(folder: Path, weights: _Weights | None = None) -> Layout:
     return Layout(family, hidden, head_dim, vocab, layers, tied, cfg)
 
 
-def _check_expressible(lay: Layout) -> None:
+def check_expressible(lay: Layout) -> None:
     """Refuse what llama.cpp's graph would compute differently from transformers (deci.cpp)."""
     for i, l in enumerate(lay.layers):
         if l["heads"] and not l["kv_heads"]:
@@ -438,7 +438,7 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, gguf_type:
     gguf_type = check_type(gguf_type)
     weights = _Weights(folder)
     lay = read_layout(folder, weights)
-    _check_expressible(lay)
+    check_expressible(lay)
     _warn_block_sizes(lay, gguf_type)
     if gguf_type in LLAMA_CPP_TYPES:
         return _export_quantized(folder, output, gguf_type, weights, lay, tokenizer_pre, name)
