@@ -13,6 +13,7 @@ generations are equal, llama.cpp's tokenizer gives transformers' ids, and on the
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -356,3 +357,29 @@ def test_real_smollm2_pruned_per_layer_q8_0_agrees_on_wikitext(tmp_path, smollm2
     got = _llama_cpp_logits(llm, window)
     agree = float((got.argmax(-1) == want.argmax(-1)).mean())
     assert agree >= 0.98, agree
+
+
+def test_prune_with_gguf_writes_them_next_to_the_safetensors_and_the_card_names_them(tmp_path, toy_tokenizer):
+    from structprune.cli import main
+
+    src = tmp_path / "src"
+    model = tiny("llama")
+    model.save_pretrained(src)
+    toy_tokenizer.save_pretrained(src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(TEXT))
+    out = tmp_path / "pruned-30"
+    assert main(["prune", str(src), "--sparsity", "0.3", "--method", "wanda-sp", "--allocation", "threshold",
+                 "--calib", str(calib), "--nsamples", "2", "--seqlen", "32", "--eval", "wikitext2",
+                 "--eval-limit", "1", "--eval-seqlen", "64", "--gguf", "f16,q8_0", "--tokenizer-pre", "gpt-2",
+                 "--output", str(out), "-q"]) == 0
+    files = sorted(p.name for p in out.glob("*.gguf"))
+    assert files == ["pruned-30-F16.gguf", "pruned-30-Q8_0.gguf"]
+    report = json.loads((out / "report.json").read_text())
+    assert [g["path"] for g in report["gguf"]] == files and report["gguf"][0]["architecture"] == "deci"
+    card = (out / "README.md").read_text()
+    ppl = report["ppl"]["wikitext2"]
+    assert f"| wikitext2 | 1 × 64 | {ppl['dense']:.2f}" in card and f"{ppl['pruned']:.2f}" in card
+    assert report["command"] in card and "# pruned-30" in card
+    assert "`pruned-30-F16.gguf`" in card and "- gguf" in card
+    assert "method: `wanda-sp` (allocation `threshold`)" in card

@@ -71,8 +71,7 @@ def model_card(folder: Path, report: dict | None = None) -> str:
     base, licence = base_and_license(source)
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     per_layer = (config.get("structprune") or {}).get("format") == "custom" or "layer_num_heads" in config
-    name = folder.name if not folder.name.startswith(".") else (Path(report.get("output", "")).name or "model")
-    name = re.sub(r"^\.(.*)\.partial(-.*)?$", r"\1", name)
+    name = re.sub(r"^\.(.*)\.partial(-.*)?$", r"\1", folder.name)  # written in .NAME.partial*, then moved
     tags = ["structprune", "pruned", "structured-pruning", family] + (["gguf"] if ggufs else [])
     fm = ["---"]
     if base:
