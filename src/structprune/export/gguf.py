@@ -495,6 +495,7 @@ def _write(folder: Path, output: Path, gguf_type: str, weights: _Weights, lay: L
     w.add_key_length(lay.head_dim)
     w.add_value_length(lay.head_dim)
     w.add_file_type(FILE_TYPES[gguf_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(lay.vocab)
     w.add_rope_dimension_count(lay.head_dim)
     if kind == "linear":
