@@ -330,33 +330,46 @@ def test_q4_k_m_goes_through_llama_cpps_quantizer(tmp_path, toy_tokenizer):
     assert np.isfinite(_llama_cpp_logits(llm, list(range(3, 40)))).all()
 
 
-def test_real_smollm2_pruned_per_layer_q8_0_agrees_on_wikitext(tmp_path, smollm2_path, assets):
-    """The real SmolLM2 cut to per-layer widths (a third of the MLP channels, one KV group of some layers:
-    the shapes StructPrune gives it), exported q8_0: top-1 agreement with transformers (float32) on
-    512 WikiText-2 tokens, and llama.cpp's tokenizer gives transformers' ids."""
+def test_real_smollm2_pruned_per_layer_agrees_with_transformers_on_wikitext(tmp_path, smollm2_path, assets):
+    """The real SmolLM2 cut to per-layer widths (the shapes StructPrune gives it: 4-9 heads, 2-3 KV groups,
+    MLP widths off the 32 grid), on 512 WikiText-2 tokens against transformers (float32):
+
+    * llama.cpp's tokenizer gives transformers' ids (20,000 characters);
+    * F32 GGUF, F32 KV cache: the same function (max |dlogit| < 5e-3, every top-1 equal);
+    * q8_0: top-1 agreement at least the dense model's at q8_0 minus 0.02. Not 0.98: llama.cpp's Q8_0 also
+      quantizes the activations, and on SmolLM2 even the dense model agrees on 0.959 of the tokens (the
+      same with the gguf package's and llama.cpp's quantizer; docs/loading.md)."""
     _llama_cpp()
     from structprune.models import load_model
 
+    text = (Path(assets) / "wikitext2" / "wikitext-2-raw-v1.test.txt").read_text()[:20000]
+
+    def top1(model, folder, gguf_type, ids):
+        out = tmp_path / f"{folder.name}-{gguf_type}.gguf"
+        assert export_gguf(folder, out, gguf_type).arch == ("deci" if folder.name == "smol" else "llama")
+        llm = _llama(out, n_ctx=512)
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0].numpy()
+        got = _llama_cpp_logits(llm, ids)
+        return float((got.argmax(-1) == want.argmax(-1)).mean()), float(np.abs(got - want).max()), llm
+
     model, tok = load_model(str(smollm2_path), dtype=torch.float32)
+    ids = tok(text)["input_ids"]
+    window = ids[:512]
+    dense_q8, _, _ = top1(model, Path(smollm2_path), "q8_0", window)
     adapter = get_adapter(model)
     for i, layer in enumerate(adapter.layers()):
-        kv = [0, 1, 2] if i % 5 else [0, 2]
-        heads = [k * 3 + h for k in kv for h in range(3 if i % 3 else 2)]
-        apply_layer_plan(adapter, layer, LayerPlan(heads, kv, list(range(0, 1536 - 32 * (i % 4) * 4))))
+        kv = [0, 2] if i % 5 == 4 else [0, 1, 2]
+        heads = [k * 3 + h for k in kv for h in range(2 if i % 3 == 1 else 3)]
+        apply_layer_plan(adapter, layer, LayerPlan(heads, kv, list(range(1536 - 72 * (i % 7)))))
     folder = tmp_path / "smol"
     save_pruned(model, tok, folder)
-    out = tmp_path / "smol-q8_0.gguf"
-    assert export_gguf(folder, out, "q8_0").arch == "deci"
-    text = (Path(assets) / "wikitext2" / "wikitext-2-raw-v1.test.txt").read_text()[:20000]
-    ids = tok(text)["input_ids"]
-    llm = _llama(out, n_ctx=512)
+    agree, diff, llm = top1(model, folder, "f32", window)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-    window = ids[:512]
-    with torch.no_grad():
-        want = model(torch.tensor([window])).logits[0].numpy()
-    got = _llama_cpp_logits(llm, window)
-    agree = float((got.argmax(-1) == want.argmax(-1)).mean())
-    assert agree >= 0.98, agree
+    assert agree == 1.0 and diff < 5e-3, (agree, diff)
+    agree, _, _ = top1(model, folder, "q8_0", window)
+    assert agree >= dense_q8 - 0.02, (agree, dense_q8)
+    assert dense_q8 > 0.93, dense_q8
 
 
 def test_prune_with_gguf_writes_them_next_to_the_safetensors_and_the_card_names_them(tmp_path, toy_tokenizer):
