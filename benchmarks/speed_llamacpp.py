@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -47,6 +46,13 @@ def _llama(path: str, n_ctx: int, threads: int, logits_all: bool):
                            n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0)
 
 
+def _last_logits(llm):
+    import numpy as np
+
+    # without logits_all, llama-cpp-python keeps no scores: read the context's last logits row
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def worker_speed(args) -> dict:
     import numpy as np
 
@@ -58,7 +64,7 @@ def worker_speed(args) -> dict:
     rss_loaded = _rss_now()
     llm.eval(prompt[:32])  # warm-up (page the weights in, build the graphs), untimed
     for _ in range(4):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([int(np.argmax(_last_logits(llm)))])
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
@@ -66,7 +72,7 @@ def worker_speed(args) -> dict:
     t0 = time.perf_counter()
     out = []
     for _ in range(args.gen):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(_last_logits(llm)))
         out.append(tok)
         llm.eval([tok])
     tg_s = time.perf_counter() - t0
@@ -93,22 +99,27 @@ def worker_ppl(args) -> dict:
     return {"window_nlls": nlls, "ppl": float(np.exp(np.mean(nlls))), "ntokens": args.windows * (L - 1)}
 
 
-def _rss_now() -> int:
+def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
+def _rss_now() -> int:
+    return _status("VmRSS")
+
+
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process image's peak (getrusage's ru_maxrss keeps the forking parent's peak across exec)
+    return _status("VmHWM")
 
 
 def _spawn(kind: str, gguf: Path, ids: Path, a, threads: int) -> dict:
     cmd = [PY, __file__, "--worker", kind, "--gguf", str(gguf), "--ids", str(ids), "--threads", str(threads),
-           "--prompt-len", str(a.prompt_len), "--gen", str(a.gen), "--seqlen", str(a.ppl_seqlen),
-           "--windows", str(a.ppl_windows)]
+           "--prompt-len", str(a.prompt_len), "--gen", str(a.gen), "--ppl-seqlen", str(a.seqlen),
+           "--ppl-windows", str(a.windows)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode:

@@ -446,17 +446,23 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, gguf_type:
 
 
 def _warn_block_sizes(lay: Layout, gguf_type: str) -> None:
+    """llama.cpp quantizes rows in blocks of 32 values (q8_0, q4_0, q5_x) or 256 (K-quants); a row that does
+    not divide falls back to a wider type (llama-quant.cpp): F16 off the 32 grid, Q5_0/Q5_1/Q8_0 off the 256."""
     if gguf_type in ("f32", "f16", "bf16"):
         return
-    block = 256 if "_k" in gguf_type else 32
-    odd = sorted({l["mlp"] for l in lay.layers if l["mlp"] % block})
-    if odd:
-        log.warning("MLP widths %s are not multiples of %d: llama.cpp keeps those down projections in a wider "
-                    "fallback type (%s); prune with --mlp-multiple %d for full %s coverage", odd[:6], block,
-                    "F16" if block == 32 else "Q5_0/Q5_1/Q8_0 or F16", block, gguf_type)
-    if lay.hidden % block:
+    off32 = sorted({l["mlp"] for l in lay.layers if l["mlp"] % 32})
+    off256 = sorted({l["mlp"] for l in lay.layers if l["mlp"] % 256 and not l["mlp"] % 32})
+    if off32:
+        log.warning("MLP widths %s are not multiples of 32: llama.cpp keeps those layers' down projections in F16 "
+                    "in this %s file; prune with --mlp-multiple 32 for full coverage", off32[:8], gguf_type)
+    if "_k" in gguf_type and off256:
+        log.warning("MLP widths %s are not multiples of 256: llama.cpp quantizes those down projections with a "
+                    "32-value type (Q5_0/Q5_1/Q8_0) instead of a K-quant (--mlp-multiple 256 avoids it)",
+                    off256[:8])
+    if lay.hidden % (256 if "_k" in gguf_type else 32):
         log.warning("hidden size %d is not a multiple of %d: llama.cpp falls back for most tensors of this %s file "
-                    "(a property of the model, pruned or not)", lay.hidden, block, gguf_type)
+                    "(a property of the model, pruned or not)", lay.hidden, 256 if "_k" in gguf_type else 32,
+                    gguf_type)
 
 
 def _write(folder: Path, output: Path, gguf_type: str, weights: _Weights, lay: Layout, tokenizer_pre, name) -> GGUFResult:
