@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--ppl-seqlen", dest="seqlen", type=int, default=2048)
     ap.add_argument("--ppl-windows", dest="windows", type=int, default=4)
+    ap.add_argument("--ppl-only", action="store_true", help="export and compute the perplexities only (cached)")
     ap.add_argument("--work", default="/tmp/structprune-llamacpp")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed_llamacpp_cpu"))
     a = ap.parse_args(argv)
@@ -204,10 +205,15 @@ def main(argv=None) -> int:
             rows.append({"model": name, "folder": folder, "type": t, "gguf": str(out), "bytes": out.stat().st_size,
                          "speed": []})
 
-    for r in rows:  # perplexity once per row (deterministic)
-        r["ppl"] = _spawn("ppl", Path(r["gguf"]), ids_file, a, a.ppl_threads)
+    for r in rows:  # perplexity once per row (deterministic; kept in the work folder for reruns)
+        cache = work / f"ppl-{Path(r['gguf']).stem}-{a.windows}x{a.seqlen}-{r['bytes']}.json"
+        if not cache.is_file():
+            cache.write_text(json.dumps(_spawn("ppl", Path(r["gguf"]), ids_file, a, a.ppl_threads)))
+        r["ppl"] = json.loads(cache.read_text())
         r["ppl_transformers"] = _report_ppl(Path(r["folder"])) if r["model"] != "dense" else None
         print(f"ppl {r['model']:<28} {r['type']:<7} {r['ppl']['ppl']:.3f}", flush=True)
+    if a.ppl_only:
+        return 0
     for k in range(a.repeats):  # interleaved rounds
         for r in rows:
             r["speed"].append(_spawn("speed", Path(r["gguf"]), ids_file, a, a.threads))
