@@ -256,6 +256,7 @@ def _add_vocab(writer, folder: Path, n_vocab: int, tokenizer_pre: str | None) ->
         writer.add_token_scores(scores)
         writer.add_token_types(types)
         special = gguf.SpecialVocab(folder, n_vocab=len(tokens))
+        special.add_special_token.setdefault("bos", _adds_bos(tok))
         _chat_template(special, folder)
         special.add_to_gguf(writer, quiet=True)
         return {"model": "llama", "pre": "default", "tokens": len(tokens)}
@@ -297,11 +298,16 @@ def _add_vocab(writer, folder: Path, n_vocab: int, tokenizer_pre: str | None) ->
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
     # Whether a BOS is prepended: what the Hugging Face tokenizer does (llama.cpp's converter hard-codes
     # False for 49152-token vocabularies; SmolLM2's tokenizer adds none either).
-    bos = tok.bos_token_id
-    special.add_special_token["bos"] = bos is not None and tok("a")["input_ids"][:1] == [bos]
+    special.add_special_token["bos"] = _adds_bos(tok)
     _chat_template(special, folder)
     special.add_to_gguf(writer, quiet=True)
     return {"model": "gpt2", "pre": pre, "tokens": len(tokens), "merges": len(special.merges)}
+
+
+def _adds_bos(tok) -> bool:
+    """Whether the Hugging Face tokenizer prepends its BOS (llama.cpp's ``add_bos_token``)."""
+    bos = tok.bos_token_id
+    return bos is not None and tok("a")["input_ids"][:1] == [bos]
 
 
 def _chat_template(special, folder: Path) -> None:
