@@ -6,9 +6,9 @@ resident-memory figure is that model's alone):
 
 * prompt processing: one 512-token prompt (WikiText-2 test text) in one batch, tokens/s;
 * generation: 128 greedy tokens after that prompt, one decode call per token (batch 1), tokens/s;
-* perplexity in llama.cpp on the same WikiText-2 windows for every row (the first 4 windows of
-  2048 tokens by default: the windows ``structprune prune``'s CPU run evaluates, so the
-  transformers figure of each folder's report.json is on the same text);
+* perplexity in llama.cpp on the same WikiText-2 windows for every row (the first 2 windows of
+  2048 tokens by default, the first of the 4 that ``structprune prune``'s CPU run evaluates: the
+  transformers figure is recomputed from each folder's report.json's per-window NLLs on the same windows);
 * GGUF file size and the process's peak resident memory.
 
 Rounds are interleaved (every model once per round) so that load from other jobs spreads over all
@@ -134,21 +134,19 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
-def _report_ppl(folder: Path) -> float | None:
-    rep = folder / "report.json"
-    if not rep.is_file():
-        return None
-    r = json.loads(rep.read_text())
-    p = (r.get("ppl") or {}).get("wikitext2")
-    return p and p["pruned"]
+def _report_ppl(folder: Path, windows: int, which: str) -> float | None:
+    """The transformers perplexity (float32) of ``which`` (pruned, dense) in the folder's report.json, on its
+    first ``windows`` windows (from the per-window NLLs: the same windows this script scores)."""
+    import math
 
-
-def _report_dense_ppl(folder: Path) -> float | None:
     rep = folder / "report.json"
     if not rep.is_file():
         return None
     p = (json.loads(rep.read_text()).get("ppl") or {}).get("wikitext2")
-    return p and p["dense"]
+    if not p or p.get("seqlen") != 2048 or len(p["window_nlls"][which]) < windows:
+        return None
+    nlls = p["window_nlls"][which][:windows]
+    return math.exp(sum(nlls) / len(nlls))
 
 
 def main(argv=None) -> int:
@@ -164,7 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--ppl-seqlen", dest="seqlen", type=int, default=2048)
-    ap.add_argument("--ppl-windows", dest="windows", type=int, default=4)
+    ap.add_argument("--ppl-windows", dest="windows", type=int, default=2)
     ap.add_argument("--ppl-only", action="store_true", help="export and compute the perplexities only (cached)")
     ap.add_argument("--work", default="/tmp/structprune-llamacpp")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed_llamacpp_cpu"))
@@ -210,7 +208,8 @@ def main(argv=None) -> int:
         if not cache.is_file():
             cache.write_text(json.dumps(_spawn("ppl", Path(r["gguf"]), ids_file, a, a.ppl_threads)))
         r["ppl"] = json.loads(cache.read_text())
-        r["ppl_transformers"] = _report_ppl(Path(r["folder"])) if r["model"] != "dense" else None
+        r["ppl_transformers"] = (_report_ppl(Path(r["folder"]), a.windows, "pruned") if r["model"] != "dense"
+                                 else None)
         print(f"ppl {r['model']:<28} {r['type']:<7} {r['ppl']['ppl']:.3f}", flush=True)
     if a.ppl_only:
         return 0
@@ -221,7 +220,7 @@ def main(argv=None) -> int:
             print(f"round {k} {r['model']:<28} {r['type']:<7} pp {s['pp_tok_s']:.1f} tg {s['tg_tok_s']:.1f}",
                   flush=True)
 
-    dense_ppl_hf = next((_report_dense_ppl(Path(f)) for n, f in models if n != "dense"), None)
+    dense_ppl_hf = next((_report_ppl(Path(f), a.windows, "dense") for n, f in models if n != "dense"), None)
     for r in rows:
         r["pp"] = _stats([s["pp_tok_s"] for s in r["speed"]])
         r["tg"] = _stats([s["tg_tok_s"] for s in r["speed"]])
@@ -268,9 +267,10 @@ def render(meta: dict, rows: list[dict]) -> str:
              "fresh process; the table gives the median and [min, max] over rounds. Prompt processing: one "
              f"{meta['prompt_len']}-token WikiText-2 prompt in one batch. Generation: {meta['gen']} greedy tokens "
              "after it, batch 1, one decode call per token. Perplexity: llama.cpp on the first "
-             f"{meta['ppl_windows']} WikiText-2 test windows of {meta['ppl_seqlen']} tokens (the windows "
+             f"{meta['ppl_windows']} WikiText-2 test windows of {meta['ppl_seqlen']} tokens (the first of the 4 windows "
              "`structprune prune`'s CPU run evaluates; every row the same token ids), F16 KV cache (llama.cpp's "
-             "default); 'transformers' is the same windows' figure in the folder's report.json (float32).", "",
+             "default); 'transformers' is the same windows' figure (float32), from the per-window NLLs in the "
+             "folder's report.json.", "",
              "| model | GGUF | arch | size MB | peak RSS MB | prompt tok/s | gen tok/s | speed-up prompt / gen (vs dense, same type) | ppl llama.cpp | ppl transformers |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

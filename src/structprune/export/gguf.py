@@ -372,6 +372,8 @@ def _tensor_plan(lay: Layout, weights: _Weights) -> list[tuple[str, str | None, 
                     continue  # an attention-free layer has no attention norm in llama.cpp
                 if hf == "post_attention_layernorm" and l["mlp"] == 0:
                     continue
+                if suffix == "bias" and not weights.get(key).any():
+                    continue  # a zero bias the stock HF layout needed (export/writer.py); llama.cpp's are optional
                 heads = l["heads"] if hf == "self_attn.q_proj" else l["kv_heads"] if hf == "self_attn.k_proj" else None
                 plan.append((f"blk.{i}.{name}.{suffix}", key, heads))
     plan.append(("output_norm.weight", "model.norm.weight", None))
