@@ -330,7 +330,7 @@ def test_q4_k_m_goes_through_llama_cpps_quantizer(tmp_path, toy_tokenizer):
     assert np.isfinite(_llama_cpp_logits(llm, list(range(3, 40)))).all()
 
 
-def test_real_smollm2_pruned_per_layer_agrees_with_transformers_on_wikitext(tmp_path, smollm2_path, assets):
+def test_real_smollm2_pruned_per_layer_agrees_with_transformers_on_wikitext(tmp_path, smollm2_path):
     """The real SmolLM2 cut to per-layer widths (the shapes StructPrune gives it: 4-9 heads, 2-3 KV groups,
     MLP widths off the 32 grid), on 512 WikiText-2 tokens against transformers (float32):
 
@@ -342,7 +342,9 @@ def test_real_smollm2_pruned_per_layer_agrees_with_transformers_on_wikitext(tmp_
     _llama_cpp()
     from structprune.models import load_model
 
-    text = (Path(assets) / "wikitext2" / "wikitext-2-raw-v1.test.txt").read_text()[:20000]
+    from structprune.data.corpora import load_text
+
+    text = load_text("wikitext2")[:20000]  # WikiText-2 test (shipped with the package)
 
     def top1(model, folder, gguf_type, ids):
         out = tmp_path / f"{folder.name}-{gguf_type}.gguf"
