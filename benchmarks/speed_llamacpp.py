@@ -130,6 +130,13 @@ def _spawn(kind: str, gguf: Path, ids: Path, a, threads: int) -> dict:
 # -- driver --------------------------------------------------------------------------------------------
 
 
+def _arch(path: Path) -> str:
+    import gguf
+
+    f = gguf.GGUFReader(str(path)).fields["general.architecture"]
+    return bytes(f.parts[f.data[0]]).decode()
+
+
 def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
@@ -201,7 +208,7 @@ def main(argv=None) -> int:
                 print(f"+ {cmd}  ({time.perf_counter() - t0:.1f}s)", flush=True)
             exports.append(cmd)
             rows.append({"model": name, "folder": folder, "type": t, "gguf": str(out), "bytes": out.stat().st_size,
-                         "speed": []})
+                         "arch": _arch(out), "speed": []})
 
     for r in rows:  # perplexity once per row (deterministic; kept in the work folder for reruns)
         cache = work / f"ppl-{Path(r['gguf']).stem}-{a.windows}x{a.seqlen}-{r['bytes']}.json"
@@ -271,10 +278,10 @@ def render(meta: dict, rows: list[dict]) -> str:
              "`structprune prune`'s CPU run evaluates; every row the same token ids), F16 KV cache (llama.cpp's "
              "default); 'transformers' is the same windows' figure (float32), from the per-window NLLs in the "
              "folder's report.json.", "",
-             "| model | GGUF | arch | size MB | peak RSS MB | prompt tok/s | gen tok/s | speed-up prompt / gen (vs dense, same type) | ppl llama.cpp | ppl transformers |",
+             "| model | GGUF | llama.cpp arch | file MB | peak RSS MiB | prompt tok/s | gen tok/s | speed-up prompt / gen (vs dense, same type) | ppl llama.cpp | ppl transformers |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        arch = "deci" if "StructPrune" in r["model"] else "llama"
+        arch = r.get("arch", "")
         hf = f"{r['ppl_transformers']:.2f}" if r.get("ppl_transformers") else ""
         su = (f"{r['pp_speedup']:.2f}× / {r['tg_speedup']:.2f}×" if "pp_speedup" in r and r["model"] != "dense"
               else "1")
