@@ -303,10 +303,11 @@ def cmd_prune(args) -> dict:
         if budget is None and plan.activation_budget is not None:
             budget = plan.activation_budget
         if not args.quiet:
-            limit = "unknown" if plan.limit is None else f"{plan.limit / 2**30:.2f} GiB ({plan.limit_source})"
+            # (not `limit`: that is the evaluation's window limit, read by evaluate() below)
+            may_use = "unknown" if plan.limit is None else f"{plan.limit / 2**30:.2f} GiB ({plan.limit_source})"
             acts = (args.activation_budget if args.activation_budget is not None
                     else "the default" if budget is None else f"{budget / 2**30:.2f} GiB")
-            print(f"[structprune] memory: may use {limit}; one layer's work about "
+            print(f"[structprune] memory: may use {may_use}; one layer's work about "
                   f"{plan.working_set_bytes / 2**30:.2f} GiB; activations in RAM up to {acts}", file=sys.stderr)
     if args.resume and streamed is None:
         raise StructPruneError("--resume continues a run streamed from a checkpoint folder; this run holds the "
