@@ -346,7 +346,7 @@ def write_outputs(res: dict, out: Path) -> None:
     def cap_of(r):
         if not r.get("cgroup_limit_bytes") or r["cgroup_limit_bytes"] >= 2**50:  # no group, or an unlimited one
             return "none"
-        return f"{r['cgroup_limit_bytes'] / gib:.0f} GiB" + ("" if r["capped"] else " (safety)")
+        return f"{r['cgroup_limit_bytes'] / gib:.3g} GiB" + ("" if r["capped"] else " (safety)")
 
     for r in full:
         disk = r["params"] * 2 / gib
