@@ -781,6 +781,7 @@ def test_openbookqa_without_a_file_offline_is_refused(folder, tmp_path, capsys, 
         raise ConnectionError("Couldn't reach 'allenai/openbookqa' on the Hub")
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
-    refused(["eval", folder(), "--zero-shot", "openbookqa", "--zero-shot-data", tmp_path, "-q"], capsys,
+    refused(["eval", folder(), "--zero-shot", "openbookqa", "--zero-shot-data", tmp_path, "--zero-shot-limit", "0",
+             "-q"], capsys,
             r"OpenBookQA does not ship with StructPrune \(no licence for its data was found\): put openbookqa_test\.jsonl"
             r" .* or run where the Hugging Face hub is reachable \(ConnectionError\)$")

@@ -135,22 +135,35 @@ def _requests(task_obj):
     return [(i.doc_id, i.idx, tuple(i.arguments)) for i in task_obj.instances]
 
 
+@pytest.fixture(scope="module")
+def task_managers(tmp_path_factory):
+    """One folder of local tasks (40 seeded documents of each shipped task) and two lm-eval task
+    managers, built once (indexing lm-eval's task YAMLs takes seconds): with that folder and without."""
+    _lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    from structprune.eval.zeroshot import write_local_tasks
+
+    folder = tmp_path_factory.mktemp("local-tasks")
+    data = {t: load_task_data(t, folder) for t in SHIPPED_TASKS}  # an empty folder: the packaged copies
+    docs = {t: select_documents(len(td.rows), 40, 0, t) for t, td in data.items()}
+    write_local_tasks(folder, data, docs)
+    return TaskManager(include_path=str(folder)), TaskManager(), data, docs
+
+
 @pytest.mark.parametrize("task", SHIPPED_TASKS)
-def test_local_task_makes_the_builtin_requests(task, tmp_path, monkeypatch):
+def test_local_task_makes_the_builtin_requests(task, task_managers, monkeypatch):
     """The YAML that includes lm-eval's definition and reads the local file produces exactly the
     requests (contexts and continuations) of lm-eval's built-in task given the same documents (the
     built-in one's hub download replaced by those documents)."""
-    _lm_eval()
     import datasets
-    import yaml  # noqa: F401  (lm-eval's dependency)
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    from structprune.eval.zeroshot import builtin_yaml, write_local_tasks
+    from structprune.eval.zeroshot import builtin_yaml
 
-    td = load_task_data(task, tmp_path)  # an empty folder: the packaged copy
-    docs = select_documents(len(td.rows), 40, 0, task)
-    write_local_tasks(tmp_path, {task: td}, {task: docs})
-    local = _requests(get_task_dict([task], TaskManager(include_path=str(tmp_path)))[task])
+    local_manager, builtin_manager, data, docs = task_managers
+    td, docs = data[task], docs[task]
+    local = _requests(get_task_dict([task], local_manager)[task])
 
     builtin_text = builtin_yaml(task).read_text()
     if "include:" in builtin_text:  # arc_challenge includes arc_easy.yaml
@@ -163,10 +176,11 @@ def test_local_task_makes_the_builtin_requests(task, tmp_path, monkeypatch):
         calls.append(path)
         assert path == hub_path, f"the built-in task reads {path}, not {hub_path}"
         rows = [json.loads(td.rows[i]) for i in docs]
-        return datasets.DatasetDict({td.split: datasets.Dataset.from_list(rows), "train": datasets.Dataset.from_list(rows[:1])})
+        return datasets.DatasetDict({td.split: datasets.Dataset.from_list(rows),
+                                     "train": datasets.Dataset.from_list(rows[:1])})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    builtin = _requests(get_task_dict([task], TaskManager())[task])
+    builtin = _requests(get_task_dict([task], builtin_manager)[task])
     assert calls == [hub_path]
     assert len(local) == len(builtin) >= 2 * len(docs)
     assert local == builtin
@@ -316,3 +330,17 @@ def test_eval_refuses_an_altered_packaged_file(tiny_folder, tmp_path, capsys, mo
     assert main(["eval", tiny_folder, "--zero-shot", "piqa", "-q"]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("structprune: error:")]
     assert len(errors) == 1 and "fails its SHA-256 check" in errors[0] and p.name in errors[0]
+
+
+def test_eval_zero_shot_alone(tiny_folder, tmp_path, capsys):
+    """``structprune eval MODEL --zero-shot TASKS`` (no perplexity set) prints and saves the accuracies."""
+    _lm_eval()
+    from structprune.cli import main
+
+    out = tmp_path / "zs.json"
+    assert main(["eval", tiny_folder, "--zero-shot", "winogrande", "--zero-shot-limit", "3", "--zero-shot-data",
+                 str(tmp_path), "--json", str(out), "-q"]) == 0
+    printed = capsys.readouterr()
+    assert "winogrande      acc" in printed.out and "seeded random sample of 3" in printed.out
+    r = json.loads(out.read_text())
+    assert r["ppl"] == {} and r["zero_shot"]["tasks"]["winogrande"]["n"] == 3

@@ -441,7 +441,7 @@ def cmd_eval(args) -> dict:
     model, tok = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     default = "" if args.zero_shot else (",".join(protocol.datasets) if protocol else "wikitext2")
     datasets = _datasets(args.datasets if args.datasets is not None else default)
-    res = _eval(model, tok, datasets, args, limit, device)
+    res = _eval(model, tok, datasets, args, limit, device) if datasets else {}  # --zero-shot alone: no perplexity
     for d, v in res.items():
         ci = f" [{v['ppl_interval'][0]:.4f}, {v['ppl_interval'][1]:.4f}] (95% bootstrap)" if v["ppl_interval"] else ""
         print(f"ppl {d:<10} {v['ppl']:.4f}{ci} ({v['nwindows']} windows of {v['seqlen']}, {v['ntokens']} tokens)")
