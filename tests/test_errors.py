@@ -737,6 +737,7 @@ def test_zero_shot_without_lm_eval_is_refused(folder, calib, tmp_path, capsys, m
 
 
 @covers("task-unknown")
+@pytest.mark.lm_eval
 def test_unknown_zero_shot_task_is_refused(folder, calib, tmp_path, capsys):
     _need_lm_eval()
     out = tmp_path / "out"
@@ -747,6 +748,7 @@ def test_unknown_zero_shot_task_is_refused(folder, calib, tmp_path, capsys):
 
 
 @covers("task-data-altered")
+@pytest.mark.lm_eval
 def test_altered_task_file_is_refused(folder, tmp_path, capsys, monkeypatch):
     import gzip
 
@@ -766,6 +768,7 @@ def test_altered_task_file_is_refused(folder, tmp_path, capsys, monkeypatch):
 
 
 @covers("task-data-folder")
+@pytest.mark.lm_eval
 def test_task_folder_that_is_no_folder_is_refused(folder, tmp_path, capsys):
     _need_lm_eval()
     refused(["eval", folder(), "--zero-shot", "piqa", "--zero-shot-data", tmp_path / "nope", "-q"], capsys,
@@ -773,6 +776,7 @@ def test_task_folder_that_is_no_folder_is_refused(folder, tmp_path, capsys):
 
 
 @covers("openbookqa-absent")
+@pytest.mark.lm_eval
 def test_openbookqa_without_a_file_offline_is_refused(folder, tmp_path, capsys, monkeypatch):
     _need_lm_eval()
     import lm_eval

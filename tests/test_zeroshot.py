@@ -151,6 +151,7 @@ def task_managers(tmp_path_factory):
     return TaskManager(include_path=str(folder)), TaskManager(), data, docs
 
 
+@pytest.mark.lm_eval
 @pytest.mark.parametrize("task", SHIPPED_TASKS)
 def test_local_task_makes_the_builtin_requests(task, task_managers, monkeypatch):
     """The YAML that includes lm-eval's definition and reads the local file produces exactly the
@@ -192,6 +193,7 @@ def test_local_task_makes_the_builtin_requests(task, task_managers, monkeypatch)
         assert all(c.startswith("Question: ") and c.endswith("\nAnswer:") for c in contexts)
 
 
+@pytest.mark.lm_eval
 def test_hellaswag_first_document_renders_as_lm_eval(tmp_path):
     _lm_eval()
     from lm_eval.tasks import TaskManager, get_task_dict
@@ -210,6 +212,7 @@ def tiny_lm(make_tiny_llama, byte_tokenizer):
     return make_tiny_llama(max_position_embeddings=4096), byte_tokenizer
 
 
+@pytest.mark.lm_eval
 def test_zero_shot_smoke_on_real_data(tiny_lm, tmp_path):
     """Every shipped task, three seeded documents each, through lm-eval on a tiny random model."""
     _lm_eval()
@@ -230,6 +233,7 @@ def test_zero_shot_smoke_on_real_data(tiny_lm, tmp_path):
     assert lines[-1].startswith("(lm-eval ") and "seeded random sample of 3" in lines[-1]
 
 
+@pytest.mark.lm_eval
 def test_openbookqa_from_a_user_file_and_without_one(tiny_lm, tmp_path, monkeypatch):
     lm_eval = _lm_eval()
     from structprune.eval.zeroshot import zero_shot
@@ -254,6 +258,7 @@ def test_openbookqa_from_a_user_file_and_without_one(tiny_lm, tmp_path, monkeypa
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.lm_eval
 def test_unknown_task_is_refused():
     _lm_eval()
     from structprune.eval.zeroshot import check_tasks
@@ -277,6 +282,7 @@ def calib_file(tmp_path):
     return str(p)
 
 
+@pytest.mark.lm_eval
 @pytest.mark.parametrize("in_memory", [False, True])
 def test_prune_eval_with_tasks(tiny_folder, calib_file, tmp_path, capsys, in_memory, monkeypatch):
     _lm_eval()
@@ -303,6 +309,7 @@ def test_prune_eval_with_tasks(tiny_folder, calib_file, tmp_path, capsys, in_mem
     assert "0-shot winogrande" in printed.out and "0-shot mean" in printed.out
 
 
+@pytest.mark.lm_eval
 def test_prune_eval_refuses_an_unknown_task_first(tiny_folder, calib_file, tmp_path, capsys):
     _lm_eval()
     from structprune.cli import main
@@ -316,6 +323,7 @@ def test_prune_eval_refuses_an_unknown_task_first(tiny_folder, calib_file, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.lm_eval
 def test_eval_refuses_an_altered_packaged_file(tiny_folder, tmp_path, capsys, monkeypatch):
     _lm_eval()
     from structprune.cli import main
@@ -332,6 +340,7 @@ def test_eval_refuses_an_altered_packaged_file(tiny_folder, tmp_path, capsys, mo
     assert len(errors) == 1 and "fails its SHA-256 check" in errors[0] and p.name in errors[0]
 
 
+@pytest.mark.lm_eval
 def test_eval_zero_shot_alone(tiny_folder, tmp_path, capsys):
     """``structprune eval MODEL --zero-shot TASKS`` (no perplexity set) prints and saves the accuracies."""
     _lm_eval()
