@@ -232,6 +232,9 @@ def zero_shot(model, tokenizer, tasks=PROTOCOL_TASKS, *, limit: int | None = Non
         primary = PRIMARY_METRIC.get(task, "acc" if "acc,none" in r and "acc_norm,none" not in r else "acc_norm")
         if f"{primary},none" not in r:
             primary = "acc"
+        if "acc,none" not in r:
+            raise StructPruneError(f"lm-eval task {task} reports no accuracy (acc/acc_norm); StructPrune's zero-shot "
+                                   "evaluation reports multiple-choice accuracy")
         entry = {"primary": primary}
         for m in ("acc", "acc_norm"):
             if f"{m},none" in r:
