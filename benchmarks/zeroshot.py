@@ -41,6 +41,7 @@ from structprune import PruneConfig, load_model, prune  # noqa: E402
 from structprune.bench import hardware_name  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.errors import StructPruneError  # noqa: E402
+from structprune.eval.intervals import paired_difference  # noqa: E402
 from structprune.eval.protocol import get_protocol  # noqa: E402
 from structprune.eval.zeroshot import (CHANCE, MAJORITY, SHIPPED_TASKS, compare_zero_shot, task_mean,  # noqa: E402
                                        zero_shot)
@@ -141,6 +142,26 @@ def markdown(record: dict) -> str:
             lines.append(f"| {r['label']} | {r['sparsity_target']:.0%} | "
                          + " | ".join(_diff(v["tasks"][t]["difference"]) for t in tasks)
                          + f" | {_diff(v['mean']['difference'])} |")
+    partial = [r for r in record["rows"] if not r.get("complete") and r.get("task_results")]
+    dense_tasks = next((r["zero_shot"]["tasks"] for r in rows if r["label"] == "dense"), None)
+    if partial and dense_tasks:
+        lines += ["", "## Rows in progress (the tasks finished so far; not in the tables above)", "",
+                  "Accuracy, then the paired difference to dense on the same documents (points).", "",
+                  "| method | sparsity | " + " | ".join(TITLES.get(t, t) for t in tasks) + " |",
+                  "|" + "---|" * (len(tasks) + 2)]
+        for r in partial:
+            cells = []
+            for t in tasks:
+                e = r["task_results"].get(t)
+                if e is None:
+                    cells.append("pending")
+                    continue
+                d = dense_tasks[t]
+                m = e["primary"]
+                diff = paired_difference(e["correct"][m], d["correct"][m]) if e["documents"] == d["documents"] else None
+                cells.append(_pct(e["value"], e["interval"]) + ("; Δ " + _diff({"value": diff.value, "low": diff.low,
+                                                                                  "high": diff.high}) if diff else ""))
+            lines.append(f"| {r['label']} | {r['sparsity_target']:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "## Rows", "", "| method | sparsity | achieved | parameters | prune s | zero-shot s | documents |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
