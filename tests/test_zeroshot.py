@@ -219,7 +219,10 @@ def test_zero_shot_smoke_on_real_data(tiny_lm, tmp_path):
     from structprune.eval.zeroshot import format_zero_shot, zero_shot
 
     model, tok = tiny_lm
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))  # lm-eval runs in-process on this very object
     res = zero_shot(model, tok, SHIPPED_TASKS, limit=3, seed=0, batch_size=4, data_dir=tmp_path, quiet=True)
+    assert forwards
     assert list(res["tasks"]) == list(SHIPPED_TASKS)
     for task, r in res["tasks"].items():
         assert r["n"] == 3 and r["documents"] == select_documents(ROWS[task], 3, 0, task)
@@ -248,14 +251,16 @@ def test_openbookqa_from_a_user_file_and_without_one(tiny_lm, tmp_path, monkeypa
     r = res["tasks"]["openbookqa"]
     assert r["n"] == 4 and r["data"]["source"] == "folder" and r["primary"] == "acc_norm"
 
-    def unreachable(*a, **k):
-        raise ConnectionError("hub unreachable")
+    def unreachable(*a, **k):  # what a hub download looks like offline, wrapped as datasets does
+        raise RuntimeError("dataset load failed") from ConnectionError("hub unreachable")
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", unreachable)
     monkeypatch.setenv(task_data.ZEROSHOT_DATA_ENV, str(tmp_path))  # no openbookqa file there: the hub
     with pytest.raises(StructPruneError, match="OpenBookQA does not ship") as e:
         zero_shot(model, tok, ["openbookqa"], batch_size=4, quiet=True)
     assert "\n" not in str(e.value)
+    with pytest.raises(StructPruneError, match="task data for lambada_openai is unreachable: no local file"):
+        zero_shot(model, tok, ["lambada_openai"], batch_size=4, quiet=True)
 
 
 @pytest.mark.lm_eval
