@@ -122,7 +122,7 @@ def markdown(record: dict) -> str:
              f"{record['versions']['transformers']}; threads and load per row in the JSON (the CPU is shared)"]
     lines += [f"- command: `{c}`" for c in record["commands"]]
     if pending or record.get("missing"):
-        todo = sorted(set(pending) | set(record.get("missing", [])))
+        todo = list(dict.fromkeys(record.get("missing", []) + pending))  # in run order
         lines += ["", f"**Not finished yet:** {', '.join(todo)}. Complete the table with the last command above "
                   "(it has `--resume`: finished rows and tasks are kept)."]
     head = "| method | sparsity | " + " | ".join(TITLES.get(t, t) for t in tasks) + " | mean | Δ dense (mean) |"
@@ -169,6 +169,13 @@ def markdown(record: dict) -> str:
                      f"{r['prune_seconds']:.0f} | {r['eval_seconds']:.0f} | {r['zero_shot']['mean']['n']} |")
     dense = next((r for r in rows if r["label"] == "dense"), None)
     if dense is not None:
+        lines += ["", "## Cost", "",
+                  f"The dense row's {dense['zero_shot']['mean']['n']:,} documents (500 per task: about 0.40 M tokens, "
+                  "HellaSwag 39% of them, from the per-document token counts of ../shared/docs/zeroshot-data.md) took "
+                  f"{dense['eval_seconds']:.0f} s on {dense['threads']} threads, one-minute load average "
+                  f"{dense['loadavg_1min']:.1f} at its end (the 2-core CPU is shared). A pruned row adds its pruning "
+                  "(5-30 min at 32x2048, baselines_cpu_smollm2.md) and evaluates faster the more is pruned (the "
+                  "embeddings and LM head, 28 M parameters, stay)."]
         lines += ["", "## Chance", "",
                   "A task sits at chance when the dense model's 95% interval holds the chance accuracy (uniform over "
                   "the choices; BoolQ's majority class, yes, is 62.2%).", ""]
