@@ -47,12 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from structprune import PruneConfig, load_model, prune  # noqa: E402
 from structprune.bench import hardware_name  # noqa: E402
 from structprune.config import GLOBAL_SCORES, effective_fields, field_value  # noqa: E402
-from structprune.data import get_calibration  # noqa: E402
+from structprune.data import get_calibration, load_text  # noqa: E402
 from structprune.data.calibration import get_heldout_calibration  # noqa: E402
 from structprune.errors import StructPruneError  # noqa: E402
 from structprune.eval.intervals import at_most, paired_ratio  # noqa: E402
 from structprune.eval.perplexity import evaluate_datasets, perplexity_from_ids  # noqa: E402
-from structprune.eval.protocol import get_protocol  # noqa: E402
+from structprune.eval.protocol import TITLES as DATASET_TITLES, get_protocol  # noqa: E402
 
 log = logging.getLogger("baselines")
 
@@ -68,9 +68,8 @@ TARGET_LOCAL_SPARSITIES = (0.4, 0.5)
 # a quarter of the calibration, from documents disjoint from calibration and evaluation.
 HELDOUT_WINDOWS = {"cpu": 8, "gpu": 32}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DATASET_TITLES = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 # Settings that must agree for rows of one table to be comparable (checked by --resume).
-SETTING_KEYS = ("model", "dtype", "eval_dtype", "protocol", "seed", "batch_size", "mlp_multiple", "heldout")
+SETTING_KEYS = ("model", "dtype", "eval_dtype", "protocol", "datasets", "seed", "batch_size", "mlp_multiple", "heldout")
 # Rows also evaluated on WikiText-2 in the compute dtype when the evaluation dtype differs
 # (--eval-dtype): the paired ratio between the two shows what the cheaper evaluation costs.
 EVAL_DTYPE_CHECKS = (("dense", 0.0), (DEFAULT_LABEL, 0.5))
@@ -116,7 +115,7 @@ def build_config(spec: str, sparsity: float, settings: dict) -> PruneConfig:
 def evaluate(model, tok, protocol, device, datasets=None) -> dict:
     """The protocol's evaluation: per dataset ``PerplexityResult.to_dict()`` (ppl, ppl_interval,
     window_nlls, nwindows, ntokens, seqlen), in the model's current dtype."""
-    res = evaluate_datasets(model.to(device), tok, datasets or protocol.datasets, seqlen=protocol.eval_seqlen,
+    res = evaluate_datasets(model.to(device), tok, datasets or protocol.readable_datasets()[0], seqlen=protocol.eval_seqlen,
                             limit=dict(protocol.eval_limits), device=device, progress=False)
     model.to("cpu")
     return {k: v.to_dict() for k, v in res.items()}
@@ -131,7 +130,7 @@ def evaluate_row(model, tok, protocol, device, settings: dict, check: bool) -> t
         if check:
             ref = evaluate(model, tok, protocol, device, datasets=["wikitext2"])
         model.to(DTYPES[settings["eval_dtype"]])
-    return evaluate(model, tok, protocol, device), ref
+    return evaluate(model, tok, protocol, device, datasets=settings["datasets"]), ref
 
 
 def heldout_ppl(model, held: torch.Tensor, device) -> dict:
@@ -334,11 +333,11 @@ def eval_dtype_note(record: dict) -> str:
 def markdown(record: dict) -> str:
     s, rows = record["settings"], record["rows"]
     p = s["protocol"]
-    ds = list(p["eval_windows"])
+    ds = s.get("datasets", list(p["eval_windows"]))
     dense = next((r for r in rows if r["method"] == "dense"), None)
     cal = p["calibration"]
     wins = ", ".join(f"{'all' if n is None else f'the first {n}'} of {DATASET_TITLES.get(d, d)}"
-                     for d, n in p["eval_windows"].items())
+                     for d, n in ((d, p["eval_windows"].get(d)) for d in ds))
     lines = [f"# Baselines on {s['model']}: {p['name']} protocol", "",
              f"- protocol `{p['name']}` (docs/protocol.md): calibration C4, {cal['nsamples']} windows of "
              f"{cal['seqlen']} tokens, seed {cal['seed']} (the same windows for every row); evaluation on windows of "
@@ -479,6 +478,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="",
                    help="comma-separated method specs method[:allocation][+field=value...] (default: issue 11's rows)")
     p.add_argument("--sparsities", default=SPARSITIES)
+    p.add_argument("--eval", default=None,
+                   help="comma-separated evaluation sets (default: the protocol's, less any that cannot be read "
+                        "here, such as PTB, which does not ship; a set named here must be readable)")
     p.add_argument("--admm-iterations", type=int, default=ADMM_ITERATIONS, help="K of an ADMM main row (0: none, the default)")
     p.add_argument("--ablations", action="store_true", help="add the ablation rows at 30%% and 50%%")
     p.add_argument("--ablation-temperatures", default="1", help="softmax temperatures besides the default")
@@ -511,7 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     out = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
     try:
         protocol = get_protocol(a.protocol)
-        settings = {"model": a.model, "dtype": a.dtype, "eval_dtype": a.eval_dtype or a.dtype, "protocol": protocol.to_dict(), "seed": a.seed,
+        if a.eval is None:
+            datasets, notes = protocol.readable_datasets()
+            for note in notes:
+                print(f"baselines: {note}", file=sys.stderr)
+        else:
+            datasets = [d.strip() for d in a.eval.split(",") if d.strip()]
+            for d in datasets:  # a named set must be there: refuse now, not after hours of pruning
+                load_text(d)
+        settings = {"model": a.model, "dtype": a.dtype, "eval_dtype": a.eval_dtype or a.dtype, "protocol": protocol.to_dict(),
+                    "datasets": datasets, "seed": a.seed,
                     "batch_size": a.batch_size, "mlp_multiple": a.mlp_multiple,
                     "heldout": a.heldout or HELDOUT_WINDOWS.get(protocol.name, HELDOUT_WINDOWS["cpu"])}
         todo = plan_rows(a)
@@ -529,7 +540,9 @@ def run(a, protocol, settings: dict, todo: list[tuple[str, float]], out: Path, a
     rows, commands = [], []
     if a.resume and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
-        old_settings = {"eval_dtype": old.get("settings", {}).get("dtype"), **old.get("settings", {})}  # before --eval-dtype
+        old_settings = {"eval_dtype": old.get("settings", {}).get("dtype"),  # before --eval-dtype
+                        "datasets": list(old.get("settings", {}).get("protocol", {}).get("eval_windows", {})),  # before --eval
+                        **old.get("settings", {})}
         diff = [k for k in SETTING_KEYS if old_settings.get(k) != settings[k]]
         if diff:
             raise StructPruneError(f"--resume: {out}.json was measured with other settings ({', '.join(diff)}); "

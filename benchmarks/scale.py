@@ -142,7 +142,11 @@ def prune_command(shape: str, method: str, ckpt: Path, args, layers: int | None 
     out = Path(args.work) / "out" / f"{run_name(shape, layers)}-{method}"
     cmd = [PY, "-m", "structprune.cli", "prune", str(ckpt), "--sparsity", str(args.sparsity), "--method", method,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "", "--output", str(out),
-           "--overwrite", "--max-shard-size", args.max_shard_size, "-q"]
+           "--overwrite", "-q"]
+    if args.max_shard_size:  # default: the CLI's own (shards are streamed: no memory either way)
+        cmd += ["--max-shard-size", args.max_shard_size]
+    if args.max_memory:
+        cmd += ["--max-memory", args.max_memory]
     if args.device:
         cmd += ["--device", args.device]
     if args.activation_budget:
@@ -306,6 +310,16 @@ def projected_seconds(r: dict) -> float:
     return r["prune_seconds"] + (lf - lr) * per_layer + (recomputed_forwards(lf) - recomputed_forwards(lr)) * fwd
 
 
+def plan_text(plan: dict | None) -> str:
+    """The report's memory plan in a cell: the limit, where it came from, and the estimated need."""
+    if not plan:
+        return "(no plan: before engine/budget.py)"
+    gib = 2 ** 30
+    where = plan["limit_source"].split(" /")[0]
+    limit = "unknown" if plan["limit"] is None else f"{plan['limit'] / gib:.2f} GiB"
+    return f"{limit} ({where}), need {plan['need_bytes'] / gib:.2f} GiB"
+
+
 def write_outputs(res: dict, out: Path) -> None:
     rows, base = res["rows"], res["baseline_rss_bytes"]
     full = sorted((r for r in rows if not is_projection(r)), key=lambda r: (r["params"], r["method"]))
@@ -322,7 +336,9 @@ def write_outputs(res: dict, out: Path) -> None:
              f"{'' if res['cgroup'] else '; NOT enforced here: not root'}); 'fp32 model' is the model's size in "
              "the compute dtype; 'code' the commit that ran. The cgroup's peak counts the page cache of the "
              "checkpoint being read, which the kernel evicts at the limit (clean file pages) instead of killing "
-             "the process: at a cap it reads the cap; the process's own peak is 'peak RSS'.", "",
+             "the process: at a cap it reads the cap; the process's own peak is 'peak RSS'. Memory flags passed: "
+             + (", ".join(f"--{k.replace('_', '-')} {v}" for k in ("max_shard_size", "max_memory", "activation_budget")
+                          if (v := res['settings'].get(k))) or "none (the defaults)") + ".", "",
              "| model | params | bf16 on disk | fp32 model | method | cap | finished | wall | prune | peak RSS | "
              "peak − baseline | cgroup peak | peak GPU | code |",
              "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -372,7 +388,8 @@ def write_outputs(res: dict, out: Path) -> None:
         lines += ["", "One resident layer's memory by kind (the report's breakdown: weights, Grams and solver "
                   "workspace are the largest layer's tensor sizes; activations measured):", "",
                   "| model | layer weights | statistics | solver workspace | activations in RAM (budget) | "
-                  "spilled to disk | peak RSS |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "spilled to disk | peak RSS | plan: limit (source), estimated need |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in mem:
             m = r["memory"]
 
@@ -381,7 +398,7 @@ def write_outputs(res: dict, out: Path) -> None:
             lines.append(f"| {r['shape']} | {g(m['layer_weights_bytes'])} | {g(m['statistics_bytes'])} | "
                          f"{g(m['solver_workspace_bytes'])} | {g(m['activations_peak_ram_bytes'])} "
                          f"({g(m['activation_budget']) or 'none'}) | {g(m['activations_spilled_bytes'])} | "
-                         f"{r['process_peak_rss_bytes'] / gib:.2f} GiB |")
+                         f"{r['process_peak_rss_bytes'] / gib:.2f} GiB | {plan_text(m.get('plan'))} |")
     proj = [r for r in rows if is_projection(r)]
     if proj:
         lines += ["", "**Projections** (not full runs): the first layers of a shape pruned for real (same "
@@ -456,7 +473,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--cap-gib", type=float, default=None, help="enforced memory cap per run (cgroup v1)")
-    ap.add_argument("--max-shard-size", default="1GB", help="the output writer holds up to one shard in RAM")
+    ap.add_argument("--max-shard-size", default=None, help="passed to structprune prune (default: its own)")
+    ap.add_argument("--max-memory", default=None, help="passed to structprune prune (default: its own: the cgroup's limit)")
     ap.add_argument("--activation-budget", default=None, help="passed to structprune prune (default: its own)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars in the runs' logs")
     ap.add_argument("--work", default=os.environ.get("STRUCTPRUNE_SCALE_DIR", "/tmp/structprune-scale"))
@@ -484,7 +502,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     res = {"hardware": hardware_name(args.device or "cpu"), "rows": [], "commands": [],
            "settings": {k: getattr(args, k) for k in ("sparsity", "nsamples", "seqlen", "threads", "device",
-                                                       "cap_gib", "max_shard_size", "activation_budget")},
+                                                       "cap_gib", "max_shard_size", "max_memory", "activation_budget")},
            "cgroup": CGROUP.is_dir() and os.access(CGROUP, os.W_OK)}
     if args.resume and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())

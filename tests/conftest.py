@@ -13,6 +13,14 @@ if str(_SRC) not in sys.path:  # tests run from a checkout without `pip install 
     sys.path.insert(0, str(_SRC))
 
 
+def pytest_collection_modifyitems(items):
+    # Tests that read the shared corpora (PTB, and the assets the packaged copies are compared
+    # with) skip on a user's clone; .ci/run selects them with -m shared_corpora afterwards.
+    for item in items:
+        if "assets" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_corpora)
+
+
 @pytest.fixture
 def load_benchmark():
     """``load_benchmark("baselines")``: ``benchmarks/baselines.py`` as a fresh module (the
@@ -95,10 +103,50 @@ def smollm2_path():
 
 @pytest.fixture(scope="session")
 def assets():
-    """The shared/assets folder of real corpora; skips the test where it cannot be found."""
+    """The shared/assets folder of real corpora (the only source of PTB, which does not ship);
+    skips the test where it cannot be found. Tests that need only WikiText-2 or C4 do not use
+    it: those ship with the package."""
     from structprune.data.corpora import find_assets_dir
 
     path = find_assets_dir()
     if path is None:
-        pytest.skip("real corpora not found: set STRUCTPRUNE_ASSETS to the shared/assets folder")
+        pytest.skip("PTB (and the assets folder it is compared with) not found: it does not ship; set "
+                    "STRUCTPRUNE_ASSETS to a folder holding ptb/ptb.valid.txt")
     return path
+
+
+@pytest.fixture
+def no_assets(monkeypatch):
+    """As on a user's machine: no assets folder anywhere, no hub, empty corpus caches."""
+    from structprune.data import corpora
+
+    monkeypatch.setattr(corpora, "find_assets_dir", lambda: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # where `datasets` is installed: fail at once, as offline
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    corpora._load_builtin.cache_clear()
+    corpora._c4_documents_cached.cache_clear()
+    yield corpora
+    corpora._load_builtin.cache_clear()
+    corpora._c4_documents_cached.cache_clear()
+
+
+@pytest.fixture
+def stand_in_ptb(monkeypatch, tmp_path):
+    """An assets folder holding only a generated PTB stand-in (lower-case words, ``<unk>``, one
+    sentence a line, as PTB's validation file): the protocol's three sets without the real PTB.
+    WikiText-2 and C4 come from the package."""
+    import random
+
+    from structprune.data import corpora
+
+    rng = random.Random(0)
+    words = ["the", "market", "said", "n't", "<unk>", "shares", "N", "company", "'s", "year", "a", "of", "in"]
+    lines = [" " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 25))) + " " for _ in range(3000)]
+    (tmp_path / "assets" / "ptb").mkdir(parents=True)
+    (tmp_path / "assets" / "ptb" / "ptb.valid.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv(corpora.ASSETS_ENV, str(tmp_path / "assets"))
+    corpora._load_builtin.cache_clear()
+    corpora._c4_documents_cached.cache_clear()
+    yield tmp_path / "assets"
+    corpora._load_builtin.cache_clear()
+    corpora._c4_documents_cached.cache_clear()

@@ -75,13 +75,6 @@ def test_eval_cli_loads_an_export_without_trust_remote_code(tmp_path, byte_token
     assert loaded.config.model_type == "structprune_llama" and len(tok) == len(byte_tokenizer)
     captured = capsys.readouterr()
     assert "custom code" not in captured.out + captured.err  # the tokenizer must not ask to run the folder's code
-    try:
-        from structprune.data.corpora import find_assets_dir
-        has_text = find_assets_dir() is not None
-    except ImportError:
-        has_text = False
-    if not has_text:
-        pytest.skip("no shared/assets for the perplexity text")
     rc = main(["eval", str(tmp_path / "m"), "--datasets", "wikitext2", "--eval-limit", "1", "--eval-seqlen", "32",
                "-q", "--json", str(tmp_path / "e.json")])
     assert rc == 0, capsys.readouterr().err

@@ -38,7 +38,9 @@ class Killed(Exception):
     pass
 
 
-def test_kill_resume_nlls_ratios_and_global_selection(bench, tmp_path, monkeypatch):
+def test_kill_resume_nlls_ratios_and_global_selection(bench, tmp_path, monkeypatch, no_assets, capsys):
+    """As on a user's machine (no PTB: it does not ship): the protocol's other sets are measured and
+    one line says which set was left out and how to add it."""
     out = tmp_path / "table"
     argv = ["--protocol", "cpu", "--threads", "1", "--heldout", "3", "--sparsities", "0.3", "--mlp-multiple", "1",
             "-q", "--out", str(out), "--methods", "structprune,structprune+iterations=1,global,obs-local,wanda-sp"]
@@ -61,7 +63,11 @@ def test_kill_resume_nlls_ratios_and_global_selection(bench, tmp_path, monkeypat
     monkeypatch.setattr(global_ref, "all_gradient_scores", lambda *a, **k: backprops.append(1) or real_scores(*a, **k))
     with pytest.raises(Killed):
         bench.main(argv)
+    err = capsys.readouterr().err
+    assert err.count("PTB left out of the cpu protocol's evaluation: PTB (Penn Treebank) is under LDC terms") == 1
+    assert "ptb.valid.txt" in err  # how to add it
     rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["settings"]["datasets"] == ["wikitext2", "c4"]
     assert [r["label"] for r in rec["rows"]] == ["dense", "structprune", "structprune+iterations=1", "global"]
     dense_first = rec["rows"][0]
     # structprune+iterations=1 resolves to the default config: copied, not pruned again.
@@ -85,7 +91,9 @@ def test_kill_resume_nlls_ratios_and_global_selection(bench, tmp_path, monkeypat
 
     # Per-window NLLs and intervals for every row and dataset.
     for r in rec["rows"]:
-        for d, n in TINY.eval_limits.items():
+        assert set(r["ppl"]) == {"wikitext2", "c4"}
+        for d in ("wikitext2", "c4"):
+            n = TINY.eval_limits[d]
             e = r["ppl"][d]
             assert len(e["window_nlls"]) == e["nwindows"] == n
             assert e["ppl"] == pytest.approx(math.exp(sum(e["window_nlls"]) / n), rel=1e-9)
@@ -115,6 +123,15 @@ def test_kill_resume_nlls_ratios_and_global_selection(bench, tmp_path, monkeypat
     assert t["StructPrune / global"]["ratio"]["high"] == pytest.approx(r["high"])
     md = out.with_suffix(".md").read_text()
     assert "StructPrune / global at 30%" in md and "[" in md
+    assert "PTB" not in md and "C4 ppl" in md
+
+    # Naming PTB explicitly still refuses, in one line, before any work.
+    bench.calls.clear()
+    capsys.readouterr()
+    assert bench.main([*argv, "--eval", "wikitext2,ptb,c4", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("baselines: error: PTB (Penn Treebank) is under LDC terms") and "\n" not in err
+    assert bench.calls == [] and not (tmp_path / "other.json").exists()
 
     # Resuming under other settings is refused.
     assert bench.main([*argv[:5], "4", *argv[6:], "--resume"]) == 2
@@ -152,10 +169,11 @@ def test_plan_rows_main_and_ablations(bench):
     assert ("structprune+iterations=4", 0.4) in bench.plan_rows(a4)
 
 
-def test_eval_dtype_evaluates_a_bf16_copy_and_checks_it_against_fp32(bench, tmp_path):
+def test_eval_dtype_evaluates_a_bf16_copy_and_checks_it_against_fp32(bench, tmp_path, stand_in_ptb):
     """--eval-dtype bfloat16: pruning stays in float32 (the dense model is not converted), every row
     is scored with bf16 weights, and the checked rows (dense, structprune at 50%) also carry their
-    float32 WikiText-2 NLLs, from which the Markdown gives the paired ratio."""
+    float32 WikiText-2 NLLs, from which the Markdown gives the paired ratio. With PTB readable (a
+    generated stand-in) the protocol's three sets are all measured."""
     import copy
 
     import torch
@@ -169,6 +187,8 @@ def test_eval_dtype_evaluates_a_bf16_copy_and_checks_it_against_fp32(bench, tmp_
     assert next(base.parameters()).dtype == torch.float32  # evaluated on a copy
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["settings"]["eval_dtype"] == "bfloat16" and rec["settings"]["dtype"] == "float32"
+    assert rec["settings"]["datasets"] == ["wikitext2", "ptb", "c4"]
+    assert all(len(r["ppl"]["ptb"]["window_nlls"]) == TINY.eval_limits["ptb"] for r in rec["rows"])
     checked = {(r["label"], r["sparsity_target"]) for r in rec["rows"] if "ppl_compute_dtype" in r}
     assert checked == {("dense", 0.0), ("structprune", 0.5)}
     dense = rec["rows"][0]

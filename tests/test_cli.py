@@ -161,7 +161,7 @@ def test_existing_output_is_not_clobbered(tiny_folder, calib_file, tmp_path, cap
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_real_smollm2_perplexity_ordering(smollm2_path, assets):
+def test_real_smollm2_perplexity_ordering(smollm2_path):
     """On real text, pruning the real model raises its perplexity (same windows, same code)."""
     from structprune import load_model, prune
     from structprune.data import get_calibration
@@ -177,7 +177,7 @@ def test_real_smollm2_perplexity_ordering(smollm2_path, assets):
     assert 5 < dense < pruned, (dense, pruned)
 
 
-def test_real_smollm2_structprune_reconstructs_better_than_wanda(smollm2_path, assets):
+def test_real_smollm2_structprune_reconstructs_better_than_wanda(smollm2_path):
     """On real weights and text (first 4 layers, to stay fast), StructPrune's output at the last
     layer stays much closer to the dense model's than Wanda-sp's, on held-out windows."""
     import copy

@@ -12,7 +12,6 @@ from structprune.data import (
     C4_CALIB_DOCS,
     C4_EVAL_DOCS,
     C4_HELDOUT_DOCS,
-    find_assets_dir,
     get_calibration,
     get_heldout_calibration,
     load_c4_documents,
@@ -20,7 +19,6 @@ from structprune.data import (
 )
 from structprune.errors import CalibrationError, StructPruneError
 
-needs_assets = pytest.mark.skipif(find_assets_dir() is None, reason="shared/assets not found")
 
 
 def _byte_of(tokenizer) -> dict[int, int]:
@@ -42,7 +40,6 @@ def _decode(tokenizer, windows: torch.Tensor) -> list[bytes]:
     return [bytes(table[i] for i in w.tolist()) for w in windows]
 
 
-@needs_assets
 def test_builtin_corpora_match_the_assets(assets):
     wiki = load_text("wikitext2")
     assert len(wiki) == 1_294_336  # the README's character count
@@ -60,7 +57,6 @@ def test_doc_ranges_are_disjoint():
         assert stop <= start
 
 
-@needs_assets
 def test_c4_calibration_shape_and_determinism(byte_tokenizer):
     a = get_calibration(byte_tokenizer, "c4", nsamples=8, seqlen=512, seed=0)
     b = get_calibration(byte_tokenizer, "c4", nsamples=8, seqlen=512, seed=0)
@@ -70,7 +66,6 @@ def test_c4_calibration_shape_and_determinism(byte_tokenizer):
     assert not torch.equal(a, c)
 
 
-@needs_assets
 def test_c4_calibration_never_touches_eval_documents(byte_tokenizer):
     calib_text = load_text("c4", "calib").encode()
     heldout_text = load_text("c4", "heldout").encode()
@@ -120,20 +115,6 @@ def test_unknown_corpus_and_missing_file():
         load_text("/nonexistent/calib.txt")
 
 
-@pytest.fixture
-def no_assets(monkeypatch):
-    """As on a user's machine: no assets folder anywhere, empty corpus caches."""
-    from structprune.data import corpora
-
-    monkeypatch.setattr(corpora, "find_assets_dir", lambda: None)
-    corpora._load_builtin.cache_clear()
-    corpora._c4_documents_cached.cache_clear()
-    yield corpora
-    corpora._load_builtin.cache_clear()
-    corpora._c4_documents_cached.cache_clear()
-
-
-@needs_assets
 def test_packaged_corpora_equal_the_assets(assets, no_assets):
     wiki = load_text("wikitext2")
     assert wiki == (assets / "wikitext2" / "wikitext-2-raw-v1.test.txt").read_text(encoding="utf-8")

@@ -499,10 +499,10 @@ def _full_disk(monkeypatch, where):
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    if where == "shard":  # streamed path: ShardWriter -> safetensors
-        import safetensors.torch
+    if where == "shard":  # streamed path: ShardWriter closing a shard
+        import structprune.export.shards as shards
 
-        monkeypatch.setattr(safetensors.torch, "save_file", lambda t, path, metadata=None: fail(path))
+        monkeypatch.setattr(shards, "_write_shard", lambda tmp, *a: fail(tmp))
     elif where == "save_pretrained":  # in-memory path: transformers -> safetensors
         import transformers.modeling_utils as mu
 
@@ -674,16 +674,17 @@ def test_the_source_never_unpickles_nor_trusts_remote_code_by_itself():
 def test_safetensors_wrapped_os_error_is_named(folder, calib, tmp_path, capsys, monkeypatch):
     """safetensors reports a failed write as its own error with the OS code in the text (a real
     `ulimit -f` run gave "I/O error: File too large (os error 27)"): it is one line naming the OS error."""
-    import safetensors.torch
+    import transformers.modeling_utils as mu
     from safetensors import SafetensorError
 
     def too_large(t, path, metadata=None):
         Path(path).write_bytes(b"partial")
         raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
-    monkeypatch.setattr(safetensors.torch, "save_file", too_large)
+    # The in-memory path writes through safetensors (the streamed one writes its shards itself).
+    monkeypatch.setattr(mu, "safe_save_file", too_large)
     out = tmp_path / "deep" / "out"
-    refused(prune_args(folder(), out, calib), capsys,
-            r"File too large: .*\.safetensors\.tmp \(the file system or a limit refuses files this large; write "
+    refused(prune_args(folder(), out, calib, "--in-memory"), capsys,
+            r"File too large: .*\.safetensors \(the file system or a limit refuses files this large; write "
             r"elsewhere\); nothing was written to .*out$")
     assert not (tmp_path / "deep").exists()
 
@@ -789,3 +790,44 @@ def test_openbookqa_without_a_file_offline_is_refused(folder, tmp_path, capsys, 
              "-q"], capsys,
             r"OpenBookQA does not ship with StructPrune \(no licence for its data was found\): put openbookqa_test\.jsonl"
             r" .* or run where the Hugging Face hub is reachable \(ConnectionError\)$")
+
+
+# -- memory limits (engine/budget.py) -------------------------------------------------------------
+
+@covers("memory-too-small")
+@pytest.mark.parametrize("how", ["--max-memory", "cgroup"])
+def test_a_limit_too_small_for_one_layer_is_refused_before_any_work(how, folder, calib, tmp_path, capsys,
+                                                                     monkeypatch):
+    """The limit comes from --max-memory or the container (an injected cgroup v1 limit): either way the
+    run stops before reading any weight, with the estimate and the limit in one line."""
+    import structprune.engine.budget as budget
+    from structprune.models import checkpoint
+
+    read = []
+    real = checkpoint.CheckpointReader.get
+    monkeypatch.setattr(checkpoint.CheckpointReader, "get", lambda self, *a, **k: read.append(1) or real(self, *a, **k))
+    out = tmp_path / "deep" / "out"
+    if how == "cgroup":
+        monkeypatch.setattr(budget, "cgroup_limit", lambda: (300 * 2**20, "cgroup v1 /sys/fs/cgroup/memory/x/memory.limit_in_bytes"))
+        extra = ()
+    else:
+        extra = ("--max-memory", "300MiB")
+    line = refused(prune_args(folder(), out, calib, *extra), capsys,
+                   r"not enough memory for one layer: this run needs about \d+\.\d\d GiB \(process now \d+\.\d\d GiB, "
+                   r"largest layer's work \d+\.\d\d GiB, activations at least 0\.06 GiB\) but may use 0\.29 GiB \("
+                   + ("--max-memory" if how == "--max-memory" else r"cgroup v1 \S+memory\.limit_in_bytes") + r"\)")
+    assert read == [] and not (tmp_path / "deep").exists()
+    assert "raise the limit" in line
+
+
+@covers("max-memory-value")
+@pytest.mark.parametrize("value, pattern", [("lots", r"--max-memory 'lots' is not a size such as 6GiB"),
+                                            ("0", r"--max-memory must be a positive size such as 6GiB, got '0'")])
+def test_max_memory_value(value, pattern, folder, calib, tmp_path, capsys):
+    refused(prune_args(folder(), tmp_path / "out", calib, "--max-memory", value), capsys, pattern)
+
+
+@covers("max-memory-in-memory")
+def test_max_memory_needs_a_streamed_run(folder, calib, tmp_path, capsys):
+    refused(prune_args(folder(), tmp_path / "out", calib, "--in-memory", "--max-memory", "8GiB"), capsys,
+            r"^structprune: error: --max-memory bounds a run streamed from a checkpoint folder")

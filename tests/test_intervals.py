@@ -170,3 +170,33 @@ def test_evaluate_datasets_under_a_protocol(make_tiny_llama, byte_tokenizer, tmp
     assert math.isclose(ratio.value, r1[str(a)].ppl / r2[str(a)].ppl, rel_tol=1e-6)
     with pytest.raises(StructPruneError, match="needs datasets or a protocol"):
         evaluate_datasets(m1, byte_tokenizer, progress=False)
+
+
+def test_a_protocol_without_ptb_evaluates_what_ships_and_says_what_it_left_out(no_assets, make_tiny_llama,
+                                                                                byte_tokenizer, caplog):
+    """PTB does not ship: with nothing providing it, the protocol's default sets are WikiText-2 and
+    C4 (both ship) with one line naming PTB and how to add it; naming PTB still refuses."""
+    from structprune.eval import Protocol
+
+    proto = Protocol("cpu", 2, 32, 32, {"wikitext2": 2, "ptb": 2, "c4": 1})
+    have, notes = proto.readable_datasets()
+    assert have == ["wikitext2", "c4"]
+    assert len(notes) == 1 and notes[0].startswith("PTB left out of the cpu protocol's evaluation: PTB (Penn Treebank)")
+    assert "ptb.valid.txt" in notes[0] and "\n" not in notes[0]
+    model = make_tiny_llama(vocab_size=257, max_position_embeddings=64)
+    with caplog.at_level("WARNING"):
+        res = evaluate_datasets(model, byte_tokenizer, protocol=proto, progress=False)
+    assert list(res) == ["wikitext2", "c4"] and [r.nwindows for r in res.values()] == [2, 1]
+    assert "PTB left out" in caplog.text
+    with pytest.raises(StructPruneError, match="LDC terms"):
+        evaluate_datasets(model, byte_tokenizer, ["wikitext2", "ptb"], protocol=proto, progress=False)
+
+
+def test_the_cli_default_evaluation_leaves_out_ptb_in_one_line(no_assets, capsys):
+    from structprune.cli import _default_datasets
+    from structprune.eval import get_protocol
+
+    assert _default_datasets(None) == ["wikitext2"]
+    assert _default_datasets(get_protocol("gpu")) == ["wikitext2", "c4"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[structprune] PTB left out of the gpu protocol's evaluation: ")

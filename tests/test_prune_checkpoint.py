@@ -142,15 +142,30 @@ def test_a_checkpoint_saved_without_the_model_prefix_exports_model_names_once(tm
 
 
 def test_disk_path_bounds_activations_by_default(tmp_path, monkeypatch):
-    """Without --activation-budget the disk path still bounds activations in RAM (a quarter of the
-    available memory), and says so in the report; an explicit budget is kept."""
+    """Without --activation-budget the disk path still bounds activations in RAM: half of what the
+    memory limit (here an injected cgroup limit) leaves after the process and one layer's work, or,
+    where no limit can be read, a quarter of the available memory; the report says so. An explicit
+    budget is kept."""
     from structprune import memory
+    from structprune.engine import budget
 
     monkeypatch.delenv("STRUCTPRUNE_ACTIVATION_BUDGET", raising=False)
-    monkeypatch.setattr(memory, "available_memory", lambda: 4 * 2**20)
+    monkeypatch.setattr(budget, "cgroup_limit", lambda: (2**31, "cgroup v2 /sys/fs/cgroup/job/memory.max"))
+    monkeypatch.setattr(budget, "current_rss", lambda: 2**29)
     folder = _save(tiny_llama(), tmp_path / "dense")
+    r = prune_checkpoint(folder, tmp_path / "c", calib_ids(4, 16), _cfg("wanda-sp"), device="cpu",
+                         progress=False).report
+    plan = r["memory"]["plan"]
+    want = int(budget.ACTIVATION_SHARE * (2**31 - 2**29 - plan["working_set_bytes"]))
+    assert plan["limit"] == 2**31 and plan["limit_source"] == "cgroup v2 /sys/fs/cgroup/job/memory.max"
+    assert r["config"]["activation_budget"] == want and r["memory"]["activation_budget"] == want
+
+    monkeypatch.setattr(budget, "cgroup_limit", lambda: None)
+    monkeypatch.setattr(budget, "physical_memory", lambda: None)
+    monkeypatch.setattr(memory, "available_memory", lambda: 4 * 2**20)
     r = prune_checkpoint(folder, tmp_path / "a", calib_ids(4, 16), _cfg("wanda-sp"), device="cpu",
                          progress=False).report
+    assert r["memory"]["plan"]["limit"] is None
     assert r["config"]["activation_budget"] == 2**20 and r["memory"]["activation_budget"] == 2**20
     r = prune_checkpoint(folder, tmp_path / "b", calib_ids(4, 16), _cfg("wanda-sp", activation_budget="0"),
                          device="cpu", progress=False).report

@@ -49,7 +49,7 @@ def test_shard_writer_resumed_from_checkpoints_writes_the_same_bytes(tmp_path, k
         w.checkpoint()
     w.finalize()
     assert _digest(out) == _digest(tmp_path / "ref")
-    assert not list(out.glob("pending-*"))
+    assert not list(out.glob("*.data"))
 
 
 def test_shard_writer_resume_refuses_a_changed_pending_tensor(tmp_path):
@@ -67,7 +67,7 @@ def test_shard_writer_resume_refuses_a_lost_checkpoint_file(tmp_path):
     w.add("a", torch.zeros(4))
     w.checkpoint()
     del w
-    next(tmp_path.glob("pending-*")).unlink()
+    next(tmp_path.glob("model-part-*.data")).unlink()
     with pytest.raises(StructPruneError, match="missing or unreadable"):
         ShardWriter.resume(tmp_path)
 

@@ -23,6 +23,7 @@ from .config import PruneConfig
 from .engine import LayerStream
 from .engine.stream import check_finite_weights
 from .engine.activations import activation_budget, current_budget, explicit_budget
+from .engine.budget import MemoryPlan, layer_sizes, parse_memory, plan_memory
 from .engine.homes import MemoryHome
 from .errors import CalibrationError, StructPruneError
 from .memory import default_ram_budget, peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
@@ -111,6 +112,7 @@ class PruneRun:
     fingerprint: dict | None = None
     calib_sha256: str | None = None
     journal: object = None  # engine.journal.RunJournal of a resumable (disk-streamed) run, else None
+    memory_plan: object = None  # engine.budget.MemoryPlan of a streamed run (its limit, need and budget)
 
     def __post_init__(self):
         if self.home is None:
@@ -340,27 +342,41 @@ def _memory_breakdown(run: PruneRun, budget, widths_before: list[dict]) -> dict:
     """What one resident layer costs, by kind (bytes), next to the measured activation figures.
 
     Layer weights, statistics and solver workspace are the sizes of the tensors that exist
-    at once for the largest layer (from its dense shapes: one layer in the compute dtype,
-    float32 Gram matrices of both modules, and a module solve's n x n buffers: two float64 ones,
-    or 1.5 float64-equivalents for StructPrune's float32 removal paths: see solvers/obs.py);
-    activations are the activation store's measured peak in RAM and what spilled to disk."""
+    at once for the largest layer (engine/budget.py: from its dense shapes); activations are the
+    activation store's measured peak in RAM and what spilled to disk. A streamed run adds its
+    memory plan: the limit it ran under, where the limit came from, and the budget chosen from it."""
     dtype_size = next(run.model.parameters()).element_size()
-    solver_buffers = 1.5 if run.config.method == "structprune" else 2  # in float64 n x n buffers
-    layers = run.adapter.layers()
-    layer_bytes, gram_bytes, solver_bytes = 0, 0, 0
-    for layer, w in zip(layers, widths_before):
-        a = run.adapter.attention_shape(layer)
-        n_attn, n_mlp = w["heads"] * a.head_dim, w["mlp"]
-        params = sum(p.numel() for p in layer.parameters())
-        layer_bytes = max(layer_bytes, params * dtype_size)
-        gram_bytes = max(gram_bytes, 4 * (n_attn ** 2 + n_mlp ** 2))
-        solver_bytes = max(solver_bytes, int(solver_buffers * 8 * (max(n_attn, n_mlp) + 1) ** 2))
-    return {"layer_weights_bytes": layer_bytes, "statistics_bytes": gram_bytes, "solver_workspace_bytes": solver_bytes,
-            "activations_peak_ram_bytes": getattr(budget, "peak_resident", None),
-            "activations_spilled_bytes": getattr(budget, "peak_spilled", None),
-            "activation_budget": None if math.isinf(getattr(budget, "limit", math.inf)) else budget.limit,
-            "basis": "layer/statistics/solver: sizes of the largest layer's tensors (one layer resident); "
-                     "activations: measured"}
+    out = {**layer_sizes(run.adapter, widths_before, dtype_size, run.config.method),
+           "activations_peak_ram_bytes": getattr(budget, "peak_resident", None),
+           "activations_spilled_bytes": getattr(budget, "peak_spilled", None),
+           "activation_budget": None if math.isinf(getattr(budget, "limit", math.inf)) else budget.limit,
+           "basis": "layer/statistics/solver: sizes of the largest layer's tensors (one layer resident); "
+                    "activations: measured"}
+    if run.memory_plan is not None:
+        out["plan"] = run.memory_plan.to_dict()
+    return out
+
+
+def memory_plan(adapter: Adapter, config: PruneConfig, dtype: torch.dtype, max_memory=None,
+                eval_seqlen: int = 0) -> MemoryPlan:
+    """The memory plan of a streamed run of ``config`` on the model ``adapter`` wraps (its meta skeleton
+    is enough): the limit (``max_memory``, the cgroup, the machine), the estimated need of one layer
+    (and of the LM head, with a streamed evaluation on windows of ``eval_seqlen`` if any), and the
+    activation budget chosen from them unless ``config`` or an ``activation_budget`` block sets one.
+    Raises StructPruneError when the limit cannot hold one layer's work."""
+    given = config.activation_budget is not None or explicit_budget() is not None
+    tokens = config.nsamples * config.seqlen if needs_calibration(config) else 0
+    return plan_memory(adapter, layer_widths(adapter), torch.empty((), dtype=dtype).element_size(), config.method,
+                       tokens, max_memory=parse_memory(max_memory), budget_given=given, eval_tokens=eval_seqlen)
+
+
+def checkpoint_memory_plan(folder: str | Path, config: PruneConfig, dtype: torch.dtype = torch.float32,
+                           max_memory=None, eval_seqlen: int = 0) -> MemoryPlan:
+    """:func:`memory_plan` for the checkpoint in ``folder``, from its meta skeleton (reads no weights)."""
+    from .models.checkpoint import load_skeleton
+
+    model, _ = load_skeleton(folder, dtype=dtype)
+    return memory_plan(get_adapter(model), config, dtype, max_memory, eval_seqlen)
 
 
 def _run_identity(config: PruneConfig, calib, fingerprint: dict, dtype, device, max_shard_size) -> dict:
@@ -378,7 +394,8 @@ def _run_identity(config: PruneConfig, calib, fingerprint: dict, dtype, device, 
 def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor | None = None,
                      config: PruneConfig | None = None, *, tokenizer=None, device=None,
                      dtype: torch.dtype = torch.float32, max_shard_size: str | int = "2GB", progress: bool = True,
-                     overwrite: bool = False, atomic: bool = True, resume: bool = False, **overrides) -> PruneResult:
+                     overwrite: bool = False, atomic: bool = True, resume: bool = False, max_memory=None,
+                     **overrides) -> PruneResult:
     """Prune the checkpoint in ``folder`` (config + safetensors, sharded or not) into ``output``
     with one decoder layer in memory at a time: the dense model is never loaded whole, and each
     layer is written to ``output``'s shards as soon as it is final, so the pruned model is never
@@ -390,6 +407,12 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     ``atomic=False`` writes straight into ``output`` (a caller's own temporary folder).
     Returns a :class:`PruneResult` whose ``model`` is the (meta) skeleton with the pruned shapes.
     The O(N) ``global`` reference back-propagates through the whole model: it is refused here.
+
+    Memory: the run may use the tightest of ``max_memory`` (bytes or ``"6GiB"``), this process's
+    cgroup limit and the machine's memory; before any work it estimates one layer's need and
+    refuses (StructPruneError) a limit that cannot hold it, and it sizes the activation budget from
+    what is left unless ``config.activation_budget`` is set (engine/budget.py; the report's
+    ``memory.plan`` says what was chosen). Shards are streamed to disk whatever ``max_shard_size``.
 
     Resumable: the run keeps a journal in ``.OUTPUT.partial/.resume`` (engine/journal.py); a run
     that was killed (SIGKILL, out of memory, power loss) continues with ``resume=True`` and the same
@@ -408,15 +431,18 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     if config.method == "global":
         raise StructPruneError("the 'global' reference needs the whole model in memory: load it with "
                                "load_model() and call prune(), or choose a streamed method")
-    if config.activation_budget is None and explicit_budget() is None:
-        # A model larger than memory must not get its activations in RAM without bound either:
-        # by default a quarter of the memory available now, the rest spilled (the report says so).
-        config = replace(config, activation_budget=default_ram_budget())
     model, reader = load_skeleton(folder, dtype=dtype)
     fingerprint = checkpoint_fingerprint(folder, reader.files)
     adapter = get_adapter(model)
     check_reachable(adapter, config)
     calib = _calibration(model, calib, config, tokenizer)
+    # Before any work: what the run may use and what one layer needs; the activation budget follows
+    # from the limit (a model larger than memory must not get its activations in RAM without bound).
+    plan = memory_plan(adapter, config, dtype, max_memory)
+    if plan.activation_budget is not None:
+        config = replace(config, activation_budget=plan.activation_budget)
+    elif config.activation_budget is None and explicit_budget() is None:
+        config = replace(config, activation_budget=default_ram_budget())  # no limit could be read
     device = torch.device(device) if device is not None else default_device()
     place = (atomic_output_dir(output, overwrite=overwrite, resumable=True, resume=resume) if atomic
              else contextlib.nullcontext(Path(output)))
@@ -431,7 +457,7 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
         home = DiskHome(model, adapter, reader, writer, dtype=dtype, out_dtype=reader.stored_dtype,
                         scratch=tmp / ".scratch", resume=journal.resumed)
         plans, report = _run(PruneRun(model, adapter, calib, config, device, progress=progress, home=home,
-                                      fingerprint=fingerprint, journal=journal))
+                                      fingerprint=fingerprint, journal=journal, memory_plan=plan))
         report["timings"]["resumed"] = journal.resumed
         export = export_config(model)
         export.config.dtype = reader.stored_dtype  # the skeleton computed in ``dtype``; weights keep theirs

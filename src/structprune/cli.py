@@ -31,6 +31,17 @@ def _datasets(s: str) -> list[str]:
     return [d.strip() for d in s.split(",") if d.strip()] if s else []
 
 
+def _default_datasets(protocol) -> list[str]:
+    """What a run evaluates when no set is named: WikiText-2, or the protocol's sets that can be
+    read here (a set left out, PTB where nothing provides it, is said in one line)."""
+    if protocol is None:
+        return ["wikitext2"]
+    have, notes = protocol.readable_datasets()
+    for note in notes:
+        print(f"[structprune] {note}", file=sys.stderr)
+    return have
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local HF folder, .gguf file, hub name, or smollm2-135m")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
@@ -96,11 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue a streamed run that was killed (same command otherwise) from its last finished "
                         "layer; the output is the same bytes as an uninterrupted run's")
-    p.add_argument("--max-shard-size", default="2GB", help="split safetensors weights above this size (e.g. 500MB)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="split safetensors weights above this size (e.g. 500MB); streamed to disk: costs no memory")
+    p.add_argument("--max-memory", default=None,
+                   help="memory the streamed run may use (e.g. 6GiB; default: the container's cgroup limit, else "
+                        "the machine's); the activation budget follows from it, and a limit too small for one layer "
+                        "is refused before any work")
     p.add_argument("--activation-budget", default=None,
                    help="calibration activations kept in RAM at most (e.g. 4GiB); the rest spill to memory-mapped "
-                        "files (default: $STRUCTPRUNE_ACTIVATION_BUDGET, else a quarter of the memory available at "
-                        "the start; inf: no limit)")
+                        "files (default: $STRUCTPRUNE_ACTIVATION_BUDGET, else half of what the memory limit leaves "
+                        "after one layer's work; inf: no limit)")
     p.add_argument("--offload-dir", default=None, help="folder for spilled activations (default: the temp folder)")
     p.add_argument("--in-memory", action="store_true",
                    help="load the whole model instead of streaming a checkpoint folder one layer at a time")
@@ -275,8 +291,7 @@ def cmd_prune(args) -> dict:
                          mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths,
                          activation_budget=args.activation_budget, offload_dir=args.offload_dir, **overrides)
     protocol = _protocol(args)
-    datasets, tasks = _split_eval(_datasets(args.eval if args.eval is not None else
-                                            ",".join(protocol.datasets) if protocol else "wikitext2"))
+    datasets, tasks = _split_eval(_datasets(args.eval) if args.eval is not None else _default_datasets(protocol))
     zs_limit = _zero_shot_limit(args, device) if tasks else None
     if protocol is None and device.type == "cpu" and (args.nsamples is None or args.seqlen is None
                                                       or args.eval_limit == -1):
@@ -311,6 +326,23 @@ def cmd_prune(args) -> dict:
             load_task_data(t, args.zero_shot_data)
 
     streamed = _streams_from_disk(args, config)
+    if args.max_memory is not None and streamed is None:
+        raise StructPruneError("--max-memory bounds a run streamed from a checkpoint folder; this run holds the "
+                               "whole model in memory (--in-memory, a GGUF file, a hub model or --method global)")
+    budget = args.activation_budget
+    if streamed is not None:  # before any work: a limit too small for one layer is refused now
+        from .api import checkpoint_memory_plan
+
+        plan = checkpoint_memory_plan(streamed, config, dtype, args.max_memory,
+                                      eval_seqlen=args.eval_seqlen if datasets else 0)
+        if budget is None and plan.activation_budget is not None:
+            budget = plan.activation_budget
+        if not args.quiet:
+            limit = "unknown" if plan.limit is None else f"{plan.limit / 2**30:.2f} GiB ({plan.limit_source})"
+            acts = (args.activation_budget if args.activation_budget is not None
+                    else "the default" if budget is None else f"{budget / 2**30:.2f} GiB")
+            print(f"[structprune] memory: may use {limit}; one layer's work about "
+                  f"{plan.working_set_bytes / 2**30:.2f} GiB; activations in RAM up to {acts}", file=sys.stderr)
     if args.resume and streamed is None:
         raise StructPruneError("--resume continues a run streamed from a checkpoint folder; this run holds the "
                                "model in memory (--in-memory, a GGUF file, a hub model or --method global) and "
@@ -325,7 +357,7 @@ def cmd_prune(args) -> dict:
 
             def evaluate(folder):
                 return evaluate_checkpoint(folder, tok, datasets, seqlen=args.eval_seqlen, limit=limit, device=device,
-                                           dtype=dtype, progress=not args.quiet, ram_budget=args.activation_budget)
+                                           dtype=dtype, progress=not args.quiet, ram_budget=budget)
 
             def zero_shot_of(folder):  # lm-eval needs the whole model: loaded for the zero-shot tasks only
                 zmodel, ztok = load_model(str(folder), dtype=dtype, device=device,
@@ -339,7 +371,7 @@ def cmd_prune(args) -> dict:
             dense_zs = zero_shot_of(streamed) if tasks else None
             result = prune_checkpoint(streamed, tmp, calib, config, tokenizer=tok, device=device, dtype=dtype,
                                       max_shard_size=args.max_shard_size, progress=not args.quiet,
-                                      overwrite=True, atomic=False, resume=args.resume)
+                                      overwrite=True, atomic=False, resume=args.resume, max_memory=args.max_memory)
             pruned_ppl = evaluate(tmp) if datasets else {}
             pruned_zs = zero_shot_of(tmp) if tasks else None
             report = result.report
@@ -439,8 +471,10 @@ def cmd_eval(args) -> dict:
         for t in tasks:
             load_task_data(t, args.zero_shot_data)
     model, tok = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    default = "" if args.zero_shot else (",".join(protocol.datasets) if protocol else "wikitext2")
-    datasets = _datasets(args.datasets if args.datasets is not None else default)
+    if args.datasets is not None:
+        datasets = _datasets(args.datasets)
+    else:
+        datasets = [] if args.zero_shot else _default_datasets(protocol)
     res = _eval(model, tok, datasets, args, limit, device) if datasets else {}  # --zero-shot alone: no perplexity
     for d, v in res.items():
         ci = f" [{v['ppl_interval'][0]:.4f}, {v['ppl_interval'][1]:.4f}] (95% bootstrap)" if v["ppl_interval"] else ""

@@ -64,15 +64,85 @@ def current_rss() -> int | None:
 
 
 def default_ram_budget() -> int:
-    """RAM for activations when no budget is given: a quarter of the memory available now
-    (cgroup-aware; 4 GiB where it cannot be read). Activations of a long calibration (ADMM's
-    consensus and duals: two stores per module of every layer) outgrow a small model many times."""
+    """RAM for activations when no budget and no memory limit is known: a quarter of the memory
+    available now (cgroup-aware; 4 GiB where it cannot be read). Activations of a long calibration
+    (ADMM's consensus and duals: two stores per module of every layer) outgrow a small model many times.
+    A streamed run with a known limit sizes it from that limit instead (:mod:`structprune.engine.budget`)."""
     return int(0.25 * (available_memory() or 16 * 2**30))
+
+
+_CGROUP = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
+_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value < _UNLIMITED else None
+
+
+def _own_cgroups() -> list[tuple[str, Path, str]]:
+    """``(version, folder, limit file)`` of this process's memory cgroup and of each of its
+    ancestors up to the mount's root (a parent's limit binds its children too)."""
+    try:
+        lines = _PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if "memory" in parts[1].split(","):  # v1: N:memory:/path
+            found.append(("cgroup v1", _CGROUP / "memory", parts[2], "memory.limit_in_bytes"))
+        elif parts[0] == "0" and parts[1] == "":  # v2: 0::/path (the unified hierarchy)
+            root = _CGROUP if (_CGROUP / "cgroup.controllers").exists() else _CGROUP / "unified"
+            found.append(("cgroup v2", root, parts[2], "memory.max"))
+    out = []
+    for version, root, rel, name in found:
+        folder = root / rel.lstrip("/")
+        while True:
+            out.append((version, folder, name))
+            if folder == root or root not in folder.parents:
+                break
+            folder = folder.parent
+    return out
+
+
+def cgroup_limit() -> tuple[int, str] | None:
+    """``(bytes, where)``: the tightest memory limit of this process's cgroups (v1 ``memory.limit_in_bytes``
+    or v2 ``memory.max``, its own group and every ancestor), or None where none is set or readable."""
+    best = None
+    for version, folder, name in _own_cgroups():
+        value = _read_int(folder / name)
+        if value is not None and (best is None or value < best[0]):
+            best = (value, f"{version} {folder / name}")
+    return best
+
+
+def physical_memory() -> int | None:
+    """MemTotal of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def available_memory() -> int | None:
     """Memory available to this process now, in bytes: the smaller of the system's MemAvailable
-    and the room left under a cgroup v1 memory limit (None where neither can be read)."""
+    and the room left under its cgroup's memory limit (None where neither can be read)."""
     sizes = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -80,16 +150,11 @@ def available_memory() -> int | None:
                 sizes.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError):
         pass
-    try:
-        group = next(l.split(":", 2)[2] for l in Path("/proc/self/cgroup").read_text().splitlines()
-                     if ":memory:" in l)
-        base = Path("/sys/fs/cgroup/memory") / group.lstrip("/")
-        limit = int((base / "memory.limit_in_bytes").read_text())
-        usage = int((base / "memory.usage_in_bytes").read_text())
-        if limit < 2**60:
+    for version, folder, name in _own_cgroups():
+        limit = _read_int(folder / name)
+        usage = _read_int(folder / ("memory.usage_in_bytes" if version == "cgroup v1" else "memory.current"))
+        if limit is not None and usage is not None:
             sizes.append(max(limit - usage, 0))
-    except (OSError, ValueError, StopIteration):
-        pass
     return min(sizes) if sizes else None
 
 

@@ -257,6 +257,21 @@ def load_text(name: str, split: str = "eval") -> str:
     )
 
 
+def corpus_missing(name: str) -> str | None:
+    """Why the built-in corpus ``name`` cannot be read here (one line), or None when it can.
+
+    It reads the corpus (cached), so a hub download happens now rather than hours into a run.
+    Only PTB can be missing on a machine with the package (it does not ship: LDC terms).
+    """
+    if name.lower() not in CORPORA:
+        return None  # a file: reading it is what reports a bad one
+    try:
+        load_text(name)
+    except StructPruneError as exc:
+        return str(exc)
+    return None
+
+
 @functools.lru_cache(maxsize=8)
 def _load_builtin(key: str, split: str) -> str:
     if key == "wikitext2":

@@ -182,12 +182,16 @@ def evaluate_datasets(
 ) -> dict[str, PerplexityResult]:
     """:func:`perplexity` on each dataset, same settings; keyed by dataset name. ``limit`` is
     one window limit for every dataset or a mapping ``{dataset: limit}``. ``protocol``
-    (``"cpu"``, ``"gpu"`` or a :class:`Protocol`) sets the datasets (unless given), the window
+    (``"cpu"``, ``"gpu"`` or a :class:`Protocol`) sets the datasets (unless given: those of its
+    sets that can be read here, with a warning for a set left out, such as PTB), the window
     length and the windows of docs/protocol.md; each result keeps its per-window NLLs, so
     ``result.interval()`` and :func:`~structprune.eval.paired_ratio` compare models."""
     if protocol is not None:
         proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
-        datasets = proto.datasets if datasets is None else datasets
+        if datasets is None:
+            datasets, notes = proto.readable_datasets()
+            for note in notes:
+                logger.warning("%s", note)
         seqlen, limit = proto.eval_seqlen, proto.eval_limits
     if not datasets:
         raise StructPruneError("evaluate_datasets needs datasets or a protocol")

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data.corpora import corpus_missing
 from ..errors import StructPruneError
+
+TITLES = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,19 @@ class Protocol:
     @property
     def datasets(self) -> list[str]:
         return list(self.eval_limits)
+
+    def readable_datasets(self) -> tuple[list[str], list[str]]:
+        """The protocol's evaluation sets that can be read here, and one line for each set left
+        out (PTB, which does not ship, where no assets folder or hub provides it): a default
+        evaluation runs on what it has and says what it skipped; naming a set still requires it."""
+        have, notes = [], []
+        for d in self.datasets:
+            why = corpus_missing(d)
+            if why is None:
+                have.append(d)
+            else:
+                notes.append(f"{TITLES.get(d, d)} left out of the {self.name} protocol's evaluation: {why}")
+        return have, notes
 
     def limit(self, dataset: str) -> int | None:
         """Windows of ``dataset`` the protocol scores (a file not named here: every window)."""

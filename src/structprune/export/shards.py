@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -27,16 +28,17 @@ from torch import nn
 
 from ..errors import StructPruneError
 from ..files import current_umask
-from ..checkpoint_files import INDEX_NAME, SINGLE_NAME, check_shard_name, own_copy
+from ..checkpoint_files import INDEX_NAME, SINGLE_NAME, check_shard_name, own_copy, safetensors_header
 
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "shards.json"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 1: pending tensors checkpointed to pending-N.safetensors files (before streaming)
 _PART = "model-part-{:05d}.safetensors"
-_PENDING = "pending-{:05d}.safetensors"
+_DATA = "model-part-{:05d}.data"  # the open shard's tensor bytes, in the order added
+_COPY_CHUNK = 16 << 20
 _FINAL = "model-{:05d}-of-{:05d}.safetensors"
-_OWN_RE = re.compile(r"^(model-part-\d{5}\.safetensors|pending-\d{5}\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors"
+_OWN_RE = re.compile(r"^(model-part-\d{5}\.(safetensors|data)|pending-\d{5}\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors"
                      r"(\.index\.json)?|shards\.json)(\.tmp)?$")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -56,12 +58,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _safetensors_error() -> type[BaseException]:
-    from safetensors import SafetensorError
-
-    return SafetensorError
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -76,22 +72,30 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _write_file(tensors: dict, tmp: Path, metadata: dict | None = None) -> None:
-    """Write a safetensors file at ``tmp`` (readable as the umask allows) and fsync it; on failure
-    remove it (never a half-written file: a full disk, Ctrl-C) and raise an OS error inside
-    safetensors as the OSError it is, naming the file."""
-    from safetensors.torch import save_file
-
+def _write_shard(tmp: Path, entries: list, spans: list[tuple[int, int]], data: Path) -> None:
+    """Write the safetensors file ``tmp`` of ``entries`` ``(name, dtype, shape, nbytes)`` whose bytes
+    are at ``spans`` ``(offset, nbytes)`` of the file ``data``: the header, then each tensor's bytes
+    in safetensors' order, copied in chunks (memory: one chunk). Readable as the umask allows and
+    fsynced; on failure it is removed (never a half-written file: a full disk, Ctrl-C) and the
+    error raised as the OSError it is, naming the file."""
+    prefix, order = safetensors_header(entries, {"format": "pt"})
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600; shards are as readable as config.json
-        _fsync_file(tmp)
-    except BaseException as exc:
+        with open(tmp, "wb") as out, open(data, "rb") as src:
+            out.write(prefix)
+            for i in order:
+                off, left = spans[i]
+                src.seek(off)
+                while left:
+                    chunk = src.read(min(left, _COPY_CHUNK))
+                    if not chunk:
+                        raise OSError(errno.EIO, f"{data} ends before its tensors' bytes", str(data))
+                    out.write(chunk)
+                    left -= len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # shards are as readable as config.json
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, _safetensors_error()):
-            code = re.search(r"(?:code: |os error )(\d+)", str(exc))
-            code = int(code.group(1)) if code else errno.EIO
-            raise OSError(code, os.strerror(code), str(tmp)) from exc
         raise
 
 
@@ -106,12 +110,17 @@ def _fsync_file(path: Path) -> None:
 class ShardWriter:
     """Collect named tensors into safetensors shards of at most ``max_shard_size`` bytes.
 
+    Each tensor's bytes go to disk when it is added (appended to the open shard's data file),
+    so the writer holds no tensor in memory whatever the shard size: memory is one tensor at a
+    time, not one shard. When the next tensor would overflow the shard, the shard is closed: its
+    safetensors header (all shapes are known by then) is written, followed by the tensors' bytes
+    copied from the data file in safetensors' own order, in chunks; the result is byte-identical
+    to ``safetensors.torch.save_file`` of the same tensors.
+
     ``folder`` is created if needed; other files in it (config, tokenizer) are left
     alone. A folder already holding shards, an index or a journal is refused unless
     ``overwrite=True`` (which deletes them); continue a killed run with :meth:`resume`.
-    The writer keeps references to the tensors it is given until their shard is
-    written: do not modify them in place after :meth:`add`. It is also a tensor source
-    (``get``, ``in``) for layers already written, pending or on disk.
+    It is also a tensor source (``get``, ``in``) for tensors already added, pending or in a shard.
     """
 
     def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = "2GB", overwrite: bool = False):
@@ -130,30 +139,34 @@ class ShardWriter:
     def _reset(self) -> None:
         self.shards: list[dict] = []  # journal entries: {"file", "size", "tensors": [[name, dtype, shape]]}
         self._on_disk: dict[str, tuple[int, str, tuple]] = {}  # name -> (shard index, dtype, shape)
-        self._pending: list[tuple[str, torch.Tensor]] = []
-        self._pending_index: dict[str, torch.Tensor] = {}
-        self._pending_ptrs: set[int] = set()
+        # The open shard's tensors, in the order added: name -> (dtype, shape, offset in the data file, bytes)
+        self._pending: dict[str, tuple[torch.dtype, tuple, int, int]] = {}
         self.pending_bytes = 0
+        self._data = None  # the open shard's data file (append), opened on the first add
+        self._committed = 0  # bytes of the data file a checkpoint recorded
         self._session: set[str] = set()  # names added by this process
-        self._spills: list[dict] = []  # checkpointed pending tensors: {"file", "tensors": [names]}
-        self._spilled = 0  # how many of the pending tensors are in those files
-        self._restored: dict[str, tuple[str, tuple]] = {}  # pending names read back by resume()
+        self._restored: set[str] = set()  # pending names a checkpoint recorded, read back by resume()
         self._total = None  # shard count once finalising
         self.finalized = False
 
     def _own_files(self) -> list[str]:
         return sorted(p.name for p in self.folder.iterdir() if p.is_file() and _OWN_RE.match(p.name))
 
+    def _data_path(self) -> Path:
+        return self.folder / _DATA.format(len(self.shards) + 1)
+
     # -- adding -----------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor`` under ``name``; writes a shard first if it would overflow the current one.
+        """Append ``tensor`` under ``name`` (its bytes are written now: later changes to it do not
+        matter); closes the current shard first if the tensor would overflow it.
 
-        A name already in a shard written before :meth:`resume` is skipped (after
-        checking its dtype and shape); adding a name twice otherwise is an error.
+        A name already written before :meth:`resume` is skipped (after checking its dtype and
+        shape); adding a name twice otherwise is an error.
         """
         t = tensor.detach()
         if (name in self._on_disk or name in self._restored) and name not in self._session:
-            dtype, shape = self._restored[name] if name in self._restored else self._on_disk[name][1:]
+            dtype, shape = ((_dtype_name(self._pending[name][0]), self._pending[name][1]) if name in self._restored
+                            else self._on_disk[name][1:])
             if dtype != _dtype_name(t.dtype) or shape != tuple(t.shape):
                 raise StructPruneError(f"tensor {name!r} was written as {dtype} {list(shape)} before the resume, "
                                        f"now {_dtype_name(t.dtype)} {list(t.shape)}: not the same run")
@@ -163,18 +176,15 @@ class ShardWriter:
             raise StructPruneError(f"{self.folder}: shards already finalised, cannot add {name!r}")
         if name in self._session:
             raise StructPruneError(f"tensor {name!r} added twice to {self.folder}")
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        elif (not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes
-              or t.untyped_storage().data_ptr() in self._pending_ptrs):
-            # safetensors refuses views and tensors sharing memory; copy those.
-            t = t.contiguous().clone()
         nbytes = t.numel() * t.element_size()
         if self._pending and self.pending_bytes + nbytes > self.max_shard_size:
             self._flush()
-        self._pending.append((name, t))
-        self._pending_index[name] = t
-        self._pending_ptrs.add(t.untyped_storage().data_ptr())
+        if self._data is None:
+            self._data = open(self._data_path(), "ab")
+        offset = self._data.tell()
+        # Raw little-endian bytes as safetensors stores them (a byte view: numpy has no bfloat16).
+        self._data.write(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._pending[name] = (t.dtype, tuple(t.shape), offset, nbytes)
         self.pending_bytes += nbytes
         self._session.add(name)
 
@@ -183,49 +193,56 @@ class ShardWriter:
         for key, t in module.state_dict().items():
             self.add(prefix + key, t)
 
-    def _flush(self) -> None:
+    def _sync_data(self) -> Path:
+        """Flush the open shard's data file to disk; its path."""
+        path = self._data_path()
+        if self._data is not None:
+            self._data.flush()
+            os.fsync(self._data.fileno())
+        return path
 
+    def _flush(self) -> None:
+        """Close the open shard: header, then the data in safetensors' order, as ``save_file`` writes it."""
         k = len(self.shards) + 1
         part = _PART.format(k)
+        data = self._sync_data()
         tmp = self.folder / (part + ".tmp")
-        _write_file(dict(self._pending), tmp, metadata={"format": "pt"})
+        entries = [(n, d, shape, nbytes) for n, (d, shape, _, nbytes) in self._pending.items()]
+        spans = [(off, nbytes) for d, shape, off, nbytes in self._pending.values()]
+        _write_shard(tmp, entries, spans, data)
         os.replace(tmp, self.folder / part)
         entry = {"file": part, "size": (self.folder / part).stat().st_size,
-                 "tensors": [[n, _dtype_name(t.dtype), list(t.shape)] for n, t in self._pending]}
+                 "tensors": [[n, _dtype_name(d), list(shape)] for n, (d, shape, _, _) in self._pending.items()]}
         self.shards.append(entry)
-        spills, self._spills, self._spilled = self._spills, [], 0
+        if self._data is not None:
+            self._data.close()
+        self._data, self._committed = None, 0
         self._write_journal()
-        for sp in spills:  # now in the shard: the checkpoint copies are obsolete
-            (self.folder / sp["file"]).unlink(missing_ok=True)
-        for n, t in self._pending:
-            self._on_disk[n] = (k - 1, _dtype_name(t.dtype), tuple(t.shape))
+        data.unlink(missing_ok=True)  # now in the shard: the data file is obsolete
+        for n, (d, shape, _, _) in self._pending.items():
+            self._on_disk[n] = (k - 1, _dtype_name(d), shape)
         log.debug("wrote %s (%d tensors, %d bytes)", part, len(self._pending), self.pending_bytes)
-        self._pending, self._pending_index, self._pending_ptrs, self.pending_bytes = [], {}, set(), 0
+        self._pending, self.pending_bytes = {}, 0
 
     def checkpoint(self) -> None:
-        """Make every tensor added so far survive a kill: the pending ones (not yet in a shard) not
-        checkpointed before are written to a ``pending-NNNNN.safetensors`` file the journal names.
-        :meth:`resume` reads them back into the pending shard, so the shards written afterwards are
-        the same bytes as without the kill. Costs one extra write of each tensor at most."""
-
-        new = self._pending[self._spilled:]
-        if not new:
+        """Make every tensor added so far survive a kill: the open shard's data file is synced and
+        the journal records its length and tensors. :meth:`resume` cuts the file back to that
+        length, so the shards written afterwards are the same bytes as without the kill."""
+        if self._data is None or self._data.tell() == self._committed:
             return
-        n = 0
-        while (self.folder / _PENDING.format(n)).exists():
-            n += 1
-        name = _PENDING.format(n)
-        tmp = self.folder / (name + ".tmp")
-        _write_file(dict(new), tmp)
-        os.replace(tmp, self.folder / name)
-        self._spills.append({"file": name, "tensors": [k for k, _ in new]})
-        self._spilled = len(self._pending)
+        self._sync_data()
+        self._committed = self._data.tell()
         self._write_journal()
 
     def _write_journal(self) -> None:
+        pending = None
+        if self._committed:
+            pending = {"file": self._data_path().name, "size": self._committed,
+                       "tensors": [[n, _dtype_name(d), list(shape), off] for n, (d, shape, off, nbytes)
+                                   in self._pending.items() if off + nbytes <= self._committed]}
         _write_json_atomic(self.folder / JOURNAL_NAME, {
             "version": JOURNAL_VERSION, "max_shard_size": self.max_shard_size, "shards": self.shards,
-            "pending": self._spills, "finalizing": self._total})
+            "pending": pending, "finalizing": self._total})
 
     # -- finishing --------------------------------------------------------------------------
     def _file(self, k: int) -> Path:
@@ -272,7 +289,8 @@ class ShardWriter:
     # -- resuming ---------------------------------------------------------------------------
     @classmethod
     def resume(cls, folder: str | os.PathLike, max_shard_size: int | str | None = None) -> "ShardWriter":
-        """Reopen a folder a killed writer left: journaled shards are kept, anything later is deleted.
+        """Reopen a folder a killed writer left: journaled shards and checkpointed tensors are kept,
+        anything later is deleted (the open shard's data file is cut back to its checkpoint).
 
         A folder with no journal and no index starts afresh (with ``max_shard_size``,
         default 2GB); a finalised folder gives a finished writer whose ``add`` of the
@@ -287,8 +305,8 @@ class ShardWriter:
         try:
             j = json.loads(journal.read_text())
             if j.get("version") != JOURNAL_VERSION:
-                raise ValueError(f"version {j.get('version')!r}")
-            shards, size, total = j["shards"], int(j["max_shard_size"]), j.get("finalizing")
+                raise ValueError(f"version {j.get('version')!r}, written by another StructPrune version")
+            shards, size, total, pending = j["shards"], int(j["max_shard_size"]), j.get("finalizing"), j.get("pending")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StructPruneError(
                 f"shard journal {journal} is unreadable ({exc}); delete the folder and rerun") from exc
@@ -306,33 +324,37 @@ class ShardWriter:
                                        "delete the folder and rerun")
             for name, dtype, shape in sh["tensors"]:
                 w._on_disk[name] = (k, dtype, tuple(shape))
-        spills = j.get("pending") or []
-        for sp in spills:  # checkpointed pending tensors, back into the pending shard in order
-            check_shard_name(folder, sp["file"], journal)
-            from safetensors import safe_open
-
+        keep = {sh["file"] for sh in shards} | {JOURNAL_NAME}
+        if pending:  # checkpointed tensors of the open shard: the data file, cut back to the checkpoint
             try:
-                with safe_open(str(folder / sp["file"]), framework="pt") as f:
-                    for name in sp["tensors"]:
-                        t = f.get_tensor(name)
-                        w._pending.append((name, t))
-                        w._pending_index[name] = t
-                        w._pending_ptrs.add(t.untyped_storage().data_ptr())
-                        w.pending_bytes += t.numel() * t.element_size()
-                        w._restored[name] = (_dtype_name(t.dtype), tuple(t.shape))
-            except Exception as exc:
-                raise StructPruneError(f"checkpointed tensors {folder / sp['file']} recorded in {journal} are "
-                                       f"missing or unreadable ({exc}); delete the folder and rerun") from exc
-        w._spills, w._spilled = list(spills), len(w._pending)
-        keep = {sh["file"] for sh in shards} | {sp["file"] for sp in spills} | {JOURNAL_NAME}
+                if pending["file"] != w._data_path().name:
+                    raise ValueError(f"names {pending['file']}, expected {w._data_path().name}")
+                data = w._data_path()
+                if data.stat().st_size < pending["size"]:
+                    raise ValueError(f"{data.stat().st_size} bytes, {pending['size']} recorded")
+                with open(data, "r+b") as fh:
+                    fh.truncate(pending["size"])
+                for name, dtype, shape, off in pending["tensors"]:
+                    d = getattr(torch, dtype)
+                    nbytes = d.itemsize * math.prod(shape)
+                    w._pending[name] = (d, tuple(shape), off, nbytes)
+                    w.pending_bytes += nbytes
+                    w._restored.add(name)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise StructPruneError(f"checkpointed tensors {folder / str(pending.get('file'))} recorded in {journal} "
+                                       f"are missing or unreadable ({exc}); delete the folder and rerun") from exc
+            w._committed = pending["size"]
+            keep.add(pending["file"])
         if total is not None:
             keep |= {_FINAL.format(k + 1, total) for k in range(len(shards))}
         for name in w._own_files():
             if name not in keep:  # a shard or temp file written after the last journal entry
                 (folder / name).unlink()
+        if w._pending:
+            w._data = open(w._data_path(), "ab")
         if total is not None:
             w.finalize()
-        log.info("resuming %s: %d shard(s), %d tensors kept", folder, len(shards), len(w._on_disk))
+        log.info("resuming %s: %d shard(s), %d tensors kept", folder, len(shards), len(w._on_disk) + len(w._pending))
         return w
 
     @classmethod
@@ -355,20 +377,34 @@ class ShardWriter:
     @property
     def names(self) -> list[str]:
         """Every tensor name written or pending."""
-        return [*self._on_disk, *self._pending_index]
+        return [*self._on_disk, *self._pending]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._pending_index or name in self._on_disk
+        return name in self._pending or name in self._on_disk
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """A copy of tensor ``name``, pending or already in a shard, on ``device`` in ``dtype``."""
-        if name in self._pending_index:
-            return own_copy(self._pending_index[name], dtype, device)
+        if name in self._pending:
+            d, shape, off, nbytes = self._pending[name]
+            if self._data is not None:
+                self._data.flush()
+            buf = bytearray(nbytes)
+            with open(self._data_path(), "rb") as fh:
+                fh.seek(off)
+                fh.readinto(buf)
+            t = torch.frombuffer(buf, dtype=d) if nbytes else torch.empty(0, dtype=d)
+            return own_copy(t.reshape(shape), dtype, device)
         if name not in self._on_disk:
             raise StructPruneError(f"tensor {name!r} has not been written to {self.folder}")
         k = self._on_disk[name][0]
         path = self._file(k) if k >= 0 else _index_map(self.folder)[name]
         return _read(path, name, dtype, device)
+
+    def close(self) -> None:
+        """Close the open data file (a writer dropped without finalising: tests, a failed run)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
 
 
 _ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",

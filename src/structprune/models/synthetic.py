@@ -23,9 +23,9 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint_files import safetensors_header
 from ..files import apply_umask
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,15 @@ _LLAMA3_ROPE = {
 # Published config.json values (transformers 5 spelling: rope_theta/rope_scaling live in
 # rope_parameters). Keys are keyword arguments of the model_type's config class.
 SHAPES: dict[str, dict] = {
+    # No published model: the 0.76B LLaMA of issue 25 (a container capped at 1.5 GiB killed a run with
+    # the old defaults): 24 layers, hidden 1536, MLP 4096, 12 heads / 4 KV heads, SmolLM2's vocabulary.
+    "llama-0.76b": dict(
+        model_type="llama", vocab_size=49152, hidden_size=1536, intermediate_size=4096,
+        num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, initializer_range=0.02,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    ),
     # meta-llama/Llama-2-7b-hf
     "llama-2-7b": dict(
         model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -163,7 +173,7 @@ SHAPES: dict[str, dict] = {
     ),
 }
 
-_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what a synthetic checkpoint can be written in
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SPECIAL_TOKENS = ("<s>", "</s>")
 
@@ -276,7 +286,7 @@ def checkpoint_plan(
     from huggingface_hub import split_torch_state_dict_into_shards
     from transformers import AutoModelForCausalLM
 
-    if dtype not in _SAFETENSORS_DTYPES:
+    if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, not {dtype}")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -337,36 +347,23 @@ def _generate(spec: _TensorSpec, dtype: torch.dtype, seed: int):
 
 
 def _write_shard(path: Path, specs: list[_TensorSpec], dtype: torch.dtype, seed: int) -> int:
-    """Stream one safetensors file: header first (all sizes are known), then each tensor's chunks."""
+    """Stream one safetensors file: header first (all sizes are known), then each tensor's chunks,
+    in safetensors' own order (the file is the bytes ``save_file`` would write)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for spec in specs:
-        nbytes = itemsize
-        for n in spec.shape:
-            nbytes *= n
-        header[spec.name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes with spaces
+    entries = [(spec.name, dtype, tuple(spec.shape), itemsize * math.prod(spec.shape)) for spec in specs]
+    prefix, order = safetensors_header(entries, {"format": "pt"})
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for spec in specs:
+        fh.write(prefix)
+        for i in order:
             written = 0
-            for chunk in _generate(spec, dtype, seed):
+            for chunk in _generate(specs[i], dtype, seed):
                 # Raw little-endian bytes without a copy (numpy has no bfloat16: view as bytes).
                 fh.write(chunk.view(torch.uint8).numpy())
                 written += chunk.numel() * itemsize
                 del chunk  # not alive while the next chunk is drawn
-            end = header[spec.name]["data_offsets"]
-            if written != end[1] - end[0]:
-                raise RuntimeError(f"{spec.name}: wrote {written} bytes, expected {end[1] - end[0]}")
-    return 8 + len(blob) + offset
+            if written != entries[i][3]:
+                raise RuntimeError(f"{specs[i].name}: wrote {written} bytes, expected {entries[i][3]}")
+    return len(prefix) + sum(e[3] for e in entries)
 
 
 def build_byte_tokenizer(config=None):

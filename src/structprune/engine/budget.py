@@ -1,0 +1,139 @@
+"""What a run may use of memory, what one resident layer needs of it, and the activation budget
+that follows.
+
+The limit is the tightest of ``--max-memory``, this process's cgroup (v1 ``memory.limit_in_bytes``
+or v2 ``memory.max``, ancestors included: a container's cap) and the machine's physical memory.
+Before any work the run estimates its fixed need: what the process holds now (interpreter,
+libraries, the meta skeleton, the calibration) plus the largest of one decoder layer's working
+set (its weights in the compute dtype, the float32 Grams of its module inputs, the widest module's
+float64 solver workspace) and the LM head's (float32 weights and a bounded slice of logits with
+their gradient), times :data:`WORKING_SET_FACTOR` for the temporaries and heap fragmentation the
+sizes leave out. The activation budget is a share of what is left
+(:data:`ACTIVATION_SHARE`); a limit that leaves less than :data:`MIN_ACTIVATIONS` is refused
+before any work, with the estimate, instead of a kill hours later. The output writer holds no
+tensor in memory (export/shards.py streams each tensor to disk), so no shard size enters the sum.
+
+The factor is measured, not derived: on the 7B shape (8x512 calibration) the peak RSS was 1.4x the
+sum of these sizes once the activations, the output shard and the empty process were taken out
+(benchmarks/results/scale_cpu.md, the row before streaming shards); 1.5 leaves a margin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..errors import StructPruneError
+from ..memory import cgroup_limit, current_rss, physical_memory
+
+WORKING_SET_FACTOR = 1.5
+ACTIVATION_SHARE = 0.5  # of what the limit leaves after the fixed need; the rest is headroom
+MIN_ACTIVATIONS = 64 * 2**20  # below this a pass spills nearly every chunk: refuse instead
+HEAD_SLICE_TEMPS = 3  # float32 logits of one slice, their softmax and gradient (engine/sensitivity.py)
+
+
+def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str) -> dict:
+    """Bytes of the largest layer's tensors by kind, from its shapes: ``layer_weights_bytes`` (in the
+    compute dtype), ``statistics_bytes`` (float32 Grams of both modules' inputs) and
+    ``solver_workspace_bytes`` (a module solve's n x n float64 buffers: two, or 1.5 for StructPrune's
+    float32 removal paths; solvers/obs.py)."""
+    solver_buffers = 1.5 if method == "structprune" else 2
+    layer_bytes, gram_bytes, solver_bytes = 0, 0, 0
+    for layer, w in zip(adapter.layers(), widths):
+        a = adapter.attention_shape(layer)
+        n_attn, n_mlp = w["heads"] * a.head_dim, w["mlp"]
+        params = sum(p.numel() for p in layer.parameters())
+        layer_bytes = max(layer_bytes, params * dtype_size)
+        gram_bytes = max(gram_bytes, 4 * (n_attn ** 2 + n_mlp ** 2))
+        solver_bytes = max(solver_bytes, int(solver_buffers * 8 * (max(n_attn, n_mlp) + 1) ** 2))
+    return {"layer_weights_bytes": layer_bytes, "statistics_bytes": gram_bytes, "solver_workspace_bytes": solver_bytes}
+
+
+def head_bytes(adapter, calib_tokens: int, eval_tokens: int = 0) -> int:
+    """The LM head's working set: in the sensitivity pass, float32 copies of the head modules and one
+    slice of float32 logits (at most ``HEAD_SLICE_BYTES``, at most the calibration's ``calib_tokens``)
+    with its softmax and gradient; in a streamed evaluation of windows of ``eval_tokens``, one
+    window's float32 logits and the cross-entropy's temporaries."""
+    from .sensitivity import HEAD_SLICE_BYTES
+
+    params = sum(p.numel() for m in adapter.head_modules() for p in m.parameters())
+    vocab = adapter.model.get_output_embeddings().weight.shape[0]
+    sens = 4 * params + HEAD_SLICE_TEMPS * min(HEAD_SLICE_BYTES, 4 * vocab * calib_tokens)
+    return max(sens, 4 * params + HEAD_SLICE_TEMPS * 4 * vocab * eval_tokens)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memory a run may use (``limit``, from ``limit_source``) and how it is spent."""
+
+    limit: int | None
+    limit_source: str
+    baseline_bytes: int  # what the process held when the plan was made
+    working_set_bytes: int  # the largest of one layer's and the head's, times the factor
+    need_bytes: int  # baseline + working set + the smallest activation budget
+    activation_budget: int | None  # chosen from the limit (None: the caller's own)
+    sizes: dict
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "factor": WORKING_SET_FACTOR, "activation_share": ACTIVATION_SHARE}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def memory_limit(max_memory: int | None = None) -> tuple[int | None, str]:
+    """``(bytes, where it comes from)``: the tightest of ``max_memory``, the cgroup's limit and the
+    physical memory (``(None, ...)`` where none can be read)."""
+    options = []
+    if max_memory is not None:
+        options.append((max_memory, "--max-memory"))
+    group = cgroup_limit()
+    if group is not None:
+        options.append(group)
+    ram = physical_memory()
+    if ram is not None:
+        options.append((ram, "physical memory (MemTotal)"))
+    if not options:
+        return None, "unknown (no cgroup limit or /proc/meminfo readable)"
+    return min(options, key=lambda o: o[0])
+
+
+def plan_memory(adapter, widths: list[dict], dtype_size: int, method: str, calib_tokens: int,
+                max_memory: int | None = None, budget_given: bool = False, eval_tokens: int = 0) -> MemoryPlan:
+    """The run's :class:`MemoryPlan`; raises StructPruneError (one line, the estimate and the limit)
+    when the limit cannot hold one layer's work. ``calib_tokens``: tokens of the calibration;
+    ``eval_tokens``: the window length of a streamed evaluation (0: none). ``budget_given``: the
+    caller set the activation budget itself (``--activation-budget``); it is then neither chosen
+    nor counted here."""
+    limit, source = memory_limit(max_memory)
+    sizes = layer_sizes(adapter, widths, dtype_size, method)
+    sizes["head_bytes"] = head_bytes(adapter, calib_tokens, eval_tokens)
+    layer = sizes["layer_weights_bytes"] + sizes["statistics_bytes"] + sizes["solver_workspace_bytes"]
+    working = int(WORKING_SET_FACTOR * max(layer, sizes["head_bytes"]))
+    baseline = current_rss() or 0
+    need = baseline + working + (0 if budget_given else MIN_ACTIVATIONS)
+    if limit is not None and need > limit:
+        raise StructPruneError(
+            f"not enough memory for one layer: this run needs about {_gib(need)} (process now {_gib(baseline)}, "
+            f"largest layer's work {_gib(working)}, activations at least {_gib(0 if budget_given else MIN_ACTIVATIONS)}) "
+            f"but may use {_gib(limit)} ({source}); raise the limit, or compute in a narrower --dtype")
+    budget = None
+    if not budget_given and limit is not None:
+        budget = max(MIN_ACTIVATIONS, int(ACTIVATION_SHARE * (limit - baseline - working)))
+    return MemoryPlan(limit, source, baseline, working, need, budget, sizes)
+
+
+def parse_memory(text: str | int | float | None) -> int | None:
+    """Bytes of a ``--max-memory`` value such as ``6GiB``, ``1500M`` or a number of bytes (None: none)."""
+    if text is None:
+        return None
+    from .activations import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise StructPruneError(f"--max-memory {text!r} is not a size such as 6GiB, 1500M or 8G") from None
+    if not math.isfinite(value) or value <= 0:
+        raise StructPruneError(f"--max-memory must be a positive size such as 6GiB, got {text!r}")
+    return int(value)
