@@ -831,3 +831,82 @@ def test_max_memory_value(value, pattern, folder, calib, tmp_path, capsys):
 def test_max_memory_needs_a_streamed_run(folder, calib, tmp_path, capsys):
     refused(prune_args(folder(), tmp_path / "out", calib, "--in-memory", "--max-memory", "8GiB"), capsys,
             r"^structprune: error: --max-memory bounds a run streamed from a checkpoint folder")
+
+
+# -- GGUF export (structprune export --format gguf, prune --gguf) ------------------------------------
+
+@covers("gguf-type", "gguf-needs-llama-cpp", "gguf-output-exists", "gguf-output-suffix")
+def test_gguf_options_are_refused(folder, calib, tmp_path, capsys, monkeypatch):
+    from structprune.export import gguf as gguf_export
+
+    src = folder("llama-gqa")
+    refused(["export", src, "--type", "q3", "--output", tmp_path / "m.gguf"], capsys,
+            r"unknown GGUF type 'q3': choose one of f32, f16, bf16, q8_0, q4_0, .*q4_k_m")
+    monkeypatch.setattr(gguf_export, "llama_cpp_available", lambda: False)
+    line = refused(["export", src, "--type", "q4_k_m", "--output", tmp_path / "m.gguf"], capsys,
+                   r"GGUF type q4_k_m needs llama.cpp's quantizer \(llama-cpp-python\): pip install "
+                   r"'structprune\[gguf\]' \(or write f32, f16, bf16, q8_0 without it\)")
+    out = tmp_path / "out"  # prune --gguf: refused before anything is loaded or written
+    assert refused(prune_args(src, out, calib, "--gguf", "f16,q4_k_m"), capsys, "needs llama.cpp") == line
+    no_leftovers(out)
+    (tmp_path / "there.gguf").write_bytes(b"x")
+    refused(["export", src, "--output", tmp_path / "there.gguf"], capsys,
+            r"output file .*there.gguf exists; pass --overwrite or choose another")
+    refused(["export", src, "--output", tmp_path / "m.bin"], capsys, r"--output .*m.bin should end in .gguf")
+
+
+@covers("gguf-family")
+def test_gguf_of_a_family_llama_cpps_per_layer_graph_cannot_hold(folder, calib, tmp_path, capsys):
+    refused(["export", folder("opt", "opt"), "--output", tmp_path / "m.gguf"], capsys,
+            r"GGUF export supports the llama, mistral, qwen2 families \(llama.cpp's per-layer 'deci' graph is a "
+            r"LLaMA block\); 'opt' is not one of them: convert this stock folder with llama.cpp's "
+            r"convert_hf_to_gguf.py")
+    refused(["export", _per_layer_export("opt", tmp_path), "--output", tmp_path / "m.gguf"], capsys,
+            r"'opt' is not one of them: write it with --uniform-widths and convert that stock folder")
+    out = tmp_path / "out"
+    refused(prune_args(folder("opt", "opt2"), out, calib, "--gguf", "f16"), capsys, r"'opt' is not one of them")
+    no_leftovers(out)
+
+
+@covers("gguf-tokenizer-pre", "gguf-tokenizer-pre-unknown")
+def test_gguf_of_a_tokenizer_llama_cpp_does_not_know(tmp_path, capsys):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(["a tiny corpus for a tiny tokenizer"] * 5,
+                          trainers.BpeTrainer(vocab_size=VOCAB - 4, initial_alphabet=[]))
+    src = _per_layer_export("llama-gqa", tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=t).save_pretrained(src)
+    refused(["export", src, "--output", tmp_path / "m.gguf"], capsys,
+            r"llama.cpp does not know this tokenizer's pre-tokenizer \(its hash is not in llama.cpp's table\); "
+            r"pass --tokenizer-pre NAME \(e.g. llama-bpe, qwen2, smollm, gpt-2\)")
+    refused(["export", src, "--output", tmp_path / "m.gguf", "--tokenizer-pre", "gpt-3"], capsys,
+            r"unknown --tokenizer-pre 'gpt-3': llama.cpp knows a.x-4.0, afmoe, ")
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*"))
+
+
+@covers("gguf-layer-without-mlp", "gguf-layer-0-without-heads", "gguf-heads-without-kv", "gguf-rope")
+def test_gguf_layouts_llama_cpp_would_compute_differently():
+    from structprune.export.gguf import Layout, check_expressible
+
+    def layout(layers, rope=None):
+        full = [{"heads": h, "kv_heads": k, "mlp": f, "qkv_bias": False, "o_bias": False, "mlp_bias": False}
+                for h, k, f in layers]
+        return Layout("llama", 64, 16, VOCAB, full, False, {"rope_parameters": rope or {"rope_type": "default"}})
+
+    with pytest.raises(StructPruneError, match=r"layer 1 keeps attention but no MLP channel: llama.cpp's deci graph "
+                                               r"then drops that layer's attention too; prune with --uniform-widths"):
+        check_expressible(layout([(4, 2, 8), (2, 1, 0)]))
+    with pytest.raises(StructPruneError, match=r"layer 0 keeps no attention head: llama.cpp derives the rope size "
+                                               r"from layer 0; prune with --uniform-widths"):
+        check_expressible(layout([(0, 0, 8), (2, 1, 8)]))
+    with pytest.raises(StructPruneError, match=r"layer 1 has query heads but no KV heads; llama.cpp reads that as "
+                                               r"Nemotron's linear attention"):
+        check_expressible(layout([(4, 2, 8), (2, 0, 8)]))
+    with pytest.raises(StructPruneError, match=r"rope type 'longrope' has no GGUF mapping here \(default, linear, "
+                                               r"llama3, yarn\)"):
+        check_expressible(layout([(4, 2, 8)], {"rope_type": "longrope"}))
+    check_expressible(layout([(4, 2, 8), (0, 0, 8), (2, 1, 8)]))  # an attention-free layer is fine

@@ -129,7 +129,8 @@ def _run_files(folder: Path) -> dict:
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if p.is_file() and rel.parts[0] != ".resume" and p.name != "report.json":
+        # report.json: timings; README.md (the model card) names its folder, and these runs' folders differ
+        if p.is_file() and rel.parts[0] != ".resume" and p.name not in ("report.json", "README.md"):
             out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 

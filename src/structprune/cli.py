@@ -1,4 +1,4 @@
-"""Command line: ``structprune prune``, ``structprune eval``, ``structprune bench``.
+"""Command line: ``structprune prune``, ``structprune eval``, ``structprune bench``, ``structprune export``.
 
 Errors a user can fix (bad sparsity, missing model, unsupported architecture, short
 calibration text, NaNs) are printed as one line and exit with status 2; the output
@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-dir", default=None, help="folder for spilled activations (default: the temp folder)")
     p.add_argument("--in-memory", action="store_true",
                    help="load the whole model instead of streaming a checkpoint folder one layer at a time")
+    p.add_argument("--gguf", default=None,
+                   help="also write the pruned model as GGUF for llama.cpp / ollama next to the safetensors, in these "
+                        "comma-separated types (f32, f16, bf16, q8_0; q4_k_m and the other llama.cpp types need "
+                        "'structprune[gguf]'), e.g. f16,q4_k_m")
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="llama.cpp's pre-tokenizer name for the GGUF when its hash table does not know the tokenizer")
 
     e = sub.add_parser("eval", help="perplexity of a model (dense or pruned)")
     add_common(e)
@@ -145,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
     b.add_argument("--trust-remote-code", action="store_true")
     b.add_argument("-q", "--quiet", action="store_true")
+
+    x = sub.add_parser("export", help="write a model folder (pruned or dense) in another format: GGUF for llama.cpp")
+    x.add_argument("model", help="a folder written by `structprune prune --output` (or a LLaMA/Mistral/Qwen2 "
+                                 "Hugging Face folder)")
+    x.add_argument("--format", default="gguf", choices=("gguf",), help="output format (gguf: llama.cpp, ollama)")
+    x.add_argument("--type", default="f16",
+                   help="GGUF tensor type: f32, f16, bf16, q8_0, or a llama.cpp quantization (q4_k_m, q5_k_m, q6_k, "
+                        "q4_0, ...; needs 'structprune[gguf]')")
+    x.add_argument("--output", required=True, help="the .gguf file to write")
+    x.add_argument("--tokenizer-pre", default=None,
+                   help="llama.cpp's pre-tokenizer name, when its hash table does not know the tokenizer")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    x.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
@@ -306,12 +325,18 @@ def cmd_prune(args) -> dict:
     # Everything that can be checked without the weights is checked before the slow load:
     # output folder, sequence lengths, calibration text, evaluation sets.
     check_output_dir(args.output, overwrite=args.overwrite)
+    gguf_types = _gguf_types(args.gguf)
     from .export.shards import parse_size
 
     parse_size(args.max_shard_size)  # not only when the first shard is written
     tok, model_config = load_tokenizer_and_config(args.model, trust_remote_code=args.trust_remote_code)
     if model_config is not None:  # an unsupported family is refused before the calibration text and the weights
         _check_family(model_config)
+        if gguf_types:  # and a family llama.cpp cannot run from this exporter, before the slow part
+            from .export.gguf import check_family
+
+            check_family(getattr(model_config, "structprune_base_model_type", None) or model_config.model_type,
+                         uniform=args.uniform_widths)
     ctx = config_context_length(model_config) if model_config is not None else None
     for what, n in (("--seqlen", seqlen), ("--eval-seqlen", args.eval_seqlen if datasets else 0)):
         if ctx is not None and n > ctx:
@@ -338,10 +363,11 @@ def cmd_prune(args) -> dict:
         if budget is None and plan.activation_budget is not None:
             budget = plan.activation_budget
         if not args.quiet:
-            limit = "unknown" if plan.limit is None else f"{plan.limit / 2**30:.2f} GiB ({plan.limit_source})"
+            # (not `limit`: that is the evaluation's window limit, read by evaluate() below)
+            may_use = "unknown" if plan.limit is None else f"{plan.limit / 2**30:.2f} GiB ({plan.limit_source})"
             acts = (args.activation_budget if args.activation_budget is not None
                     else "the default" if budget is None else f"{budget / 2**30:.2f} GiB")
-            print(f"[structprune] memory: may use {limit}; one layer's work about "
+            print(f"[structprune] memory: may use {may_use}; one layer's work about "
                   f"{plan.working_set_bytes / 2**30:.2f} GiB; activations in RAM up to {acts}", file=sys.stderr)
     if args.resume and streamed is None:
         raise StructPruneError("--resume continues a run streamed from a checkpoint folder; this run holds the "
@@ -406,9 +432,55 @@ def cmd_prune(args) -> dict:
         drawn = tmp / "report.json"
         drawn = json.loads(drawn.read_text()).get("plots") if drawn.is_file() else None
         report["plots"] = drawn or write_run_plots(report, tmp)  # never fails the run: a missing matplotlib is a note
+        if gguf_types:
+            report["gguf"] = _write_ggufs(tmp, args.output, gguf_types, args.tokenizer_pre)
         write_json(tmp / "report.json", report)
+        from .export.card import write_model_card
+
+        write_model_card(tmp, report)  # README.md: the model card (measured perplexities, the command, how to run it)
     print_summary(report, args.output)
     return report
+
+
+def _gguf_types(spec: str | None) -> list[str]:
+    """``--gguf``'s types, checked before anything slow (a llama.cpp type needs llama-cpp-python)."""
+    if not spec:
+        return []
+    from .export.gguf import check_type
+
+    return list(dict.fromkeys(check_type(t) for t in spec.split(",") if t.strip()))
+
+
+def _write_ggufs(folder, output: str, types: list[str], tokenizer_pre: str | None) -> list[dict]:
+    from pathlib import Path
+
+    from .export.gguf import default_name, export_gguf
+
+    out = []
+    for t in types:
+        name = default_name(output, t)
+        r = export_gguf(folder, Path(folder) / name, t, tokenizer_pre=tokenizer_pre, name=Path(output).name)
+        out.append({**r.to_dict(), "path": name})
+    return out
+
+
+def cmd_export(args) -> dict:
+    from pathlib import Path
+
+    from .export.gguf import check_type, export_gguf
+
+    gguf_type = check_type(args.type)
+    out = Path(args.output)
+    if out.suffix != ".gguf":
+        raise StructPruneError(f"--output {args.output} should end in .gguf")
+    if out.exists() and not args.overwrite:
+        raise StructPruneError(f"output file {out} exists; pass --overwrite or choose another")
+    t0 = time.perf_counter()
+    r = export_gguf(args.model, out, gguf_type, tokenizer_pre=args.tokenizer_pre)
+    widths = " ".join(f"{i}:{l['heads']}h/{l['kv_heads']}kv/{l['mlp']}" for i, l in enumerate(r.layers))
+    print(f"wrote {out} ({r.bytes / 2**20:.1f} MiB, {r.type}, llama.cpp architecture {r.arch}, tokenizer "
+          f"{r.tokenizer['model']}/{r.tokenizer['pre']}) in {time.perf_counter() - t0:.1f}s\nlayer widths        {widths}")
+    return r.to_dict()
 
 
 def _versions() -> dict:
@@ -511,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[%(name)s] %(message)s")
     try:
-        {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+        {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export}[args.command](args)
     except StructPruneError as e:
         print(f"structprune: error: {e}", file=sys.stderr)
         return 2

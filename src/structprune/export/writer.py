@@ -464,3 +464,6 @@ def write_export_files(export: ExportConfig, base: str, out: Path, tokenizer=Non
         write_json(out / "report.json", report)
     if plans is not None:
         write_json(out / "plan.json", [p.to_dict() for p in plans])
+    from .card import write_model_card
+
+    write_model_card(out, report)  # README.md (the CLI rewrites it once the perplexities are measured)
