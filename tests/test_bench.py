@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import types
 
 import pytest
 import torch
@@ -99,55 +98,7 @@ def test_zero_shot_without_lm_eval_says_so(folders, monkeypatch, capsys):
     assert "lm-evaluation-harness" in capsys.readouterr().err
 
 
-def _fake_lm_eval(monkeypatch, simple_evaluate):
-    """A stand-in lm_eval package: records what the harness is given."""
-    calls = {}
-
-    class HFLM:
-        def __init__(self, pretrained, tokenizer, batch_size):
-            calls["model"], calls["tokenizer"] = pretrained, tokenizer
-
-    class TaskManager:
-        all_tasks = ["boolq", "piqa", "hellaswag"]
-
-    pkg = types.ModuleType("lm_eval")
-    pkg.__version__ = "0.0-fake"
-    pkg.simple_evaluate = lambda **kw: simple_evaluate(calls, **kw)
-    models, hf, tasks = (types.ModuleType(n) for n in ("lm_eval.models", "lm_eval.models.huggingface",
-                                                       "lm_eval.tasks"))
-    hf.HFLM, tasks.TaskManager = HFLM, TaskManager
-    for name, mod in {"lm_eval": pkg, "lm_eval.models": models, "lm_eval.models.huggingface": hf,
-                      "lm_eval.tasks": tasks}.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    return calls
-
-
-def test_zero_shot_runs_in_process_on_the_model_object(monkeypatch):
-    from structprune.eval.zeroshot import zero_shot
-
-    def evaluate(calls, model, tasks, num_fewshot, limit, **kw):
-        calls["tasks"] = tasks
-        return {"results": {"boolq": {"acc,none": 0.6}, "hellaswag": {"acc,none": 0.3, "acc_norm,none": 0.35}}}
-
-    calls = _fake_lm_eval(monkeypatch, evaluate)
-    model = tiny_llama(layers=1)
-    res = zero_shot(model, "tok", ["boolq", "hellaswag"], limit=4)
-    assert calls["model"] is model and calls["tokenizer"] == "tok" and calls["tasks"] == ["boolq", "hellaswag"]
-    assert res["tasks"]["boolq"] == {"acc": 0.6, "primary": "acc"}
-    assert res["tasks"]["hellaswag"]["primary"] == "acc_norm" and res["lm_eval_version"] == "0.0-fake"
-    with pytest.raises(StructPruneError, match="unknown lm-eval task"):
-        zero_shot(model, "tok", ["nope"])
-
-
-def test_zero_shot_unreachable_task_data_says_so(monkeypatch):
-    from structprune.eval.zeroshot import zero_shot
-
-    def evaluate(calls, **kw):
-        raise RuntimeError("dataset load failed") from ConnectionError("hub unreachable")
-
-    _fake_lm_eval(monkeypatch, evaluate)
-    with pytest.raises(StructPruneError, match="unreachable"):
-        zero_shot(tiny_llama(layers=1), "tok", ["piqa"])
+# zero_shot() against the real lm-eval, on the shipped task data: tests/test_zeroshot.py (marked lm_eval).
 
 
 def test_cpu_peak_memory_is_per_model_not_cumulative():

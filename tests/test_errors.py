@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -718,6 +719,78 @@ def test_resume_of_another_runs_journal_is_refused(family, folder, calib, tmp_pa
 def test_resume_of_an_in_memory_run_is_refused(folder, calib, tmp_path, capsys):
     refused([*prune_args(folder(), tmp_path / "out", calib), "--in-memory", "--resume"], capsys,
             r"--resume continues a run streamed from a checkpoint folder; this run holds the model in memory")
+
+
+# -- zero-shot tasks --------------------------------------------------------------------------------
+
+def _need_lm_eval():
+    pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install -e '.[eval]' (.ci/run installs it)")
+
+
+@covers("lm-eval-missing")
+def test_zero_shot_without_lm_eval_is_refused(folder, calib, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    out = tmp_path / "out"
+    args = prune_args(folder(), out, calib)
+    args[args.index("--eval") + 1] = "piqa"
+    refused(args, capsys, r"zero-shot evaluation needs lm-evaluation-harness, which is not installed: "
+                          r"pip install 'structprune\[eval\]' \(lm-eval>=0\.4\.10\)$")
+    no_leftovers(out)
+
+
+@covers("task-unknown")
+@pytest.mark.lm_eval
+def test_unknown_zero_shot_task_is_refused(folder, calib, tmp_path, capsys):
+    _need_lm_eval()
+    out = tmp_path / "out"
+    args = prune_args(folder(), out, calib)
+    args[args.index("--eval") + 1] = "piqa,arc_easyy"
+    refused(args, capsys, r"unknown zero-shot task\(s\): arc_easyy; use lm-eval task names, e\.g\. boolq,piqa,")
+    no_leftovers(out)
+
+
+@covers("task-data-altered")
+@pytest.mark.lm_eval
+def test_altered_task_file_is_refused(folder, tmp_path, capsys, monkeypatch):
+    import gzip
+
+    from structprune.data import tasks as task_data
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    src = task_data.bundled_task_path("arc_easy")
+    (bundled / src.name).write_bytes(gzip.compress(gzip.decompress(src.read_bytes()) + b"\n{}\n"))
+    monkeypatch.setattr(task_data, "BUNDLED_DIR", bundled)
+    monkeypatch.setenv(task_data.ZEROSHOT_DATA_ENV, str(tmp_path))
+    with pytest.raises(StructPruneError, match=r"the packaged task data \S+arc_easy_test\.jsonl\.gz fails its SHA-256 "
+                                               r"check \(got [0-9a-f]{12}\.\.\., want 6ce8fb7b4baa\.\.\.\): reinstall"):
+        task_data.load_task_data("arc_easy")
+    _need_lm_eval()
+    refused(["eval", folder(), "--zero-shot", "arc_easy", "-q"], capsys, r"fails its SHA-256 check")
+
+
+@covers("task-data-folder")
+@pytest.mark.lm_eval
+def test_task_folder_that_is_no_folder_is_refused(folder, tmp_path, capsys):
+    _need_lm_eval()
+    refused(["eval", folder(), "--zero-shot", "piqa", "--zero-shot-data", tmp_path / "nope", "-q"], capsys,
+            r"--zero-shot-data \S+nope is not a folder; pass a folder holding the task files \(boolq_validation")
+
+
+@covers("openbookqa-absent")
+@pytest.mark.lm_eval
+def test_openbookqa_without_a_file_offline_is_refused(folder, tmp_path, capsys, monkeypatch):
+    _need_lm_eval()
+    import lm_eval
+
+    def offline(*a, **k):  # what lm-eval's hub download raises with no network
+        raise ConnectionError("Couldn't reach 'allenai/openbookqa' on the Hub")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    refused(["eval", folder(), "--zero-shot", "openbookqa", "--zero-shot-data", tmp_path, "--zero-shot-limit", "0",
+             "-q"], capsys,
+            r"OpenBookQA does not ship with StructPrune \(no licence for its data was found\): put openbookqa_test\.jsonl"
+            r" .* or run where the Hugging Face hub is reachable \(ConnectionError\)$")
 
 
 # -- memory limits (engine/budget.py) -------------------------------------------------------------

@@ -54,6 +54,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="docs/protocol.md's sizes: cpu = calibration 32x2048, evaluation on the first 40 WikiText-2 "
                         "and 20 PTB and C4 windows of 2048; gpu = 128x2048 and every window (default: neither, "
                         "the device's defaults)")
+    p.add_argument("--zero-shot-limit", type=int, default=-1,
+                   help="zero-shot: a seeded random sample of N documents per task (default: 500 on CPU, every "
+                        "document on GPU; 0: every document)")
+    p.add_argument("--zero-shot-seed", type=int, default=0, help="seed of the zero-shot document sample")
+    p.add_argument("--zero-shot-batch-size", type=int, default=16, help="zero-shot requests per forward")
+    p.add_argument("--zero-shot-data", default=None,
+                   help="folder with task files (<task>_<split>.jsonl[.gz], Hugging Face schema) used before the "
+                        "packaged copies (default: $STRUCTPRUNE_ZEROSHOT_DATA, else zeroshot/ in the assets folder)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -76,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per chunk through a layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default=None,
-                   help="comma-separated: wikitext2,ptb,c4 (empty: none; default: wikitext2, the protocol's three "
-                        "with --protocol)")
+                   help="comma-separated perplexity sets (wikitext2,ptb,c4, a text file) and zero-shot tasks "
+                        "(boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa; needs lm-eval): each is "
+                        "scored on the dense and the pruned model (empty: none; default: wikitext2, the protocol's "
+                        "three with --protocol)")
     p.add_argument("--mlp-multiple", type=int, default=8,
                    help="round kept MLP widths to this multiple (default 8 for MLP channels; 1: no rounding)")
     p.add_argument("--uniform-widths", action="store_true", help="same kept widths in every layer")
@@ -123,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: wikitext2,ptb,c4 (default: wikitext2, or none with --zero-shot)")
     e.add_argument("--zero-shot", default=None,
                    help="comma-separated lm-eval tasks, e.g. boolq,piqa,hellaswag,winogrande,arc_easy,"
-                        "arc_challenge,openbookqa (needs lm-eval and its task data)")
-    e.add_argument("--zero-shot-limit", type=int, default=None, help="examples per task (smoke tests)")
+                        "arc_challenge,openbookqa (needs lm-eval; the data of all but openbookqa ships with "
+                        "StructPrune)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
 
     b = sub.add_parser("bench", help="prefill/decode tokens/s and peak memory (dense vs pruned)")
@@ -164,6 +174,47 @@ def resolve_runtime(args) -> tuple[torch.device, torch.dtype, dict]:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     return device, dtype, defaults
+
+
+def _split_eval(names: list[str]) -> tuple[list[str], list[str]]:
+    """``(perplexity sets, zero-shot tasks)`` from ``--eval``'s names; task names are checked here (one
+    line for an unknown one) so that nothing slow runs first."""
+    from .data.corpora import is_corpus_name
+
+    corpora = [n for n in names if is_corpus_name(n)]
+    tasks = [n for n in names if not is_corpus_name(n)]
+    if tasks:
+        from .eval.zeroshot import check_tasks, import_lm_eval
+
+        import_lm_eval()  # fail before loading the model if lm-eval is missing
+        tasks = check_tasks(tasks)
+    return corpora, tasks
+
+
+def _zero_shot_limit(args, device: torch.device) -> int | None:
+    from .eval.zeroshot import CPU_LIMIT
+
+    if args.zero_shot_limit < -1:
+        raise StructPruneError(f"--zero-shot-limit must be >= 0 (0: every document), got {args.zero_shot_limit}")
+    if args.zero_shot_limit == -1:
+        return CPU_LIMIT if device.type == "cpu" else None
+    return args.zero_shot_limit or None
+
+
+def _zero_shot_banner(args, device, limit, tasks) -> None:
+    if args.zero_shot_limit == -1 and device.type == "cpu":
+        print(f"[structprune] CPU run: zero-shot ({','.join(tasks)}) on a seeded random sample of {limit} documents "
+              f"per task (seed {args.zero_shot_seed}; --zero-shot-limit 0 scores every document, the default on a "
+              "GPU)", file=sys.stderr)
+    elif args.zero_shot_limit == -1:
+        print(f"[structprune] zero-shot ({','.join(tasks)}) on every document", file=sys.stderr)
+
+
+def _zero_shot(model, tok, tasks, args, limit) -> dict:
+    from .eval.zeroshot import zero_shot
+
+    return zero_shot(model, tok, tasks, limit=limit, seed=args.zero_shot_seed, batch_size=args.zero_shot_batch_size,
+                     data_dir=args.zero_shot_data, quiet=args.quiet)
 
 
 def _eval(model, tok, datasets, args, limit, device) -> dict:
@@ -242,6 +293,7 @@ def cmd_prune(args) -> dict:
     from .api import build_calibration, needs_calibration, prune
     from .config import PruneConfig
     from .eval.intervals import comparison
+    from .eval.zeroshot import compare_zero_shot
     from .eval.perplexity import encode_corpus
     from .export import atomic_output_dir, check_output_dir, save_pruned, write_json
     from .plots import write_run_plots
@@ -258,7 +310,8 @@ def cmd_prune(args) -> dict:
                          mlp_multiple=args.mlp_multiple, uniform_widths=args.uniform_widths,
                          activation_budget=args.activation_budget, offload_dir=args.offload_dir, **overrides)
     protocol = _protocol(args)
-    datasets = _datasets(args.eval) if args.eval is not None else _default_datasets(protocol)
+    datasets, tasks = _split_eval(_datasets(args.eval) if args.eval is not None else _default_datasets(protocol))
+    zs_limit = _zero_shot_limit(args, device) if tasks else None
     if protocol is None and device.type == "cpu" and (args.nsamples is None or args.seqlen is None
                                                       or args.eval_limit == -1):
         print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "
@@ -266,6 +319,8 @@ def cmd_prune(args) -> dict:
               "of docs/protocol.md, 32x2048 and 40/20/20 windows with intervals; pass --nsamples, --seqlen, "
               "--eval-limit to change; --eval-limit 0 scores every window)",
               file=sys.stderr)
+    if tasks:
+        _zero_shot_banner(args, device, zs_limit, tasks)
 
     # Everything that can be checked without the weights is checked before the slow load:
     # output folder, sequence lengths, calibration text, evaluation sets.
@@ -289,6 +344,11 @@ def cmd_prune(args) -> dict:
     calib = build_calibration(tok, config) if needs_calibration(config) else None
     for d in datasets:
         encode_corpus(tok, d)  # tokenised once here, cached for the evaluations below
+    if tasks:  # the task files are read (and the packaged ones checked) before the slow part
+        from .data.tasks import load_task_data
+
+        for t in tasks:
+            load_task_data(t, args.zero_shot_data)
 
     streamed = _streams_from_disk(args, config)
     if args.max_memory is not None and streamed is None:
@@ -325,20 +385,32 @@ def cmd_prune(args) -> dict:
                 return evaluate_checkpoint(folder, tok, datasets, seqlen=args.eval_seqlen, limit=limit, device=device,
                                            dtype=dtype, progress=not args.quiet, ram_budget=budget)
 
+            def zero_shot_of(folder):  # lm-eval needs the whole model: loaded for the zero-shot tasks only
+                zmodel, ztok = load_model(str(folder), dtype=dtype, device=device,
+                                          trust_remote_code=args.trust_remote_code)
+                try:
+                    return _zero_shot(zmodel, ztok, tasks, args, zs_limit)
+                finally:
+                    del zmodel
+
             dense_ppl = evaluate(streamed) if datasets else {}
+            dense_zs = zero_shot_of(streamed) if tasks else None
             result = prune_checkpoint(streamed, tmp, calib, config, tokenizer=tok, device=device, dtype=dtype,
                                       max_shard_size=args.max_shard_size, progress=not args.quiet,
                                       overwrite=True, atomic=False, resume=args.resume, max_memory=args.max_memory)
             pruned_ppl = evaluate(tmp) if datasets else {}
+            pruned_zs = zero_shot_of(tmp) if tasks else None
             report = result.report
         else:
             t0 = time.perf_counter()
             model, tok = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
             log.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
             dense_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
+            dense_zs = _zero_shot(model, tok, tasks, args, zs_limit) if tasks else None
             model.to("cpu")  # pruning streams one layer at a time to the device
             result = prune(model, calib, config=config, tokenizer=tok, device=device, progress=not args.quiet)
             pruned_ppl = _eval(model.to(device), tok, datasets, args, limit, device) if datasets else {}
+            pruned_zs = _zero_shot(model, tok, tasks, args, zs_limit) if tasks else None
             model.to("cpu")
             report = result.report
             export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
@@ -347,6 +419,9 @@ def cmd_prune(args) -> dict:
         # Per dataset: both perplexities with 95% bootstrap intervals over windows, the paired
         # ratio pruned/dense on the same windows with its interval, the per-window NLLs.
         report["ppl"] = {d: comparison(dense_ppl[d], pruned_ppl[d]) for d in datasets}
+        # Per task: both accuracies (lm-eval's, with 95% intervals) on the same documents, the paired
+        # difference pruned - dense with its bootstrap interval, the per-document scores; and the mean.
+        report["zero_shot"] = compare_zero_shot(dense_zs, pruned_zs) if tasks else None
         report["protocol"] = protocol.to_dict() if protocol else None
         # The command that makes this model: a resumed run's is the interrupted run's.
         report["command"] = "structprune " + " ".join(a for a in sys.argv[1:] if a != "--resume")
@@ -438,6 +513,10 @@ def print_summary(r: dict, out: str) -> None:
         lines.append(f"ppl {d:<15} dense {p['dense']:.3f}{ci['dense_interval']} -> pruned {p['pruned']:.3f}"
                      f"{ci['pruned_interval']} ({p['nwindows']} windows of {p['seqlen']})"
                      + (f"; ratio {ratio['value']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]" if ratio else ""))
+    if r.get("zero_shot"):
+        from .eval.zeroshot import format_comparison
+
+        lines.extend(format_comparison(r["zero_shot"]))
     for kind, path in (r.get("plots") or {}).items():
         lines.append(f"plot {kind:<15} {path}")
     lines.append("layer widths        " + " ".join(f"{i}:{l['heads']}h/{l['kv_heads']}kv/{l['mlp']}"
@@ -453,26 +532,32 @@ def cmd_eval(args) -> dict:
     protocol = _protocol(args)
     limit = dict(protocol.eval_limits) if protocol else (defaults["eval_limit"] if args.eval_limit == -1
                                                          else (args.eval_limit or None))
-    if args.zero_shot:  # fail before loading the model if lm-eval is missing
-        from .eval.zeroshot import import_lm_eval
+    tasks = _split_eval(_datasets(args.zero_shot))[1] if args.zero_shot else []
+    if args.zero_shot and len(tasks) != len(_datasets(args.zero_shot)):
+        raise StructPruneError("--zero-shot takes task names; perplexity sets go in --datasets")
+    zs_limit = _zero_shot_limit(args, device) if tasks else None
+    if tasks:
+        from .data.tasks import load_task_data
 
-        import_lm_eval()
+        _zero_shot_banner(args, device, zs_limit, tasks)
+        for t in tasks:
+            load_task_data(t, args.zero_shot_data)
     model, tok = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     if args.datasets is not None:
         datasets = _datasets(args.datasets)
     else:
         datasets = [] if args.zero_shot else _default_datasets(protocol)
-    res = _eval(model, tok, datasets, args, limit, device)
+    res = _eval(model, tok, datasets, args, limit, device) if datasets else {}  # --zero-shot alone: no perplexity
     for d, v in res.items():
         ci = f" [{v['ppl_interval'][0]:.4f}, {v['ppl_interval'][1]:.4f}] (95% bootstrap)" if v["ppl_interval"] else ""
         print(f"ppl {d:<10} {v['ppl']:.4f}{ci} ({v['nwindows']} windows of {v['seqlen']}, {v['ntokens']} tokens)")
     # Per dataset: perplexity, its interval and the per-window NLLs (for paired ratios with another run).
     out = {"model": args.model, "ppl": res, "protocol": protocol.to_dict() if protocol else None,
            "versions": _versions()}
-    if args.zero_shot:
-        from .eval.zeroshot import format_zero_shot, zero_shot
+    if tasks:
+        from .eval.zeroshot import format_zero_shot
 
-        out["zero_shot"] = zero_shot(model, tok, _datasets(args.zero_shot), limit=args.zero_shot_limit)
+        out["zero_shot"] = _zero_shot(model, tok, tasks, args, zs_limit)
         print("\n".join(format_zero_shot(out["zero_shot"])))
     if args.json:
         with open(args.json, "w") as f:

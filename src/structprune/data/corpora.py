@@ -209,6 +209,12 @@ def _is_file_spec(name: str) -> bool:
     )
 
 
+def is_corpus_name(name: str) -> bool:
+    """Whether ``name`` names a text corpus (one of :data:`CORPORA` or a text file) rather than, say,
+    a zero-shot task."""
+    return name.lower() in CORPORA or _is_file_spec(name)
+
+
 def _load_file(name: str) -> str:
     path = Path(name).expanduser()
     if not path.is_file():
