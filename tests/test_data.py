@@ -147,3 +147,19 @@ def test_altered_packaged_corpus_is_refused(no_assets, monkeypatch, tmp_path):
     monkeypatch.setattr(no_assets, "BUNDLED_DIR", tmp_path)
     with pytest.raises(StructPruneError, match="SHA-256"):
         load_text("wikitext2")
+
+
+def test_wikitext2_heldout_is_the_validation_split_disjoint_from_evaluation(no_assets, byte_tokenizer):
+    """Tuning's second domain: WikiText-2 validation (shipped, SHA-checked), never the test text
+    the protocol evaluates on."""
+    from structprune.data.calibration import get_heldout_calibration
+
+    valid, test = load_text("wikitext2", "heldout"), load_text("wikitext2")
+    assert valid.startswith("\n\n = Homarus gammarus = \n") and len(valid) == 1149668
+    titles = lambda t: {line.strip() for line in t.split("\n") if line.startswith(" = ") and not line.startswith(" = =")}
+    assert len(titles(valid)) == 60 and not titles(valid) & titles(test)
+    win = get_heldout_calibration(byte_tokenizer, "wikitext2", nsamples=3, seqlen=256, seed=1)
+    assert win.shape == (3, 256)
+    for w in win:
+        text = byte_tokenizer.decode(w.tolist())[8:-8]  # byte tokens: the text itself (ends may split a char)
+        assert text in valid and text not in test

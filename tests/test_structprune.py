@@ -10,7 +10,7 @@ from tiny import FACTORIES, calib_ids, final_state_distortion, tiny_llama
 
 from structprune import api
 from structprune.adapters import get_adapter
-from structprune.allocation.softmax import Menu, allocate_kept, allocate_prefixes
+from structprune.allocation.softmax import ENERGY_FLOOR, EnergyScale, Menu, allocate_kept, allocate_prefixes
 from structprune.engine import capture_first_layer_inputs, is_materialized
 from structprune.engine.sensitivity import module_sensitivities
 
@@ -53,6 +53,65 @@ def test_temperature_limits():
     kept1, _ = allocate_kept(menus, 0.5 * full, 1.0)
     mlp = [k / m.full_cost for k, m in zip(kept1, menus) if m.module == "mlp"]
     assert mlp[-1] > mlp[0]
+
+
+def test_shared_standardisation_is_one_temperature_for_both_bisections():
+    """With ``std``/``robust`` the MLP re-solve reads the energies on the scale of the first bisection:
+    its kept costs are the first allocation's, shifted by one lambda (the attention rounding's rest),
+    not re-standardised over the MLP menus alone (``std-split``: another effective temperature)."""
+    menus = _menus()
+    # Attention energies far above the MLP's: over all modules the sd is large, over MLP ones small.
+    for m in menus:
+        if m.module == "attn":
+            m.step_errors[:] = [e * 1e6 for e in m.step_errors]
+    full = sum(m.full_cost for m in menus)
+    mlp = [m for m in menus if m.module == "mlp"]
+    for kind in ("std", "robust"):
+        scale = EnergyScale.of(menus, kind)
+        prefixes, _ = allocate_prefixes(menus, 0.5 * full, 0.5, kind)
+        rest = 0.5 * full - sum(m.kept[k] for m, k in zip(menus, prefixes) if m.module == "attn")
+        expect, _ = allocate_kept(mlp, rest, 0.5, scale)
+        got = [m.kept[k] for m, k in zip(menus, prefixes) if m.module == "mlp"]
+        assert max(abs(a - b) for a, b in zip(got, expect)) <= 6.0 + 1e-9  # rounding: one MLP step
+    # The split rule standardises the MLP menus alone (median and sd of those): here a much smaller
+    # sd, so a colder effective temperature and a different allocation of the same rest.
+    split, _ = allocate_kept(mlp, rest, 0.5)
+    shared, _ = allocate_kept(mlp, rest, 0.5, EnergyScale.of(menus, "std"))
+    assert max(abs(a - b) for a, b in zip(split, shared)) > 50.0
+    with pytest.raises(ValueError, match="energy_scale"):
+        allocate_prefixes(menus, 0.5 * full, 0.5, "mad")
+
+
+def test_robust_scale_floors_tiny_errors_and_ignores_them_in_the_spread():
+    """A dead channel's near-zero error must not stretch the scale: robust energies are floored at
+    ENERGY_FLOOR times the median ratio, and the scale is the MAD's, unmoved by such outliers."""
+    menus = _menus()
+    base = EnergyScale.of(menus, "robust")
+    std = EnergyScale.of(menus, "std")
+    for m in menus[1::4]:  # a few MLP steps with errors of exactly 0 or 1e-25
+        m.step_errors[0] = 0.0
+        m.step_errors[1] = 1e-25
+    hit = EnergyScale.of(menus, "robust")
+    assert abs(hit.scale - base.scale) / base.scale < 0.05 and abs(hit.center - base.center) < 0.05
+    assert EnergyScale.of(menus, "std").scale > 2 * std.scale  # the plain sd is dragged by log(1e-30)
+    eps = hit.apply(menus[1])
+    assert float(eps.min()) == pytest.approx((hit.floor - hit.center) / hit.scale)
+    assert hit.floor == pytest.approx(hit.center + math.log(ENERGY_FLOOR), abs=1e-9)
+    # Steps above the floor keep their order; the allocation still meets the budget.
+    full = sum(m.full_cost for m in menus)
+    prefixes, _ = allocate_prefixes(menus, 0.6 * full, 0.5, "robust")
+    assert abs(sum(m.kept[k] for m, k in zip(menus, prefixes)) - 0.6 * full) <= 6.0
+
+
+def test_energy_scale_is_a_structprune_softmax_knob():
+    from structprune import PruneConfig
+    from structprune.errors import StructPruneError
+
+    assert PruneConfig(energy_scale="robust").energy_scale == "robust"
+    with pytest.raises(StructPruneError, match="unknown energy_scale"):
+        PruneConfig(energy_scale="mad")
+    with pytest.raises(StructPruneError, match="energy_scale='robust' is ignored"):
+        PruneConfig(method="structprune", allocation="uniform", energy_scale="robust")
 
 
 def test_streamed_sensitivities_equal_full_backward():

@@ -17,6 +17,8 @@ GLOBAL_SCORES = ("taylor", "fisher")
 TARGETS = ("dense", "own")
 # StructPrune's result among its ADMM iterates: the lowest calibration objective, or the last one.
 SELECTS = ("best", "last")
+# How StructPrune's softmax allocation standardises step energies (allocation/softmax.py ENERGY_SCALES).
+ENERGY_SCALES = ("std-split", "std", "robust")
 
 # What each method reads (solvers/): the allocations it runs and the knobs it uses. A knob
 # set away from its default on a method that ignores it is refused, not silently dropped.
@@ -28,10 +30,10 @@ METHOD_OPTIONS = {
     "global": {"allocations": ("threshold",), "knobs": ("global_score", "damp", "refit_bias")},
     "structprune": {"allocations": ("softmax", "threshold", "uniform"),
                     "knobs": ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps",
-                              "damp", "refit_bias", "tol_abs", "tol_rel", "select")},
+                              "damp", "refit_bias", "tol_abs", "tol_rel", "select", "energy_scale")},
 }
 # Knobs read only under some allocations (StructPrune's uniform limit needs no menus or sensitivities).
-ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",),
+ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",), "energy_scale": ("softmax",),
                     "r_min": ("softmax", "threshold"), "sens_nsamples": ("softmax", "threshold")}
 def reads(method: str, allocation: str, knob: str) -> bool:
     """Whether ``method`` with ``allocation`` uses ``knob``."""
@@ -44,7 +46,7 @@ def reads(method: str, allocation: str, knob: str) -> bool:
 ADMM_KNOBS = ("rho", "tol_abs", "tol_rel", "select")
 # Knobs added after results were stored, with the value that reproduces what those results ran:
 # a stored config without them reads as having that value.
-LATER_KNOBS = {"select": "best"}
+LATER_KNOBS = {"select": "best", "energy_scale": "std-split"}
 
 
 def field_value(text: str):
@@ -91,7 +93,7 @@ def effective_fields(config_dict: dict) -> dict:
 
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
-         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select")
+         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select", "energy_scale")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class PruneConfig:
     uniform_widths: bool = False  # same kept widths in every layer (stock-config export)
     # Allocation and solver knobs (used by the methods that read them).
     temperature: float = 0.03125  # softmax allocation T (docs/structprune.md: how chosen)
+    energy_scale: str = "std-split"  # softmax: how step energies are standardised (allocation/softmax.py)
     r_min: float = 0.05
     owl_lambda: float = 0.08
     owl_m: float = 5.0
@@ -161,6 +164,8 @@ class PruneConfig:
             raise StructPruneError(f"temperature must be >= 0 (inf allowed), got {self.temperature}")
         if self.global_score not in GLOBAL_SCORES:
             raise StructPruneError(f"unknown global_score {self.global_score!r}: choose one of {', '.join(GLOBAL_SCORES)}")
+        if self.energy_scale not in ENERGY_SCALES:
+            raise StructPruneError(f"unknown energy_scale {self.energy_scale!r}: choose one of {', '.join(ENERGY_SCALES)}")
         if self.select not in SELECTS:
             raise StructPruneError(f"unknown select {self.select!r}: choose one of {', '.join(SELECTS)}")
         if self.target not in TARGETS:

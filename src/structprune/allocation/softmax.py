@@ -62,12 +62,55 @@ class Menu:
         return min(range(len(k)), key=lambda i: abs(k[i] - target_kept))
 
 
-def _energies(menus: list[Menu]) -> list[torch.Tensor]:
-    eps = [torch.tensor([math.log(max(e, 1e-30) / c) for e, c in zip(m.step_errors, m.step_costs)],
-                        dtype=torch.float64) for m in menus]
-    flat = torch.cat([e for e in eps if e.numel()]) if any(e.numel() for e in eps) else torch.zeros(1)
-    mu, sd = flat.median(), flat.std().clamp_min(1e-12) if flat.numel() > 1 else torch.tensor(1.0)
-    return [(e - mu) / sd for e in eps]
+#: energy standardisations (``PruneConfig.energy_scale``): ``std-split`` (each bisection standardises
+#: its own menus by median and standard deviation: the MLP re-solve then runs at another effective
+#: temperature), ``std`` (one median and standard deviation over every module's steps, shared by both
+#: bisections) and ``robust`` (shared; step ratios floored at ``ENERGY_FLOOR`` times their median
+#: before the log, scale from the median absolute deviation).
+ENERGY_SCALES = ("std-split", "std", "robust")
+#: ``robust``: a step whose error per parameter is below this fraction of the median step's is
+#: treated as that small: near-zero errors (a channel that is dead on the calibration text) would
+#: otherwise map to log(1e-30), stretch the scale and so raise the effective temperature.
+ENERGY_FLOOR = 1e-4
+_MAD_TO_SD = 1.4826  # the median absolute deviation of a normal sample times this estimates its sd
+
+
+@dataclass(frozen=True)
+class EnergyScale:
+    """How step energies ``log(e / c)`` are standardised: ``(max(log(e / c), floor) - center) / scale``."""
+
+    center: float
+    scale: float
+    floor: float = -math.inf
+
+    def apply(self, menu: Menu) -> torch.Tensor:
+        raw = torch.tensor([math.log(max(e, 1e-30) / c) for e, c in zip(menu.step_errors, menu.step_costs)],
+                           dtype=torch.float64)
+        return (raw.clamp_min(self.floor) - self.center) / self.scale
+
+    @classmethod
+    def of(cls, menus: list[Menu], kind: str = "std") -> "EnergyScale":
+        """The standardisation of ``menus``' steps: ``std`` (median, standard deviation) or ``robust``
+        (floored at ``ENERGY_FLOOR`` times the median ratio, median, 1.4826 x median absolute deviation)."""
+        raw = [math.log(max(e, 1e-30) / c) for m in menus for e, c in zip(m.step_errors, m.step_costs)]
+        if not raw:
+            return cls(0.0, 1.0)
+        flat = torch.tensor(raw, dtype=torch.float64)
+        if kind == "robust":
+            floor = float(flat.median()) + math.log(ENERGY_FLOOR)
+            flat = flat.clamp_min(floor)
+            mu = flat.median()
+            sd = _MAD_TO_SD * float((flat - mu).abs().median())
+            if sd <= 1e-12:  # more than half the steps tie: fall back to the spread of all of them
+                sd = float(flat.std()) if flat.numel() > 1 else 1.0
+            return cls(float(mu), max(sd, 1e-12), floor)
+        sd = float(flat.std()) if flat.numel() > 1 else 1.0
+        return cls(float(flat.median()), max(sd, 1e-12))
+
+
+def _energies(menus: list[Menu], scale: EnergyScale | None = None) -> list[torch.Tensor]:
+    scale = scale or EnergyScale.of(menus)
+    return [scale.apply(m) for m in menus]
 
 
 def _expected_kept(menus, eps, lam: float, T: float) -> list[float]:
@@ -98,24 +141,33 @@ def _bisect(fn, budget: float, lo: float, hi: float, decreasing: bool, iters: in
     return (lo + hi) / 2
 
 
-def allocate_kept(menus: list[Menu], budget: float, temperature: float) -> tuple[list[float], float]:
-    """Continuous kept cost per module meeting ``budget``; returns ``(kept, lambda)``."""
+def allocate_kept(menus: list[Menu], budget: float, temperature: float,
+                  scale: EnergyScale | None = None) -> tuple[list[float], float]:
+    """Continuous kept cost per module meeting ``budget``; returns ``(kept, lambda)``. ``scale``:
+    the energies' standardisation (default: ``EnergyScale.of(menus)``, median and sd of these menus)."""
     if math.isinf(temperature):
         frac = _bisect(lambda f: _uniform_kept(menus, f), budget, 0.0, 1.0, decreasing=False)
         return _uniform_kept(menus, frac), frac
-    eps = _energies(menus)
+    eps = _energies(menus, scale)
     span = 50.0 * max(temperature, 1e-3) + 50.0
     lam = _bisect(lambda x: _expected_kept(menus, eps, x, temperature), budget, -span, span, decreasing=True)
     return _expected_kept(menus, eps, lam, temperature), lam
 
 
-def allocate_prefixes(menus: list[Menu], budget: float, temperature: float) -> tuple[list[int], float]:
+def allocate_prefixes(menus: list[Menu], budget: float, temperature: float,
+                      energy_scale: str = "std-split") -> tuple[list[int], float]:
     """Number of path steps each module removes so that total kept cost ~= ``budget``.
 
     Attention paths move in whole heads; they are rounded first, then the MLP paths
     share the remaining budget (re-solved with the same rule) and are rounded.
+    ``energy_scale`` (one of ``ENERGY_SCALES``): with ``std`` and ``robust`` both bisections
+    standardise the energies the same way (over every module), so ``T`` means one thing;
+    ``std-split`` re-standardises over the MLP menus alone for the second.
     """
-    kept, lam = allocate_kept(menus, budget, temperature)
+    if energy_scale not in ENERGY_SCALES:
+        raise ValueError(f"unknown energy_scale {energy_scale!r}: choose one of {', '.join(ENERGY_SCALES)}")
+    shared = None if energy_scale == "std-split" else EnergyScale.of(menus, energy_scale)
+    kept, lam = allocate_kept(menus, budget, temperature, shared)
     prefixes = [0] * len(menus)
     attn = [i for i, m in enumerate(menus) if m.module == "attn"]
     mlp = [i for i, m in enumerate(menus) if m.module != "attn"]
@@ -124,7 +176,7 @@ def allocate_prefixes(menus: list[Menu], budget: float, temperature: float) -> t
     rest = budget - sum(menus[i].kept[prefixes[i]] for i in attn)
     if mlp:
         sub = [menus[i] for i in mlp]
-        sub_kept, _ = allocate_kept(sub, rest, temperature)
+        sub_kept, _ = allocate_kept(sub, rest, temperature, shared)
         carry = 0.0  # keep the running total on budget while rounding
         for i, k in zip(mlp, sub_kept):
             prefixes[i] = menus[i].nearest_prefix(k + carry)

@@ -159,12 +159,16 @@ def get_heldout_calibration(
     """Held-out calibration windows for choosing hyper-parameters, never evaluation text.
 
     For ``c4`` they come from documents ``C4_HELDOUT_DOCS``, disjoint from both the
-    calibration and the evaluation documents. Other sources have no separate held-out
-    part: windows come from the same text with another seed (a warning says so).
+    calibration and the evaluation documents; for ``wikitext2`` from its validation split
+    (a second domain; the protocol evaluates on the test split). Other sources have no
+    separate held-out part: windows come from the same text with another seed (a warning says so).
     """
     _check_args(nsamples, seqlen)
     if source.lower() == "c4":
         return _c4_windows(tokenizer, C4_HELDOUT_DOCS, nsamples, seqlen, seed, "held-out calibration")
+    if source.lower() == "wikitext2":
+        ids = encode_text(tokenizer, "wikitext2", split="heldout")[0]
+        return _random_windows(ids, nsamples, seqlen, random.Random(seed), "held-out text 'wikitext2' (validation)")
     logger.warning(
         "held-out calibration for '%s' overlaps its calibration text; use source='c4' for disjoint text", source
     )

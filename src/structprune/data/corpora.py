@@ -41,6 +41,10 @@ _C4_FILE = ("c4", "c4-validation-subset-1500.json.gz")
 BUNDLED_DIR = Path(__file__).with_name("bundled")
 BUNDLED = {
     "wikitext2": ("wikitext-2-raw-v1.test.txt.gz", "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"),
+    # WikiText-2's validation split: held-out text of a second domain for choosing hyper-parameters
+    # (never calibration, never evaluation: the protocol evaluates on the test split).
+    "wikitext2-valid": ("wikitext-2-raw-v1.validation.txt.gz",
+                        "b44fb967f92b525731216a507d1fbc44b97446b7ef0a2b4d1a893f81f1bbc29e"),
     "c4": ("c4-validation-subset-1500.json.gz", "15f2e7b216f3c4d6be6b168dcbfa3537adc697c97bd910291f9792cb5f3076ce"),
 }
 PTB_ABSENT = (
@@ -90,14 +94,14 @@ def asset_path(*parts: str) -> Path | None:
 
 
 def bundled_bytes(key: str) -> bytes:
-    """Content of a corpus shipped with the package (``wikitext2``: the text, ``c4``: the gzip file),
+    """Content of a corpus shipped with the package (``wikitext2``, ``wikitext2-valid``: the text, ``c4``: the gzip file),
     checked against its SHA-256; raises if it is missing or altered."""
     name, want = BUNDLED[key]
     path = BUNDLED_DIR / name
     if not path.is_file():
         raise StructPruneError(f"the packaged corpus {path} is missing: reinstall structprune or set {ASSETS_ENV}")
     data = path.read_bytes()
-    if key == "wikitext2":
+    if key.startswith("wikitext2"):
         data = gzip.decompress(data)
     got = hashlib.sha256(data).hexdigest()
     if got != want:
@@ -241,7 +245,8 @@ def _load_file(name: str) -> str:
 def load_text(name: str, split: str = "eval") -> str:
     """Return the raw text of a corpus.
 
-    ``name`` is ``wikitext2`` (test split joined with ``"\\n\\n"``), ``ptb`` (validation
+    ``name`` is ``wikitext2`` (test split joined with ``"\\n\\n"``; ``split="heldout"``: the
+    validation split, held-out text for tuning), ``ptb`` (validation
     lines stripped and joined with a space), ``c4`` (documents joined with a space:
     ``split="eval"`` gives the evaluation documents, ``"calib"`` the calibration ones,
     ``"heldout"`` the held-out calibration ones, ``"all"`` all of them) or a path to a
@@ -274,6 +279,11 @@ def corpus_missing(name: str) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _load_builtin(key: str, split: str) -> str:
+    if key == "wikitext2" and split == "heldout":  # the validation split (evaluation reads test)
+        if (BUNDLED_DIR / BUNDLED["wikitext2-valid"][0]).is_file():
+            return bundled_bytes("wikitext2-valid").decode("utf-8")
+        ds = _load_dataset("wikitext", "wikitext-2-raw-v1", split="validation")
+        return "\n\n".join(ds["text"])
     if key == "wikitext2":
         path = asset_path(*_WIKITEXT_FILE)
         if path is not None:

@@ -414,7 +414,7 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
             kept, lam = None, math.inf
             widths = [w.to_dict() for w in uniform_widths(shapes, cfg.sparsity, cfg.mlp_multiple)]
         else:
-            prefixes, lam = allocate_prefixes([Menu.from_dict(m) for m in menus], budget, T)
+            prefixes, lam = allocate_prefixes([Menu.from_dict(m) for m in menus], budget, T, cfg.energy_scale)
             kept, widths = [Menu.from_dict(m).kept[p] for m, p in zip(menus, prefixes)], None
         step = admm_step(run, sens, kept, widths, state, rho, keep_state=k < K, final_dense=final_dense)
         results, _ = run_pass(run, f"structprune iter {k}", step, {"dense": first, "owned": False, "rounding": 0.0},
