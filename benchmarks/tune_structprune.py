@@ -56,35 +56,56 @@ def _label(v) -> str | int | float:
     return "inf" if isinstance(v, float) and math.isinf(v) else v
 
 
-def heldout_nlls(model, held: torch.Tensor, device) -> dict:
+def heldout_nlls(model, held: torch.Tensor, device, domain: str = "c4") -> dict:
     """Perplexity of the held-out windows ``[n, seqlen]``: ``PerplexityResult.to_dict()``."""
     r = perplexity_from_ids(model.to(device), held.reshape(1, -1), held.shape[1], device=device, progress=False,
-                            dataset="c4-heldout")
+                            dataset=f"{domain}-heldout")
     model.to("cpu")
     return r.to_dict()
 
 
+def domain_rows(r: dict) -> dict:
+    """``{domain: PerplexityResult dict}`` of a row: C4 (``heldout``) and any other domain."""
+    return {"c4": r["heldout"], **r.get("heldout_domains", {})}
+
+
 def compare(rows: list[dict], name: str, reference) -> list[dict]:
-    """Per sparsity: each row's paired ratio to the reference row, the lowest held-out perplexity,
-    and the decision (the best value only where its paired interval's upper end is below 1)."""
+    """Per sparsity: each row's paired ratio to the reference row in every held-out domain, and
+    the decision: among the values whose paired interval's upper end is below 1 in *every*
+    domain, the one with the lowest geometric mean of its domain ratios (docs/protocol.md: a
+    change is adopted only where it is better out of domain too); else the reference."""
     out = []
     for s in sorted({r["sparsity"] for r in rows}):
         at = [r for r in rows if r["sparsity"] == s]
         ref = next((r for r in at if r[name] == _label(reference)), None)
         for r in at:
-            r["ratio_to_reference"] = None if ref is None else paired_ratio(
-                r["heldout"]["window_nlls"], ref["heldout"]["window_nlls"]).to_dict()
-        best = min(at, key=lambda r: r["heldout"]["ppl"])
-        ratio = best.get("ratio_to_reference")
+            if ref is None:
+                r["ratio_to_reference"], r["ratios"] = None, {}
+                continue
+            mine, theirs = domain_rows(r), domain_rows(ref)
+            r["ratios"] = {d: paired_ratio(mine[d]["window_nlls"], theirs[d]["window_nlls"]).to_dict()
+                           for d in mine if d in theirs}
+            r["ratio_to_reference"] = r["ratios"]["c4"]
         if ref is None:
-            decision = f"reference {name}={reference} not measured at this sparsity"
-        elif best is ref:
-            decision = f"keep {name}={reference}: it has the lowest held-out perplexity"
-        elif ratio["high"] < 1.0:  # the protocol's at_most(ratio, 1), strictly
-            decision = f"{name}={best[name]}: lower than the reference, interval excludes 1"
+            out.append({"sparsity": s, "best": None, "decision": f"reference {name}={reference} not measured "
+                                                                  "at this sparsity"})
+            continue
+        gm = lambda r: math.exp(sum(math.log(q["value"]) for q in r["ratios"].values()) / len(r["ratios"]))  # noqa: E731
+        wins = [r for r in at if r is not ref and all(q["high"] < 1.0 for q in r["ratios"].values())]
+        doms = ", ".join(ref["ratios"])
+        if wins:
+            best = min(wins, key=gm)
+            qs = "; ".join(f"{d} {q['value']:.4f} [{q['low']:.4f}, {q['high']:.4f}]" for d, q in best["ratios"].items())
+            decision = f"{name}={best[name]}: lower than the reference in every domain ({qs})"
         else:
-            decision = (f"keep {name}={reference}: {name}={best[name]} is lower by a ratio of {ratio['value']:.4f} "
-                        f"[{ratio['low']:.4f}, {ratio['high']:.4f}], an interval that includes 1")
+            best = min(at, key=gm)
+            if best is ref:
+                decision = f"keep {name}={reference}: no value is lower in the geometric mean over {doms}"
+            else:
+                qs = "; ".join(f"{d} {q['value']:.4f} [{q['low']:.4f}, {q['high']:.4f}]"
+                               for d, q in best["ratios"].items())
+                decision = (f"keep {name}={reference}: {name}={best[name]} has the lowest geometric mean "
+                            f"({qs}), but not every interval excludes 1")
         out.append({"sparsity": s, "best": best[name], "decision": decision})
     return out
 
@@ -114,8 +135,11 @@ def sweep_config(a, fixed: dict, name: str, sparsity: float, value) -> PruneConf
 
 
 def settings_of(a, protocol) -> dict:
-    return {"model": a.model, "dtype": a.dtype, "protocol": protocol, "nsamples": a.nsamples, "seqlen": a.seqlen,
-            "heldout": a.heldout, "sweep": a.sweep.split("=")[0], "fixed": a.fixed, "reference": a.reference}
+    out = {"model": a.model, "dtype": a.dtype, "protocol": protocol, "nsamples": a.nsamples, "seqlen": a.seqlen,
+           "heldout": a.heldout, "sweep": a.sweep.split("=")[0], "fixed": a.fixed, "reference": a.reference}
+    if a.heldout_domains != "c4":  # tables made before the second domain keep resuming
+        out["heldout_domains"] = a.heldout_domains
+    return out
 
 
 def machine(device) -> str:
@@ -138,28 +162,37 @@ def write(record: dict, out: Path) -> None:
     os.replace(tmp, out.with_suffix(".json"))
     s, name = record["settings"], record["settings"]["sweep"]
     d = record["dense"]
-    lines = [f"# Sweep of `{name}` on held-out C4 calibration text", "",
+    extra = [d for d in s.get("heldout_domains", "c4").split(",") if d != "c4"]
+    lines = [f"# Sweep of `{name}` on held-out text ({', '.join(['C4', *extra])})", "",
              f"Command: `{record['command']}`", "",
              f"Model {s['model']}, {record['device']} {s['dtype']}, calibration {s['nsamples']}x{s['seqlen']} "
              f"(C4 calibration documents, seed 0), scored on {s['heldout']} held-out windows of {s['seqlen']} "
-             f"(disjoint C4 documents, seed 1). Dense held-out perplexity: {d['ppl']:.3f} "
-             f"[{d['ppl_interval'][0]:.3f}, {d['ppl_interval'][1]:.3f}]. Fixed: {s['fixed'] or 'defaults'}. "
+             f"(disjoint C4 documents, seed 1)"
+             + "".join(f", and {s['heldout']} windows of {x} held-out text (WikiText-2 validation, seed 1)"
+                       for x in extra)
+             + f". Dense held-out perplexity: C4 {d['ppl']:.3f} [{d['ppl_interval'][0]:.3f}, {d['ppl_interval'][1]:.3f}]"
+             + "".join(f", {x} {record['dense_domains'][x]['ppl']:.3f}" for x in extra)
+             + f". Fixed: {s['fixed'] or 'defaults'}. "
              f"Intervals: 95% bootstrap over windows; ratios paired on the same windows against "
              f"{name}={s['reference']} (the reference). Hardware: "
              f"{', '.join(sorted({r.get('hardware', 'not recorded') for r in record['rows']})) or 'none yet'}.", "",
-             f"| sparsity | {name} | held-out ppl [95%] | ratio to reference [95%] | achieved | objective per "
-             "iteration | primal / dual residual per iteration | kept iterate | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| sparsity | {name} | held-out ppl [95%] | ratio to reference [95%] | "
+             + "".join(f"{x} ppl | {x} ratio [95%] | " for x in extra)
+             + "achieved | objective per iteration | primal / dual residual per iteration | kept iterate | seconds |",
+             "| --- | --- | --- | --- | " + "--- | --- | " * len(extra) + "--- | --- | --- | --- | --- |"]
     for r in record["rows"]:
         h, q = r["heldout"], r.get("ratio_to_reference")
         obj = ", ".join(f"{o:.4f}" for o in r["objective"])
         res = ", ".join(_residuals(e) for e in r.get("admm_trace", []))
-        rat = "" if q is None else f"{q['value']:.4f} [{q['low']:.4f}, {q['high']:.4f}]"
+        fmt = lambda q: "" if q is None else f"{q['value']:.4f} [{q['low']:.4f}, {q['high']:.4f}]"  # noqa: E731
+        rat = fmt(q)
+        more = "".join(f"{r['heldout_domains'][x]['ppl']:.3f} | {fmt((r.get('ratios') or {}).get(x))} | "
+                       if x in r.get("heldout_domains", {}) else " | | " for x in extra)
         lines.append(f"| {r['sparsity']:.2f} | {r[name]} | {h['ppl']:.3f} [{h['ppl_interval'][0]:.3f}, "
-                     f"{h['ppl_interval'][1]:.3f}] | {rat} | {r['achieved']:.4f} | {obj} | {res} | "
+                     f"{h['ppl_interval'][1]:.3f}] | {rat} | {more}{r['achieved']:.4f} | {obj} | {res} | "
                      f"{r.get('chosen_iteration', '')} | {r['seconds']:.0f} |")
     lines += ["", "Decision per sparsity (a value replaces the reference only where the upper end of its paired "
-              "interval is below 1):", ""]
+              "interval is below 1 in every held-out domain):", ""]
     lines += [f"* {c['sparsity']:.2f}: {c['decision']}" for c in record["decisions"]]
     joint = joint_decision(record["rows"], name)
     if joint:
@@ -182,7 +215,10 @@ def main(argv=None) -> int:
     p.add_argument("--fixed", default="", help="name=value;name=value of other PruneConfig fields")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--heldout", type=int, default=8, help="held-out windows (of --seqlen tokens)")
+    p.add_argument("--heldout", type=int, default=8, help="held-out windows (of --seqlen tokens) per domain")
+    p.add_argument("--heldout-domains", default="c4,wikitext2",
+                   help="held-out text: C4 documents disjoint from calibration and evaluation, and WikiText-2 "
+                        "validation (a second domain; evaluation reads its test split)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -225,6 +261,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--resume: {out.with_suffix('.json')} was measured with other settings "
                              f"({old['settings']}); use another --out")
         record["rows"], record["dense"] = old["rows"], old["dense"]
+        record["dense_domains"] = old.get("dense_domains", {})
         # A default the sweep reads changed since (e.g. the temperature): its rows measured another
         # config than the one their labels now name, and mixing them would mislabel the table.
         stale = [f"{r['sparsity']}@{r[name]}" for r in record["rows"] if "config" in r
@@ -234,9 +271,17 @@ def main(argv=None) -> int:
                              "another resolved config (a default changed); use another --out")
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     calib = get_calibration(tok, "c4", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)
-    held = get_heldout_calibration(tok, "c4", nsamples=a.heldout, seqlen=a.seqlen, seed=1)
+    domains = a.heldout_domains.split(",")
+    if domains[0] != "c4":
+        p.error("--heldout-domains must start with c4 (the reference domain of every table)")
+    helds = {d: get_heldout_calibration(tok, d, nsamples=a.heldout, seqlen=a.seqlen, seed=1) for d in domains}
+    held = helds["c4"]
     if "dense" not in record:
         record["dense"] = heldout_nlls(model, held, a.device)
+    record.setdefault("dense_domains", {})
+    for d in domains[1:]:
+        if d not in record["dense_domains"]:
+            record["dense_domains"][d] = heldout_nlls(model, helds[d], a.device, d)
     done = {(r["sparsity"], r[name]) for r in record["rows"]}
     cache: dict = {}  # sensitivities and dense paths are shared by every setting (same model, same windows)
     for s in [float(x) for x in a.sparsity.split(",")]:
@@ -251,6 +296,7 @@ def main(argv=None) -> int:
             iters = [e for e in r.report["solver_log"] if "iteration" in e]
             record["rows"].append({"sparsity": s, name: _label(v), "config": cfg.effective_dict(),
                                    "heldout": heldout_nlls(m, held, a.device),
+                                   "heldout_domains": {d: heldout_nlls(m, helds[d], a.device, d) for d in domains[1:]},
                                    "achieved": r.report["sparsity_achieved"],
                                    "objective": [e["objective"] for e in iters], "seconds": seconds,
                                    "phase_seconds": {k: v["seconds"] for k, v in r.report.get("timings", {}).items()

@@ -37,20 +37,24 @@ def test_sweep_has_intervals_paired_ratios_and_decisions(tune, tmp_path, one_tor
     assert tune.main(_args(out)) == 0
     rec = json.loads(out.with_suffix(".json").read_text())
     assert len(rec["rows"]) == 6 and len(tune.calls) == 6  # the reference (1) is added to the sweep
+    assert set(rec["dense_domains"]) == {"wikitext2"}  # the second held-out domain, by default
     for r in rec["rows"]:
-        h = r["heldout"]
-        assert len(h["window_nlls"]) == 3 and h["ppl_interval"][0] <= h["ppl"] <= h["ppl_interval"][1]
-        q = r["ratio_to_reference"]
-        if r["temperature"] == 1:
-            assert (q["value"], q["low"], q["high"]) == (1.0, 1.0, 1.0)
-        else:
-            assert q["low"] <= q["value"] <= q["high"]
+        for h in (r["heldout"], r["heldout_domains"]["wikitext2"]):
+            assert len(h["window_nlls"]) == 3 and h["ppl_interval"][0] <= h["ppl"] <= h["ppl_interval"][1]
+        assert set(r["ratios"]) == {"c4", "wikitext2"} and r["ratio_to_reference"] == r["ratios"]["c4"]
+        for q in r["ratios"].values():
+            if r["temperature"] == 1:
+                assert (q["value"], q["low"], q["high"]) == (1.0, 1.0, 1.0)
+            else:
+                assert q["low"] <= q["value"] <= q["high"]
     assert [d["sparsity"] for d in rec["decisions"]] == [0.3, 0.5]
     for d in rec["decisions"]:
         at = [r for r in rec["rows"] if r["sparsity"] == d["sparsity"]]
-        best = min(at, key=lambda r: r["heldout"]["ppl"])
+        gm = lambda r: math.prod(q["value"] for q in r["ratios"].values()) ** 0.5  # noqa: E731
+        wins = [r for r in at if r["temperature"] != 1 and all(q["high"] < 1 for q in r["ratios"].values())]
+        best = min(wins or at, key=gm)
         assert d["best"] == best["temperature"]
-        if best["temperature"] != 1 and best["ratio_to_reference"]["high"] >= 1:
+        if not wins:  # adopted only where every domain's interval excludes 1
             assert d["decision"].startswith("keep temperature=1")
     md = out.with_suffix(".md").read_text()
     assert "| 0.30 | inf |" in md and "Decision per sparsity" in md
