@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-scale", dest="energy_scale", choices=("std-split", "std", "robust"), default=None,
                    help="softmax allocation: how step energies are standardised (docs/structprune.md)")
     p.add_argument("--iterations", type=int, default=None, help="StructPrune ADMM iterations")
+    p.add_argument("--inner-iterations", dest="inner_iterations", type=int, default=None,
+                   help="StructPrune: alternating refits of each MLP's kept input rows with its output projection "
+                        "(auxiliary variables; 0: output projection only)")
     p.add_argument("--rho", type=float, default=None,
                    help="StructPrune ADMM penalty rho (initial value; a residual-balancing schedule adapts it)")
     p.add_argument("--tol-abs", dest="tol_abs", type=float, default=None,
@@ -305,7 +308,7 @@ def cmd_prune(args) -> dict:
     t_start = time.perf_counter()
     device, dtype, defaults = resolve_runtime(args)
     nsamples, seqlen, limit = _counts(args, defaults)
-    solver_opts = ("temperature", "energy_scale", "iterations", "rho", "target", "tol_abs", "tol_rel", "select")
+    solver_opts = ("temperature", "energy_scale", "inner_iterations", "iterations", "rho", "target", "tol_abs", "tol_rel", "select")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,

@@ -30,7 +30,7 @@ METHOD_OPTIONS = {
     "global": {"allocations": ("threshold",), "knobs": ("global_score", "damp", "refit_bias")},
     "structprune": {"allocations": ("softmax", "threshold", "uniform"),
                     "knobs": ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps",
-                              "damp", "refit_bias", "tol_abs", "tol_rel", "select", "energy_scale")},
+                              "damp", "refit_bias", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations")},
 }
 # Knobs read only under some allocations (StructPrune's uniform limit needs no menus or sensitivities).
 ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",), "energy_scale": ("softmax",),
@@ -46,7 +46,7 @@ def reads(method: str, allocation: str, knob: str) -> bool:
 ADMM_KNOBS = ("rho", "tol_abs", "tol_rel", "select")
 # Knobs added after results were stored, with the value that reproduces what those results ran:
 # a stored config without them reads as having that value.
-LATER_KNOBS = {"select": "best", "energy_scale": "std-split"}
+LATER_KNOBS = {"select": "best", "energy_scale": "std-split", "inner_iterations": 0}
 
 
 def field_value(text: str):
@@ -93,7 +93,7 @@ def effective_fields(config_dict: dict) -> dict:
 
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
-         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select", "energy_scale")
+         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations")
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,9 @@ class PruneConfig:
     tol_abs: float = 1e-4  # StructPrune ADMM stopping: absolute tolerance per output entry
     tol_rel: float = 1e-2  # StructPrune ADMM stopping: tolerance relative to the outputs / duals
     path_steps: int = 32  # StructPrune: MLP removal-path steps per module (block = channels // path_steps)
+    # StructPrune: alternating closed-form refits of the MLP's kept input rows with its output
+    # projection (auxiliary variables, solvers/inner.py) per layer; 0: the output projection only
+    inner_iterations: int = 0
     select: str = "best"  # StructPrune's result: the ADMM iterate with the lowest calibration objective, or the last
     target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs, or the dense module's
     damp: float = 0.01
@@ -149,7 +152,8 @@ class PruneConfig:
         object.__setattr__(self, "allocation", resolved_allocation(self.method, self.allocation, self.uniform_widths))
         if self.allocation not in ALLOCATIONS:
             raise StructPruneError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-        for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations", "path_steps", "sens_nsamples"):
+        for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations", "path_steps", "sens_nsamples",
+                     "inner_iterations"):
             v = getattr(self, name)
             if not isinstance(v, numbers.Integral) or isinstance(v, bool):
                 raise StructPruneError(f"{name} must be an integer, got {v!r}")
@@ -158,6 +162,8 @@ class PruneConfig:
                 raise StructPruneError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.seqlen < 2:  # the LM loss needs a next token: one-token windows give all-zero sensitivities
             raise StructPruneError(f"seqlen must be at least 2, got {self.seqlen}")
+        if self.inner_iterations < 0:
+            raise StructPruneError(f"inner_iterations must be >= 0 (0: off), got {self.inner_iterations}")
         if self.sens_nsamples < 0:
             raise StructPruneError(f"sens_nsamples must be >= 0 (0: all calibration windows), got {self.sens_nsamples}")
         if not self.temperature >= 0:  # NaN and -inf fail this; +inf (uniform limit) passes

@@ -42,6 +42,7 @@ from ..engine.activations import ActivationStore
 from ..engine.capture import layer_kwargs, run_layer, to_device
 from ..engine.sensitivity import module_sensitivities
 from ..engine.stats import StatsAccumulator
+from .inner import refit_mlp_inputs
 from .modules import attention_path, cut_attention, cut_mlp, heads_of_path, mlp_path
 from .parts import kept_after, path_block, path_min_keep
 from .passes import run_pass
@@ -314,6 +315,10 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             u_step("attn", c, t_attn[c].to(device), y)
 
         floor, blocks = _floor_and_blocks(adapter, layer, cfg, w)
+        inner = admm_mlp and cfg.inner_iterations > 0
+        inner_log = None
+        # The MLP's inputs and W-step targets per chunk, for the refit of its input projections.
+        x_mlp, t_fit = (ActivationStore(), ActivationStore()) if inner else (None, None)
         if admm_mlp:
             acc = StatsAccumulator(gram=True)
 
@@ -325,8 +330,15 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
                 else:
                     t = y.detach().float()
                 t_mlp.append(t)
-                acc.add_z("mlp", a[0], t.shape[-1], target=w_step_target("mlp", c, t))
-            _hooked_forward(layer, pruned, device, [(o, attn_update), (parts[0].out, mlp_stats)])
+                wt = w_step_target("mlp", c, t)
+                acc.add_z("mlp", a[0], t.shape[-1], target=wt)
+                if inner:
+                    t_fit.append(wt.cpu())
+
+            hooks = [(o, attn_update), (parts[0].out, mlp_stats)]
+            if inner:  # the MLP's input: what its first input projection reads
+                hooks.insert(1, (adapter.mlp_linears(layer)[0][0], lambda c, a, y: x_mlp.append(a[0].detach().cpu())))
+            _hooked_forward(layer, pruned, device, hooks)
             st = acc.stats["mlp"]
             st.check_finite(f"layer {i} mlp")
         else:  # experts: each part against its own output (statistics per part, routing-weighted)
@@ -351,6 +363,11 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         channels = kept_after(path_m, km, adapter.mlp_shape(layer).channels)
         cut_mlp(adapter, layer, st, channels, cfg)
         del st
+        if inner:  # coordination inside the MLP: its kept input rows refitted with the output projection
+            inner_log = refit_mlp_inputs(adapter, layer, x_mlp, t_fit, device, cfg.inner_iterations,
+                                            cfg.refit_bias, cfg.damp)
+            x_mlp.close()
+            t_fit.close()
 
         # The layer's outputs on the pruned trajectory, with the MLP's u/y-steps.
         hs = []
@@ -386,7 +403,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         result = {"plan": {"heads": heads, "kv_heads": groups, "channels": channels},
                   "menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
                             Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
-                  "drift": drift, "residuals": res, "state": new}
+                  "drift": drift, "residuals": res, "state": new, "inner": inner_log}
         return result, {"dense": dense_next, "owned": True, "rounding": rounding}
     return step
 
@@ -444,6 +461,8 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
                  "kept": [{"layer": i, "heads": len(p["heads"]), "kv_heads": len(p["kv_heads"]),
                            "mlp": len(p["channels"])} for i, p in enumerate(plans)],
                  "layer_drift": drift, "seconds": time.perf_counter() - t0}
+        if cfg.inner_iterations > 0:  # the MLP's input-projection refit, per layer (None: not a one-part MLP)
+            entry["inner"] = [r.get("inner") for r in results]
         run.log.append(entry)
         log.info("iter %d: objective %.5f primal %.4g (eps %.3g) dual %.4g (eps %.3g) rho %.3g lambda %.3f (%.1fs)",
                  k, objective, primal, eps_pri, dual, eps_dual, rho, lam, entry["seconds"])
