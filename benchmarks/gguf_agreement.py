@@ -186,9 +186,9 @@ def measure(label: str, folder: Path, ids: list[list[int]], workdir: Path, threa
     for e in ("f16", "f32"):
         files[f"q8_0, token_embd {e.upper()}"] = workdir / f"lq8-embd-{e}.gguf"
         llama_quantize(files["f32"], files[f"q8_0, token_embd {e.upper()}"], e)
-    for k, (label, embd, overrides) in enumerate(extra):
-        files[label] = workdir / f"extra{k}.gguf"
-        llama_quantize(files["f32"], files[label], embd, overrides)
+    for k, (variant, embd, overrides) in enumerate(extra):
+        files[variant] = workdir / f"extra{k}.gguf"
+        llama_quantize(files["f32"], files[variant], embd, overrides)
     logits = {name: llama_cpp_logits(p, ids, threads) for name, p in files.items()}
     rows = []
     for name, got in logits.items():
