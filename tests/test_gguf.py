@@ -8,7 +8,7 @@ With llama-cpp-python (``pip install -e '.[gguf]'``): llama.cpp's logits equal t
 float tolerance for tiny random LLaMA (GQA), Qwen2 (q/k/v biases), Mistral and Llama-3 (rope
 scaling) models with odd per-layer widths and refit biases (F32 weights, F32 KV cache), greedy
 generations are equal, llama.cpp's tokenizer gives transformers' ids, and on the real SmolLM2
-(pruned per layer) the q8_0 file's top-1 agrees with transformers on WikiText-2.
+(pruned per layer) the q8_0 file's top-1 disagrees with transformers on WikiText-2 only at near-ties.
 """
 
 from __future__ import annotations
@@ -336,9 +336,12 @@ def test_real_smollm2_pruned_per_layer_agrees_with_transformers_on_wikitext(tmp_
 
     * llama.cpp's tokenizer gives transformers' ids (20,000 characters);
     * F32 GGUF, F32 KV cache: the same function (max |dlogit| < 5e-3, every top-1 equal);
-    * q8_0: top-1 agreement at least the dense model's at q8_0 minus 0.02. Not 0.98: llama.cpp's Q8_0 also
-      quantizes the activations, and on SmolLM2 even the dense model agrees on 0.959 of the tokens (the
-      same with the gguf package's and llama.cpp's quantizer; docs/loading.md)."""
+    * q8_0: top-1 agreement at least the dense model's at q8_0 minus 0.02, and every disagreement (dense and
+      pruned) at a position where transformers' own top-2 margin is below 1 logit: q8_0 changes the argmax
+      only where the reference hardly prefers it. Not an agreement of 0.98: on SmolLM2 even the dense model
+      agrees on 0.959 of these tokens at q8_0, and no variant tried (token embedding / output tensor at F16
+      or F32, ffn_down at F16) reached 0.98 for both the dense and the pruned model
+      (benchmarks/results/gguf_agreement_smollm2_*.md, docs/loading.md)."""
     _llama_cpp()
     from structprune.models import load_model
 
@@ -353,12 +356,15 @@ def test_real_smollm2_pruned_per_layer_agrees_with_transformers_on_wikitext(tmp_
         with torch.no_grad():
             want = model(torch.tensor([ids])).logits[0].numpy()
         got = _llama_cpp_logits(llm, ids)
-        return float((got.argmax(-1) == want.argmax(-1)).mean()), float(np.abs(got - want).max()), llm
+        top2 = np.sort(want, axis=-1)[:, -2:]
+        margins = (top2[:, 1] - top2[:, 0])[got.argmax(-1) != want.argmax(-1)]
+        worst = float(margins.max()) if margins.size else 0.0  # the reference's largest margin overruled
+        return float((got.argmax(-1) == want.argmax(-1)).mean()), float(np.abs(got - want).max()), worst, llm
 
     model, tok = load_model(str(smollm2_path), dtype=torch.float32)
     ids = tok(text)["input_ids"]
     window = ids[:512]
-    dense_q8, _, _ = top1(model, Path(smollm2_path), "q8_0", window)
+    dense_q8, _, dense_worst, _ = top1(model, Path(smollm2_path), "q8_0", window)
     adapter = get_adapter(model)
     for i, layer in enumerate(adapter.layers()):
         kv = [0, 2] if i % 5 == 4 else [0, 1, 2]
@@ -366,12 +372,15 @@ def test_real_smollm2_pruned_per_layer_agrees_with_transformers_on_wikitext(tmp_
         apply_layer_plan(adapter, layer, LayerPlan(heads, kv, list(range(1536 - 72 * (i % 7)))))
     folder = tmp_path / "smol"
     save_pruned(model, tok, folder)
-    agree, diff, llm = top1(model, folder, "f32", window)
+    agree, diff, _, llm = top1(model, folder, "f32", window)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
     assert agree == 1.0 and diff < 5e-3, (agree, diff)
-    agree, _, _ = top1(model, folder, "q8_0", window)
+    agree, _, worst, _ = top1(model, folder, "q8_0", window)
+    print(f"q8_0 top-1 agreement: dense {dense_q8:.3f} (largest reference margin overruled {dense_worst:.3f}), "
+          f"pruned {agree:.3f} ({worst:.3f})")
     assert agree >= dense_q8 - 0.02, (agree, dense_q8)
     assert dense_q8 > 0.93, dense_q8
+    assert dense_worst < 1.0 and worst < 1.0, (dense_worst, worst)
 
 
 def test_prune_with_gguf_writes_them_next_to_the_safetensors_and_the_card_names_them(tmp_path, toy_tokenizer):
