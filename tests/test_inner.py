@@ -103,3 +103,15 @@ def test_inner_iterations_must_be_a_non_negative_integer():
         PruneConfig(inner_iterations=-1)
     with pytest.raises(StructPruneError, match="inner_iterations=2 is ignored"):
         PruneConfig(method="obs-local", inner_iterations=2)
+
+
+def test_the_memory_plan_counts_the_refit_when_it_is_on():
+    from structprune.engine.budget import inner_refit_bytes, layer_sizes
+
+    model = tiny_llama(layers=2)
+    adapter = get_adapter(model)
+    widths = [{"heads": 4, "mlp": 37}] * 2
+    off = layer_sizes(adapter, widths, 4, "structprune")["solver_workspace_bytes"]
+    on = layer_sizes(adapter, widths, 4, "structprune", inner=True)["solver_workspace_bytes"]
+    d = adapter.attention_shape(adapter.layers()[0]).hidden_size
+    assert on == max(off, inner_refit_bytes(37, d)) and on > off

@@ -32,11 +32,19 @@ MIN_ACTIVATIONS = 64 * 2**20  # below this a pass spills nearly every chunk: ref
 HEAD_SLICE_TEMPS = 3  # float32 logits of one slice, their softmax and gradient (engine/sensitivity.py)
 
 
-def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str) -> dict:
+def inner_refit_bytes(k: int, d: int) -> int:
+    """Matrices of the MLP's input-projection refit (solvers/inner.py) alive at once, ``k`` kept
+    channels, ``d`` hidden: the float64 Gram of its inputs, two float64 ``k x (d + 1)`` cross terms,
+    the float32 ``k x k`` factor of the ``p``-step and its product."""
+    return 8 * (d + 1) ** 2 + 2 * 8 * k * (d + 1) + 2 * 4 * k * k
+
+
+def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str, inner: bool = False) -> dict:
     """Bytes of the largest layer's tensors by kind, from its shapes: ``layer_weights_bytes`` (in the
     compute dtype), ``statistics_bytes`` (float32 Grams of both modules' inputs) and
     ``solver_workspace_bytes`` (a module solve's n x n float64 buffers: two, or 1.5 for StructPrune's
-    float32 removal paths; solvers/obs.py)."""
+    float32 removal paths; solvers/obs.py; with ``inner``, StructPrune's refit of the MLP's input
+    projections when it is larger: it runs after the path's buffers are freed)."""
     solver_buffers = 1.5 if method == "structprune" else 2
     layer_bytes, gram_bytes, solver_bytes = 0, 0, 0
     for layer, w in zip(adapter.layers(), widths):
@@ -46,6 +54,8 @@ def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str) -> di
         layer_bytes = max(layer_bytes, params * dtype_size)
         gram_bytes = max(gram_bytes, 4 * (n_attn ** 2 + n_mlp ** 2))
         solver_bytes = max(solver_bytes, int(solver_buffers * 8 * (max(n_attn, n_mlp) + 1) ** 2))
+        if inner:
+            solver_bytes = max(solver_bytes, inner_refit_bytes(n_mlp, a.hidden_size))
     return {"layer_weights_bytes": layer_bytes, "statistics_bytes": gram_bytes, "solver_workspace_bytes": solver_bytes}
 
 
@@ -100,14 +110,15 @@ def memory_limit(max_memory: int | None = None) -> tuple[int | None, str]:
 
 
 def plan_memory(adapter, widths: list[dict], dtype_size: int, method: str, calib_tokens: int,
-                max_memory: int | None = None, budget_given: bool = False, eval_tokens: int = 0) -> MemoryPlan:
+                max_memory: int | None = None, budget_given: bool = False, eval_tokens: int = 0,
+                inner: bool = False) -> MemoryPlan:
     """The run's :class:`MemoryPlan`; raises StructPruneError (one line, the estimate and the limit)
     when the limit cannot hold one layer's work. ``calib_tokens``: tokens of the calibration;
     ``eval_tokens``: the window length of a streamed evaluation (0: none). ``budget_given``: the
     caller set the activation budget itself (``--activation-budget``); it is then neither chosen
-    nor counted here."""
+    nor counted here. ``inner``: StructPrune refits the MLPs' input projections (``inner_iterations``)."""
     limit, source = memory_limit(max_memory)
-    sizes = layer_sizes(adapter, widths, dtype_size, method)
+    sizes = layer_sizes(adapter, widths, dtype_size, method, inner)
     sizes["head_bytes"] = head_bytes(adapter, calib_tokens, eval_tokens)
     layer = sizes["layer_weights_bytes"] + sizes["statistics_bytes"] + sizes["solver_workspace_bytes"]
     working = int(WORKING_SET_FACTOR * max(layer, sizes["head_bytes"]))

@@ -37,7 +37,7 @@ calibration objective never rises; whether held-out text gains is measured (docs
 
 Memory: the auxiliaries ``a``, ``b`` of every calibration token (two activation stores of the kept
 width, RAM up to the activation budget, disk beyond), the MLP's inputs and targets (stored by
-the caller), a ``d x d`` and a few ``k x d`` / ``k x k`` float64 matrices; one layer resident.
+the caller), and ``engine.budget.inner_refit_bytes`` of matrices; one layer resident.
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
     D, c = D0, c0
     for _ in range(iterations):
         k = D.shape[1]
-        M = ALPHA * (D.T @ D) + BETA * torch.eye(k, dtype=torch.float64, device=device)
-        L = torch.linalg.cholesky(M)
+        # float32: alpha D^T D + beta I is well conditioned (beta I), and k x k is the largest buffer here
+        L = torch.linalg.cholesky(ALPHA * (D.T @ D).float() + BETA * torch.eye(k, device=device))
         cross = [torch.zeros(r.M.shape, dtype=torch.float64, device=device) for r in rows]
         acc = StatsAccumulator(gram=True)
         A_new, B_new = ActivationStore(), ActivationStore()
@@ -157,8 +157,8 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
             fa, slope = _act_and_slope(act, a)
             pre = fa * b if gated else fa
             resid = tt if c is None else tt - c.float()
-            rhs = ALPHA * (resid.double() @ D) + BETA * pre.double()
-            p = torch.cholesky_solve(rhs.T, L).T.float()  # [tokens, k]
+            rhs = ALPHA * (resid @ D.float()) + BETA * pre
+            p = torch.cholesky_solve(rhs.T, L).T  # [tokens, k]
             if gated:  # b: a weighted mean of the product's fit and the forward value
                 ux = rows[1].apply(_with_one(xt, xbias[1]))
                 b = (BETA * fa * p + GAMMA * ux) / (BETA * fa * fa + GAMMA)
@@ -177,6 +177,7 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
         A_st.close()
         B_st.close()
         A_st, B_st = A_new, B_new
+        del L
         for j, r in enumerate(rows):  # ridge toward the current rows: (C + rI R)(S + rI)^-1
             S = Sx[j] + ridge[j] * torch.eye(Sx[j].shape[0], dtype=torch.float64, device=device)
             r.M = _spd_solve(S, (cross[j] + ridge[j] * r.M).T).T

@@ -18,8 +18,10 @@ Read top to bottom, :func:`prune_structprune` runs five phases (docs/structprune
    pass give the next ``lambda`` (phase 3 again); ``rho`` is rebalanced when one residual is ten
    times the other; the loop stops when both residuals meet their tolerances. ``K = 1`` is the
    one-shot pass (``u = t``, ``y = 0``: every module refitted to its own target).
-5. **Selection**: the iterate with the lowest objective (relative distortion of the final
-   hidden states on the calibration windows) is the result.
+5. **Selection**: the iterate with the lowest objective is the result: the KL divergence of the
+   pruned model's next-token distribution from the dense model's on the calibration windows
+   (engine/head.py; logged with the pruned model's calibration NLL and the relative distortion of
+   the final hidden states, the objective before issue 27, which can move opposite to held-out loss).
 
 Every streamed pass is a per-layer step function run by :func:`~structprune.solvers.passes.run_pass`;
 steps return and carry plain data only (tensors, activation stores, numbers, lists, dicts).
@@ -40,6 +42,7 @@ from ..allocation.widths import uniform_widths
 from ..engine import LayerInputs
 from ..engine.activations import ActivationStore
 from ..engine.capture import layer_kwargs, run_layer, to_device
+from ..engine.head import calibration_loss
 from ..engine.sensitivity import module_sensitivities
 from ..engine.stats import StatsAccumulator
 from .inner import refit_mlp_inputs
@@ -232,7 +235,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
     The dense trajectory is run only where something needs it: the ``dense`` target's
     ``y_dense + gap``, and the objective when ``final_dense`` is not given. With the ``own`` target
     and ``final_dense`` the pass skips the dense layer's forward (one of four per layer), the carry's
-    ``dense`` is None, and only the last layer's drift (the objective) is measured.
+    ``dense`` is None, and only the last layer's drift and calibration loss (the objective) are measured.
 
     Per layer: the dense layer's module outputs on the dense trajectory; the attention's W-step
     (statistics against ``u - y`` on the pruned inputs, path, cut, refit); one forward doing the
@@ -339,7 +342,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             if inner:  # the MLP's input: what its first input projection reads
                 hooks.insert(1, (adapter.mlp_linears(layer)[0][0], lambda c, a, y: x_mlp.append(a[0].detach().cpu())))
             _hooked_forward(layer, pruned, device, hooks)
-            st = acc.stats["mlp"]
+            st = acc.stats.pop("mlp")  # the accumulator holds no reference: `del st` frees the Gram
             st.check_finite(f"layer {i} mlp")
         else:  # experts: each part against its own output (statistics per part, routing-weighted)
             seen = []
@@ -390,11 +393,14 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
                 v["u"].close()
                 v["w"].close()
         reference = dense_next.hidden if follow_dense else (final_dense if i == last else None)
-        drift = None
+        drift = loss = None
         if reference is not None:
             num = sum(float((p - d).float().pow(2).sum()) for p, d in zip(ctx.outputs.hidden, reference))
             den = sum(float(d.float().pow(2).sum()) for d in reference)
             drift = num / max(den, 1e-30)
+        if i == last and reference is not None:  # the objective: what the logits do on the calibration windows
+            loss = calibration_loss(adapter, ctx.outputs.hidden, reference, run.calib, device,
+                                    resident=getattr(run.home, "resident", None))
         if follow_dense:
             y_attn.close()
             y_mlp.close()
@@ -403,7 +409,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         result = {"plan": {"heads": heads, "kv_heads": groups, "channels": channels},
                   "menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
                             Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
-                  "drift": drift, "residuals": res, "state": new, "inner": inner_log}
+                  "drift": drift, "loss": loss, "residuals": res, "state": new, "inner": inner_log}
         return result, {"dense": dense_next, "owned": True, "rounding": rounding}
     return step
 
@@ -451,10 +457,12 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
         eps_pri = root_n * cfg.tol_abs + cfg.tol_rel * math.sqrt(max(tot["z2"], tot["u2"]))
         eps_dual = root_n * cfg.tol_abs + cfg.tol_rel * math.sqrt(tot["w2"])
         drift = [r["drift"] for r in results]
-        objective = drift[-1]
+        loss = results[-1]["loss"]
+        objective = loss["kl"]  # the selector: KL of the pruned next-token distribution from the dense one
         converged = primal <= eps_pri and dual <= eps_dual
         plans = [r["plan"] for r in results]
-        entry = {"iteration": k, "objective": objective,
+        entry = {"iteration": k, "objective": objective, "distortion": drift[-1], "calibration_nll": loss["nll"],
+                 "calibration_dense_nll": loss["dense_nll"],
                  "consensus_objective": tot["f2"] / max(tot["t2"], 1e-30),
                  "primal_residual": primal, "dual_residual": dual, "eps_primal": eps_pri, "eps_dual": eps_dual,
                  "rho": rho, "lambda": lam, "temperature": T, "converged": converged,
