@@ -24,7 +24,7 @@ import os
 import time
 from typing import Any, Callable
 
-from ..engine import LayerContext
+from ..engine import LayerContext, distributed
 from ..surgery import layer_shapes
 
 ENV_CHECKPOINT_SECONDS = "STRUCTPRUNE_CHECKPOINT_SECONDS"
@@ -79,6 +79,9 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
         if prev is not None:  # the previous layer is released (and written out) by now
             checkpoints.after(prev, results[-1], carry, ctx.inputs)
         result, carry = step(ctx, carry)
+        if distributed.is_distributed():  # same statistics, same solver: the same layer on every rank
+            distributed.check_same(distributed.tensor_digest(sorted(ctx.layer.state_dict().items())),
+                                   f"layer {ctx.index} after {desc}")
         results.append(result)
         prev = ctx
     if prev is not None:
@@ -106,7 +109,9 @@ class Checkpoints:
         if self.journal is None:
             return
         self.waiting.append((ctx.index, {"result": result, "shapes": layer_shapes(ctx.layer) if self.cuts else {}}))
-        if next_inputs is not None and time.monotonic() - self.last < self.every:
+        due = next_inputs is None or time.monotonic() - self.last >= self.every
+        # rank 0's clock decides for all: a rank that checkpointed alone would wait in its barrier
+        if next_inputs is not None and not distributed.broadcast(due):
             return
         self._save(ctx.index, carry, next_inputs)
 
