@@ -448,7 +448,7 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     from .export import atomic_output_dir, export_config
     from .export.shards import ShardWriter
     from .engine.journal import RunJournal
-    from .export.writer import RESUME_DIR, base_model_type, partial_dir, write_export_files
+    from .export.writer import RESUME_DIR, base_model_type, write_export_files
     from .models.checkpoint import load_skeleton
     from .provenance import checkpoint_fingerprint
 
@@ -486,7 +486,7 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     place = (atomic_output_dir(output, overwrite=overwrite, resumable=True, resume=resume,
                                keep_unless_refused=distributed.is_distributed()) if atomic
              else contextlib.nullcontext(Path(output)))
-    with distributed.main_only(place, partial_dir(output) if atomic else Path(output)) as tmp:
+    with distributed.main_only(place) as tmp:
         own = tmp if distributed.is_main() else tmp / f".rank-{distributed.rank()}"
         journal = RunJournal(own / RESUME_DIR, _run_identity(config, calib, fingerprint, dtype, device,
                                                               max_shard_size), resume=resume)

@@ -295,6 +295,7 @@ def cmd_prune(args) -> dict:
     from .eval.intervals import comparison
     from .eval.zeroshot import compare_zero_shot
     from .eval.perplexity import encode_corpus
+    from .engine import distributed
     from .export import atomic_output_dir, check_output_dir, save_pruned, write_json
     from .plots import write_run_plots
     from .memory import process_peak_rss
@@ -302,6 +303,7 @@ def cmd_prune(args) -> dict:
 
     t_start = time.perf_counter()
     device, dtype, defaults = resolve_runtime(args)
+    device = _join_ranks(args, device)
     nsamples, seqlen, limit = _counts(args, defaults)
     solver_opts = ("temperature", "iterations", "rho", "target", "tol_abs", "tol_rel", "select")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
@@ -375,8 +377,10 @@ def cmd_prune(args) -> dict:
                                "cannot be resumed")
     # A streamed run keeps its partial output in .NAME.partial with a journal: a killed run
     # continues with --resume (api.prune_checkpoint).
-    with atomic_output_dir(args.output, overwrite=args.overwrite, resumable=streamed is not None,
-                           resume=args.resume) as tmp:
+    # Under torchrun rank 0 alone creates, writes and moves the folder; every rank prunes (api.py).
+    with distributed.main_only(atomic_output_dir(args.output, overwrite=args.overwrite, resumable=streamed is not None,
+                                                 resume=args.resume,
+                                                 keep_unless_refused=distributed.is_distributed())) as tmp:
         if streamed is not None:  # a checkpoint folder: one layer in memory, never the whole model
             from .api import prune_checkpoint
             from .eval.streamed import evaluate_checkpoint
@@ -413,8 +417,12 @@ def cmd_prune(args) -> dict:
             pruned_zs = _zero_shot(model, tok, tasks, args, zs_limit) if tasks else None
             model.to("cpu")
             report = result.report
-            export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
-            report["export"] = export.to_dict()
+            if distributed.is_main():
+                export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
+                report["export"] = export.to_dict()
+            distributed.barrier()  # the folder is complete before any rank leaves
+        if not distributed.is_main():
+            return report  # rank 0 writes the report and prints the summary
         report["model"] = args.model
         # Per dataset: both perplexities with 95% bootstrap intervals over windows, the paired
         # ratio pruned/dense on the same windows with its interval, the per-window NLLs.
@@ -440,6 +448,21 @@ def cmd_prune(args) -> dict:
         write_model_card(tmp, report)  # README.md: the model card (measured perplexities, the command, how to run it)
     print_summary(report, args.output)
     return report
+
+
+def _join_ranks(args, device: torch.device) -> torch.device:
+    """Under torchrun (``WORLD_SIZE > 1``): join the job's process group; a restart continues the
+    interrupted run (``--resume``); only rank 0 prints; each rank of a GPU node takes its own GPU
+    unless ``--device`` names one. Returns the device."""
+    from .engine import distributed
+
+    if not distributed.setup(device):
+        return device
+    args.resume = args.resume or distributed.restarted()
+    if not distributed.is_main():
+        args.quiet = True
+        logging.getLogger().setLevel(logging.WARNING)
+    return distributed.default_device() if device.type == "cuda" and device.index is None else device
 
 
 def _gguf_types(spec: str | None) -> list[str]:

@@ -136,17 +136,17 @@ def restarted() -> bool:
 
 
 @contextlib.contextmanager
-def main_only(context, value):
+def main_only(context):
     """Enter ``context`` on rank 0 only (an output folder it alone creates, moves or removes) and
-    yield what it gives; the other ranks get ``value`` once rank 0 is inside, or the same
-    StructPruneError if entering it was refused."""
+    yield what it gives on every rank; if entering it was refused (a StructPruneError), every rank
+    raises the same line."""
     if not is_distributed():
         with context as got:
             yield got
         return
     with contextlib.ExitStack() as stack:
-        got = agree(lambda: stack.enter_context(context) if is_main() else value)
-        yield got
+        got = agree(lambda: stack.enter_context(context) if is_main() else None)
+        yield broadcast(got)
 
 
 # -- chunks ---------------------------------------------------------------------------------------
