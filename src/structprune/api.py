@@ -131,6 +131,8 @@ class PruneRun:
         if self.journal is None:
             return compute()
         done = self.journal.phase(name)
+        distributed.check_same(done is not None, f"whether phase {name!r} had finished (journals apart: start afresh "
+                                                 "with --overwrite)")
         if done is not None:
             return done["value"]
         value = compute()
@@ -489,7 +491,8 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     with distributed.main_only(place) as tmp:
         own = tmp if distributed.is_main() else tmp / f".rank-{distributed.rank()}"
         journal = RunJournal(own / RESUME_DIR, _run_identity(config, calib, fingerprint, dtype, device,
-                                                              max_shard_size), resume=resume)
+                                                              max_shard_size), resume=resume,
+                             before_commit=distributed.barrier if distributed.is_distributed() else None)
         distributed.check_same(journal.resumed, "whether the run is resumed (a rank's journal is missing)")
         if journal.resumed:
             log.info("resuming the interrupted run in %s", tmp)

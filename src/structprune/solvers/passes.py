@@ -51,6 +51,11 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
     results, start, start_inputs, shapes = [], 0, None, {}
     if journal is not None:
         done = journal.finished()
+        state = journal.state() if done is None else None
+        # Each rank continues from its own journal: they must stop at the same point (save_value's
+        # commit barrier keeps them so; a mismatch is refused rather than left to deadlock).
+        distributed.check_same("done" if done is not None else None if state is None else state[0],
+                               f"where {desc!r} was interrupted (journals apart: start afresh with --overwrite)")
         if done is not None:
             stored, carry = done
             if cuts:
@@ -58,7 +63,6 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
                     for i, record in enumerate(stored):
                         run.home.replay_cut(i, record["shapes"])
             return [record["result"] for record in stored], carry
-        state = journal.state()
         if state is not None:
             after, carry, start_inputs = state
             stored = [journal.result(i) for i in range(after + 1)]
