@@ -63,6 +63,28 @@ def _rank() -> int:
 def _ranks_prune(rank: int, tmp: str, cases: list) -> None:
     for name, factory, opts, n, batch in cases:
         _prune(Path(tmp) / name, Path(tmp) / f"{name}-ranks", factory, opts, n, batch)
+    nlls = _perplexities(Path(tmp) / cases[0][0])
+    if rank == 0:
+        (Path(tmp) / "ppl-ranks.json").write_text(json.dumps(nlls))
+
+
+def _perplexities(folder: Path) -> dict:
+    """Perplexity of a checkpoint, streamed and in memory, over 5 windows in chunks of 2 (uneven)."""
+    from structprune.eval.perplexity import perplexity_from_ids
+    from structprune.eval.streamed import streamed_perplexity
+    from structprune.models.checkpoint import load_skeleton
+
+    ids = calib_ids(1, 5 * 16 + 3, seed=7)
+    model, reader = load_skeleton(folder)
+    try:
+        streamed, _ = streamed_perplexity(model, reader, None, ids, 16, device="cpu", batch_size=2, progress=False)
+    finally:
+        reader.close()
+    from transformers import AutoModelForCausalLM
+
+    memory = perplexity_from_ids(AutoModelForCausalLM.from_pretrained(folder), ids, 16, device="cpu", batch_size=2,
+                                 progress=False)
+    return {k: {"ppl": r.ppl, "nlls": list(r.window_nlls)} for k, r in (("streamed", streamed), ("memory", memory))}
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -82,13 +104,14 @@ def _stable_report(folder: Path) -> dict:
     return r
 
 
-def test_two_ranks_prune_exactly_as_one_process(tmp_path, one_torch_thread):
+def test_two_ranks_prune_and_evaluate_exactly_as_one_process(tmp_path, one_torch_thread):
     for name, factory, opts, n, batch in CASES:
         factory(2).save_pretrained(tmp_path / name, max_shard_size="8KB")  # before any group exists
         _prune(tmp_path / name, tmp_path / f"{name}-one", factory, opts, n, batch)
     t0 = time.perf_counter()
     run_ranks(_ranks_prune, tmp_path, 2, (str(tmp_path), CASES))
     print(f"2 ranks, {len(CASES)} cases: {time.perf_counter() - t0:.1f}s")
+    assert json.loads((tmp_path / "ppl-ranks.json").read_text()) == _perplexities(tmp_path / CASES[0][0])
     for name, _, opts, _, _ in CASES:
         one, ranks = tmp_path / f"{name}-one", tmp_path / f"{name}-ranks"
         assert json.loads((ranks / "plan.json").read_text()) == json.loads((one / "plan.json").read_text()), name

@@ -450,6 +450,12 @@ def cmd_prune(args) -> dict:
     return report
 
 
+def _is_main_rank() -> bool:
+    from .engine import distributed
+
+    return distributed.is_main()
+
+
 def _join_ranks(args, device: torch.device) -> torch.device:
     """Under torchrun (``WORLD_SIZE > 1``): join the job's process group; a restart continues the
     interrupted run (``--resume``); only rank 0 prints; each rank of a GPU node takes its own GPU
@@ -552,6 +558,7 @@ def cmd_eval(args) -> dict:
     from .models.loading import load_model
 
     device, dtype, defaults = resolve_runtime(args)
+    device = _join_ranks(args, device)  # under torchrun each rank scores its share of the windows
     protocol = _protocol(args)
     limit = dict(protocol.eval_limits) if protocol else (defaults["eval_limit"] if args.eval_limit == -1
                                                          else (args.eval_limit or None))
@@ -571,6 +578,8 @@ def cmd_eval(args) -> dict:
     else:
         datasets = [] if args.zero_shot else _default_datasets(protocol)
     res = _eval(model, tok, datasets, args, limit, device) if datasets else {}  # --zero-shot alone: no perplexity
+    if not _is_main_rank():
+        return res  # rank 0 prints and writes (zero-shot tasks are not split over ranks: rank 0 runs them)
     for d, v in res.items():
         ci = f" [{v['ppl_interval'][0]:.4f}, {v['ppl_interval'][1]:.4f}] (95% bootstrap)" if v["ppl_interval"] else ""
         print(f"ppl {d:<10} {v['ppl']:.4f}{ci} ({v['nwindows']} windows of {v['seqlen']}, {v['ntokens']} tokens)")
