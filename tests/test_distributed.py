@@ -238,6 +238,7 @@ dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_
 from structprune import PruneConfig
 from structprune.api import prune_checkpoint
 from structprune.engine import disk
+from structprune.errors import StructPruneError
 from tiny import calib_ids
 if rank == 1:
     fetch, seen = disk.DiskLayerStore.fetch, [0]
@@ -250,9 +251,9 @@ if rank == 1:
 try:
     prune_checkpoint(folder, out, calib_ids(4, 16), PruneConfig(method="structprune", sparsity=0.4, nsamples=4,
                      seqlen=16, mlp_multiple=1), device="cpu", progress=False)
-except Exception as e:
+except StructPruneError as e:
     print(f"structprune: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
 """
 
 
@@ -270,8 +271,8 @@ def test_a_dead_rank_ends_the_job_with_one_line(tmp_path, one_torch_thread):
     assert procs[1].returncode == -signal.SIGKILL, err1[-2000:]
     _, err0 = procs[0].communicate(timeout=120)
     waited = time.perf_counter() - t0
-    assert procs[0].returncode == 1, err0[-2000:]
+    assert procs[0].returncode == 2, err0[-2000:]
     lines = [line for line in err0.splitlines() if line.startswith("structprune: error:")]
-    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "another rank died" in lines[0], err0[-2000:]
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "rank 1 died" in lines[0], err0[-2000:]
     assert waited < 60, waited
     assert (tmp_path / ".out.partial" / ".resume").is_dir()  # kept: torchrun's restart continues it

@@ -27,18 +27,15 @@ import hashlib
 import math
 import os
 import pickle
+import socket
+import time
 
 import torch
 
-from ..errors import StructPruneError
+from ..errors import RankFailure, StructPruneError
 
 ENV_TIMEOUT = "STRUCTPRUNE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0  # seconds; owner-free solves of big layers run while the others wait
-
-
-class RankFailure(RuntimeError):
-    """Another rank died, hung or could not be reached: the collective could not complete.
-    Not a StructPruneError: it is no bad input, and the partial folder is kept for a restart."""
 
 
 def _dist():
@@ -98,15 +95,45 @@ def setup(device=None) -> bool:
     if not torch.distributed.is_available():
         return False
     dist = _dist()
-    if dist.is_initialized():
-        return dist.get_world_size() > 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return False
+        if device is None:
+            device = default_device()
+        dist.init_process_group(backend=backend_for(device), init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout_seconds()))
+    if dist.get_world_size() <= 1:
         return False
-    if device is None:
-        device = default_device()
-    dist.init_process_group(backend=backend_for(device), init_method="env://",
-                            timeout=datetime.timedelta(seconds=timeout_seconds()))
-    return dist.get_world_size() > 1
+    global _PEERS
+    # Where every rank runs, so that a rank whose peer vanished can say which one (its process is gone).
+    _PEERS = gather_objects((socket.gethostname(), os.getpid()))
+    return True
+
+
+_PEERS: list | None = None  # (host, pid) of every rank, from setup()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this machine) still runs: not gone, not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+
+
+def _dead_ranks() -> list[int]:
+    """Ranks on this machine whose process is gone (the others cannot be checked from here)."""
+    if not _PEERS:
+        return []
+    host = socket.gethostname()
+    return [r for r, (h, pid) in enumerate(_PEERS) if h == host and r != rank() and not _alive(pid)]
 
 
 def default_device() -> torch.device:
@@ -121,12 +148,18 @@ def _collective(fn, what: str):
     try:
         return fn()
     except (RuntimeError, ConnectionError) as e:
-        if isinstance(e, RankFailure):
-            raise
-        cause = " ".join(str(e).split())[:200]
-        raise RankFailure(f"rank {rank()} of {world_size()}: {what} failed: another rank died or stopped "
-                          f"responding ({cause}); see that rank's own error above (torchrun names it), then "
-                          "rerun the same command with --resume") from None
+        cause = " ".join(str(e).split())[:160]
+        dead = _dead_ranks()
+        for _ in range(30):  # a killed peer's sockets close while it is still exiting: give it 3 s to be gone
+            if dead or not _PEERS:
+                break
+            time.sleep(0.1)
+            dead = _dead_ranks()
+        who = (f"rank {', '.join(map(str, dead))} died (its process is gone: killed, out of memory or crashed)"
+               if dead else "another rank died or stopped responding (on another machine, or hung)")
+        raise RankFailure(f"rank {rank()} of {world_size()}: {what} failed: {who} [{cause}]; the partial output "
+                          "is kept: torchrun --max-restarts continues it, or rerun the same command with "
+                          "--resume") from None
 
 
 def restarted() -> bool:
@@ -249,6 +282,8 @@ def agree(fn):
     err = None
     try:
         value = fn()
+    except RankFailure:
+        raise  # the others learn of it from their own failed collective
     except StructPruneError as e:
         err, value = e, None
     if not is_distributed():

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import get_adapter
-from ..errors import StructPruneError
+from ..errors import RankFailure, StructPruneError
 from ..files import apply_umask
 from ..provenance import file_sha256
 from . import fused_moe
@@ -114,7 +114,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, resumabl
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
     except BaseException as exc:
-        if keep_unless_refused and not isinstance(exc, StructPruneError):
+        if keep_unless_refused and (not isinstance(exc, StructPruneError) or isinstance(exc, RankFailure)):
             kept = True
         if not kept:
             shutil.rmtree(tmp, ignore_errors=True)
