@@ -100,6 +100,9 @@ def setup(device=None) -> bool:
             return False
         if device is None:
             device = default_device()
+        if torch.device(device).type == "cuda":  # NCCL's object collectives use the current device
+            torch.cuda.set_device(torch.device(device) if torch.device(device).index is not None
+                                  else default_device())
         dist.init_process_group(backend=backend_for(device), init_method="env://",
                                 timeout=datetime.timedelta(seconds=timeout_seconds()))
     if dist.get_world_size() <= 1:
