@@ -103,8 +103,14 @@ def setup(device=None) -> bool:
         if torch.device(device).type == "cuda":  # NCCL's object collectives use the current device
             torch.cuda.set_device(torch.device(device) if torch.device(device).index is not None
                                   else default_device())
-        dist.init_process_group(backend=backend_for(device), init_method="env://",
-                                timeout=datetime.timedelta(seconds=timeout_seconds()))
+        timeout = datetime.timedelta(seconds=timeout_seconds())
+        store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun's agent keeps one store across restarts: without a prefix per attempt, a restarted
+        # rank could read a dead rank's address from the previous attempt (gloo then fails with
+        # "connectFullMesh ... Connection refused", seen in about half of the restarts here).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+        dist.init_process_group(backend=backend_for(device), store=dist.PrefixStore(f"structprune/{attempt}", store),
+                                rank=rank_, world_size=world, timeout=timeout)
     if dist.get_world_size() <= 1:
         return False
     global _PEERS
