@@ -66,6 +66,28 @@ def _ranks_prune(rank: int, tmp: str, cases: list) -> None:
     nlls = _perplexities(Path(tmp) / cases[0][0])
     if rank == 0:
         (Path(tmp) / "ppl-ranks.json").write_text(json.dumps(nlls))
+    (Path(tmp) / f"refusals-rank{rank}.json").write_text(json.dumps(_refusals(Path(tmp) / cases[0][0], rank)))
+
+
+def _refusals(folder: Path, rank: int, only: tuple = ("unreachable", "one-chunk", "other-windows")) -> dict:
+    """The one-line refusal of each bad input, as this rank raised it (before any work)."""
+    from structprune.errors import StructPruneError
+
+    bad = {"unreachable": (calib_ids(4, 16), dict(method="structprune", sparsity=0.99, nsamples=4)),
+           "one-chunk": (calib_ids(1, 16), dict(method="wanda-sp", sparsity=0.4, nsamples=1)),
+           # rank 1 drew other windows (another tokenizer or corpus file on its node)
+           "other-windows": (calib_ids(4, 16, seed=1 + rank), dict(method="wanda-sp", sparsity=0.4, nsamples=4))}
+    out = {}
+    for name, (calib, opts) in bad.items():
+        if name not in only:
+            continue
+        try:
+            prune_checkpoint(folder, folder.parent / f"refused-{name}", calib,
+                             PruneConfig(seqlen=16, mlp_multiple=1, **opts), device="cpu", progress=False)
+            out[name] = None
+        except StructPruneError as e:
+            out[name] = str(e)
+    return out
 
 
 def _perplexities(folder: Path) -> dict:
@@ -112,6 +134,13 @@ def test_two_ranks_prune_and_evaluate_exactly_as_one_process(tmp_path, one_torch
     run_ranks(_ranks_prune, tmp_path, 2, (str(tmp_path), CASES))
     print(f"2 ranks, {len(CASES)} cases: {time.perf_counter() - t0:.1f}s")
     assert json.loads((tmp_path / "ppl-ranks.json").read_text()) == _perplexities(tmp_path / CASES[0][0])
+    # bad inputs: refused by both ranks with the same line, the single-process one where there is one
+    refused = [json.loads((tmp_path / f"refusals-rank{r}.json").read_text()) for r in range(2)]
+    assert refused[0] == refused[1]
+    assert refused[0]["unreachable"] == _refusals(tmp_path / CASES[0][0], 0, ("unreachable",))["unreachable"]
+    assert refused[0]["one-chunk"].startswith("1 calibration windows in chunks of 1 make 1 chunks, fewer than the 2")
+    assert refused[0]["other-windows"].startswith("ranks disagree on the calibration windows (rank 1 differs")
+    assert not list(tmp_path.glob("*refused-*")) and not list(tmp_path.glob(".refused-*"))  # nothing left behind
     for name, _, opts, _, _ in CASES:
         one, ranks = tmp_path / f"{name}-one", tmp_path / f"{name}-ranks"
         assert json.loads((ranks / "plan.json").read_text()) == json.loads((one / "plan.json").read_text()), name

@@ -131,8 +131,9 @@ class PruneRun:
         if self.journal is None:
             return compute()
         done = self.journal.phase(name)
-        distributed.check_same(done is not None, f"whether phase {name!r} had finished (journals apart: start afresh "
-                                                 "with --overwrite)")
+        from .engine.journal import JOURNALS_APART
+
+        distributed.check_same(done is not None, f"whether phase {name!r} had finished", JOURNALS_APART)
         if done is not None:
             return done["value"]
         value = compute()
@@ -289,7 +290,7 @@ def _check_same_calibration(calib, config: PruneConfig) -> None:
     if calib is None or not distributed.is_distributed():
         return
     distributed.agree(lambda: distributed.check_chunks(int(calib.shape[0]), config.batch_size))
-    distributed.check_same(calibration_sha256(calib), "the calibration windows (their SHA-256)")
+    distributed.check_same(calibration_sha256(calib), "the calibration windows")
 
 
 def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
@@ -478,7 +479,7 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
         return model, reader, fingerprint, adapter, calib_, memory_plan(adapter, config, dtype, max_memory)
     model, reader, fingerprint, adapter, calib, plan = distributed.agree(prepare)
     _check_same_calibration(calib, config)
-    distributed.check_same(fingerprint["sha256"], "the checkpoint (its SHA-256)")
+    distributed.check_same(fingerprint["sha256"], "the checkpoint")
     share = distributed.local_world_size()  # the ranks of a node share its memory
     if plan.activation_budget is not None:
         config = replace(config, activation_budget=plan.activation_budget // share)
@@ -493,7 +494,8 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
         journal = RunJournal(own / RESUME_DIR, _run_identity(config, calib, fingerprint, dtype, device,
                                                               max_shard_size), resume=resume,
                              before_commit=distributed.barrier if distributed.is_distributed() else None)
-        distributed.check_same(journal.resumed, "whether the run is resumed (a rank's journal is missing)")
+        distributed.check_same(journal.resumed, "whether the run is resumed",
+                               "a rank's journal is missing from the partial folder; start afresh with --overwrite")
         if journal.resumed:
             log.info("resuming the interrupted run in %s", tmp)
             writer = ShardWriter.resume(own, max_shard_size)

@@ -320,16 +320,18 @@ def tensor_digest(tensors) -> str:
     return h.hexdigest()
 
 
-def check_same(value, what: str) -> None:
+SAME_JOB = "every rank must see the same checkpoint, calibration and options on the same kind of device"
+
+
+def check_same(value, what: str, fix: str = SAME_JOB) -> None:
     """Refuse, on every rank with the same line, a ``value`` (a hash, a plan) that differs between
-    ranks: they would not be running the same job."""
+    ranks: they would not be running the same job. ``fix``: what to do about it."""
     if not is_distributed():
         return
     values = gather_objects(value)
     odd = [r for r, v in enumerate(values) if v != values[0]]
     if odd:
-        raise StructPruneError(f"ranks disagree on {what} (rank {odd[0]} differs from rank 0): every rank must "
-                               "see the same checkpoint, calibration and options on the same kind of device")
+        raise StructPruneError(f"ranks disagree on {what} (rank {odd[0]} differs from rank 0): {fix}")
 
 
 __all__ = ["RankFailure", "agree", "backend_for", "barrier", "broadcast", "check_chunks", "check_same",

@@ -36,6 +36,9 @@ from ..errors import StructPruneError
 from .activations import ActivationStore
 from .capture import LayerInputs
 
+#: how a distributed run refuses ranks whose journals stopped at different points (the commit barrier
+#: of :func:`save_value` keeps them together; a resume checks it)
+JOURNALS_APART = "their journals of the interrupted run stopped at different points; start afresh with --overwrite"
 JOURNAL_VERSION = 2  # 2: StructPrune's profile results are {"menus", "final"}
 _DATACLASSES: dict[str, type] = {}
 

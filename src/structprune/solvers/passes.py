@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable
 
 from ..engine import LayerContext, distributed
+from ..engine.journal import JOURNALS_APART
 from ..surgery import layer_shapes
 
 ENV_CHECKPOINT_SECONDS = "STRUCTPRUNE_CHECKPOINT_SECONDS"
@@ -55,7 +56,7 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
         # Each rank continues from its own journal: they must stop at the same point (save_value's
         # commit barrier keeps them so; a mismatch is refused rather than left to deadlock).
         distributed.check_same("done" if done is not None else None if state is None else state[0],
-                               f"where {desc!r} was interrupted (journals apart: start afresh with --overwrite)")
+                               f"where {desc!r} was interrupted", JOURNALS_APART)
         if done is not None:
             stored, carry = done
             if cuts:
