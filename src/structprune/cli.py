@@ -202,7 +202,7 @@ def _zero_shot_limit(args, device: torch.device) -> int | None:
 
 
 def _zero_shot_banner(args, device, limit, tasks) -> None:
-    if args.zero_shot_limit == -1 and device.type == "cpu":
+    if args.zero_shot_limit == -1 and device.type == "cpu" and _is_main_rank():
         print(f"[structprune] CPU run: zero-shot ({','.join(tasks)}) on a seeded random sample of {limit} documents "
               f"per task (seed {args.zero_shot_seed}; --zero-shot-limit 0 scores every document, the default on a "
               "GPU)", file=sys.stderr)
@@ -315,7 +315,7 @@ def cmd_prune(args) -> dict:
     datasets, tasks = _split_eval(_datasets(args.eval) if args.eval is not None else _default_datasets(protocol))
     zs_limit = _zero_shot_limit(args, device) if tasks else None
     if protocol is None and device.type == "cpu" and (args.nsamples is None or args.seqlen is None
-                                                      or args.eval_limit == -1):
+                                                      or args.eval_limit == -1) and distributed.is_main():
         print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "
               f"first {limit or 'all'} windows of {args.eval_seqlen}, a smoke test (--protocol cpu: the CPU protocol "
               "of docs/protocol.md, 32x2048 and 40/20/20 windows with intervals; pass --nsamples, --seqlen, "
@@ -617,7 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export}[args.command](args)
     except StructPruneError as e:
-        print(f"structprune: error: {e}", file=sys.stderr)
+        from .errors import RankFailure
+
+        if _is_main_rank() or isinstance(e, RankFailure):  # every rank refuses alike: rank 0 says it once
+            print(f"structprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # The output folder is written elsewhere and moved into place only at the end: nothing partial remains.
