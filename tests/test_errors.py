@@ -911,3 +911,67 @@ def test_gguf_layouts_llama_cpp_would_compute_differently():
                                                r"llama3, yarn\)"):
         check_expressible(layout([(4, 2, 8)], {"rope_type": "longrope"}))
     check_expressible(layout([(4, 2, 8), (0, 0, 8), (2, 1, 8)]))  # an attention-free layer is fine
+
+
+# -- distributed runs (tests/test_distributed.py runs real ranks; here each check on its own) -------
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """engine/distributed.py as rank 0 of 2 would see it, with ``gather`` standing in for the ranks."""
+    from structprune.engine import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    return distributed
+
+
+@covers("dist-chunks")
+def test_fewer_chunks_than_ranks_is_refused(two_ranks):
+    with pytest.raises(StructPruneError, match=r"^3 calibration windows in chunks of 4 make 1 chunks, fewer than the "
+                                               r"2 ranks: use more windows \(--nsamples\), a smaller batch size"):
+        two_ranks.check_chunks(3, 4)
+    two_ranks.check_chunks(3, 2)  # 2 chunks for 2 ranks: fine
+
+
+@covers("dist-disagree")
+def test_ranks_that_disagree_are_refused(two_ranks, monkeypatch):
+    monkeypatch.setattr(two_ranks, "gather_objects", lambda v: [v, "other"])
+    with pytest.raises(StructPruneError, match=r"^ranks disagree on the calibration windows \(rank 1 differs from "
+                                               r"rank 0\): every rank must see the same checkpoint"):
+        two_ranks.check_same("abc", "the calibration windows")
+
+
+@covers("dist-timeout-value")
+def test_a_bad_collective_timeout_is_refused(monkeypatch):
+    from structprune.engine import distributed
+
+    for bad, what in (("soon", "a number of seconds"), ("-5", "a positive number of seconds")):
+        monkeypatch.setenv("STRUCTPRUNE_DIST_TIMEOUT", bad)
+        with pytest.raises(StructPruneError, match=rf"STRUCTPRUNE_DIST_TIMEOUT must be {what}, got '{bad}'"):
+            distributed.timeout_seconds()
+
+
+@covers("dist-rank-died")
+def test_a_failed_collective_is_one_line_naming_the_dead_rank(two_ranks, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import torch.distributed
+
+    from structprune.errors import RankFailure
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs: rank 1's
+    host = socket.gethostname()
+    monkeypatch.setattr(two_ranks, "_PEERS", [(host, os.getpid()), (host, gone.pid)])
+
+    def closed(*args, **kwargs):
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:6042")
+    monkeypatch.setattr(torch.distributed, "barrier", closed)
+    with pytest.raises(RankFailure, match=r"^rank 0 of 2: a barrier failed: rank 1 died \(its process is gone: "
+                                          r"killed, out of memory or crashed\) \[.*Connection closed by peer.*\]; "
+                                          r"the partial output is kept"):
+        two_ranks.barrier()

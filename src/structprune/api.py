@@ -20,7 +20,7 @@ import torch
 
 from .adapters import Adapter, LayerPlan, count_params, get_adapter, prunable_params, removable_cost
 from .config import PruneConfig
-from .engine import LayerStream
+from .engine import LayerStream, distributed
 from .engine.stream import check_finite_weights
 from .engine.activations import activation_budget, current_budget, explicit_budget
 from .engine.budget import MemoryPlan, layer_sizes, parse_memory, plan_memory
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
+    """The CPU, or CUDA where there is one (a distributed run's rank: ``cuda:LOCAL_RANK``)."""
+    if distributed.is_distributed():
+        return distributed.default_device()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -128,6 +131,9 @@ class PruneRun:
         if self.journal is None:
             return compute()
         done = self.journal.phase(name)
+        from .engine.journal import JOURNALS_APART
+
+        distributed.check_same(done is not None, f"whether phase {name!r} had finished", JOURNALS_APART)
         if done is not None:
             return done["value"]
         value = compute()
@@ -237,9 +243,15 @@ def prune(model, calib: torch.Tensor | None = None, config: PruneConfig | None =
     only on those (StructPrune: sensitivities and dense removal paths).
     """
     config = _with_overrides(config, overrides)
+    distributed.setup(device)
+    progress = progress and distributed.is_main()
     adapter = get_adapter(model)
-    check_reachable(adapter, config)
-    calib = _calibration(model, calib, config, tokenizer)
+
+    def check():
+        check_reachable(adapter, config)
+        return _calibration(model, calib, config, tokenizer)
+    calib = distributed.agree(check)  # a bad input is refused by every rank with the same line
+    _check_same_calibration(calib, config)
     device = torch.device(device) if device is not None else default_device()
     state = ModelState.capture(model)
     model.eval()
@@ -272,6 +284,15 @@ def _calibration(model, calib, config: PruneConfig, tokenizer):
     return calib
 
 
+def _check_same_calibration(calib, config: PruneConfig) -> None:
+    """In a distributed run: every rank drew the same windows (a different tokenizer file or corpus on
+    one node would silently prune on other data), and there is a chunk for every rank."""
+    if calib is None or not distributed.is_distributed():
+        return
+    distributed.agree(lambda: distributed.check_chunks(int(calib.shape[0]), config.batch_size))
+    distributed.check_same(calibration_sha256(calib), "the calibration windows")
+
+
 def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
     """Run the method on ``run`` and measure it: ``(plans, report)``."""
     model, adapter, config, device, calib = run.model, run.adapter, run.config, run.device, run.calib
@@ -288,13 +309,14 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         # The activations must not grow without bound in memory either (32x2048 windows with ADMM
         # hold ~18 GB of consensus and duals for a 135M model): by default a quarter of the memory
         # available now, the rest spilled (exact: spilled stores read back the same bytes).
-        limit = default_ram_budget()
+        limit = default_ram_budget() // distributed.local_world_size()  # the ranks of a node share its RAM
     with activation_budget(limit, config.offload_dir) if limit is not None \
             else contextlib.nullcontext(current_budget()) as budget:
         plans = METHODS[config.method](run)
     peak = peak_gpu(device)
     seconds = time.perf_counter() - t0
     rss, rss_kind = peak_rss()
+    per_rank = distributed.gather_objects({"peak_rss_bytes": rss, "peak_gpu_mem_bytes": peak, "device": str(device)})
 
     prunable_after = prunable_params(adapter)
     per_layer_after = [count_params(adapter.prunable_linears(l)) for l in adapter.layers()]
@@ -323,6 +345,9 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         "peak_rss_bytes": rss,  # of the whole process while pruning (model included)
         "peak_rss_kind": rss_kind if rss_reset else rss_kind + " (could not reset: includes what ran before)",
         "prune_seconds": seconds,
+        # the ranks of a distributed run (torchrun): their number and each one's peak memory
+        "world_size": distributed.world_size(),
+        "ranks": per_rank if distributed.is_distributed() else None,
         "memory": _memory_breakdown(run, budget, widths_before),
         "timings": {desc: {"seconds": sum(t), "per_layer": t} for desc, t in run.timings.items()},
         "config": config.to_dict(),
@@ -387,9 +412,12 @@ def _run_identity(config: PruneConfig, calib, fingerprint: dict, dtype, device, 
     from .provenance import calibration_sha256 as calib_hash
 
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("activation_budget", "offload_dir")}
-    return {"config": cfg, "calibration": None if calib is None else calib_hash(calib), "model": fingerprint,
-            "dtype": str(dtype), "device": torch.device(device).type, "max_shard_size": shard_bytes(max_shard_size),
-            "versions": library_versions()}
+    identity = {"config": cfg, "calibration": None if calib is None else calib_hash(calib), "model": fingerprint,
+                "dtype": str(dtype), "device": torch.device(device).type, "max_shard_size": shard_bytes(max_shard_size),
+                "versions": library_versions()}
+    if distributed.is_distributed():  # each rank's journal holds its own chunks: resumed by as many ranks
+        identity["world_size"] = distributed.world_size()
+    return identity
 
 
 def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor | None = None,
@@ -429,45 +457,72 @@ def prune_checkpoint(folder: str | Path, output: str | Path, calib: torch.Tensor
     from .provenance import checkpoint_fingerprint
 
     config = _with_overrides(config, overrides)
-    if config.method == "global":
-        raise StructPruneError("the 'global' reference needs the whole model in memory: load it with "
-                               "load_model() and call prune(), or choose a streamed method")
-    model, reader = load_skeleton(folder, dtype=dtype)
-    fingerprint = checkpoint_fingerprint(folder, reader.files)
-    adapter = get_adapter(model)
-    check_reachable(adapter, config)
-    calib = _calibration(model, calib, config, tokenizer)
-    # Before any work: what the run may use and what one layer needs; the activation budget follows
-    # from the limit (a model larger than memory must not get its activations in RAM without bound).
-    plan = memory_plan(adapter, config, dtype, max_memory)
+    # A distributed run (torchrun: WORLD_SIZE > 1, or a group the caller initialised): every rank
+    # runs this whole function on its own chunks of the calibration (engine/distributed.py); rank 0
+    # alone prints and writes the output, the other ranks keep their layers and journal in
+    # ``.rank-R`` inside the partial folder. A restart by torchrun (--max-restarts) is a resume.
+    distributed.setup(device)
+    progress = progress and distributed.is_main()
+    resume = resume or distributed.restarted()
+
+    def prepare():
+        """Everything checked before any work, refused by every rank with the same line."""
+        if config.method == "global":
+            raise StructPruneError("the 'global' reference needs the whole model in memory: load it with "
+                                   "load_model() and call prune(), or choose a streamed method")
+        model, reader = load_skeleton(folder, dtype=dtype)
+        fingerprint = checkpoint_fingerprint(folder, reader.files)
+        adapter = get_adapter(model)
+        check_reachable(adapter, config)
+        calib_ = _calibration(model, calib, config, tokenizer)
+        # Before any work: what the run may use and what one layer needs; the activation budget follows
+        # from the limit (a model larger than memory must not get its activations in RAM without bound).
+        return model, reader, fingerprint, adapter, calib_, memory_plan(adapter, config, dtype, max_memory)
+    model, reader, fingerprint, adapter, calib, plan = distributed.agree(prepare)
+    _check_same_calibration(calib, config)
+    distributed.check_same(fingerprint["sha256"], "the checkpoint")
+    share = distributed.local_world_size()  # the ranks of a node share its memory
     if plan.activation_budget is not None:
-        config = replace(config, activation_budget=plan.activation_budget)
+        config = replace(config, activation_budget=plan.activation_budget // share)
     elif config.activation_budget is None and explicit_budget() is None:
-        config = replace(config, activation_budget=default_ram_budget())  # no limit could be read
+        config = replace(config, activation_budget=default_ram_budget() // share)  # no limit could be read
     device = torch.device(device) if device is not None else default_device()
-    place = (atomic_output_dir(output, overwrite=overwrite, resumable=True, resume=resume) if atomic
+    place = (atomic_output_dir(output, overwrite=overwrite, resumable=True, resume=resume,
+                               keep_unless_refused=distributed.is_distributed()) if atomic
              else contextlib.nullcontext(Path(output)))
-    with place as tmp:
-        journal = RunJournal(tmp / RESUME_DIR, _run_identity(config, calib, fingerprint, dtype, device,
-                                                              max_shard_size), resume=resume)
+    with distributed.main_only(place) as tmp:
+        own = tmp if distributed.is_main() else tmp / f".rank-{distributed.rank()}"
+        journal = RunJournal(own / RESUME_DIR, _run_identity(config, calib, fingerprint, dtype, device,
+                                                              max_shard_size), resume=resume,
+                             before_commit=distributed.barrier if distributed.is_distributed() else None)
+        distributed.check_same(journal.resumed, "whether the run is resumed",
+                               "a rank's journal is missing from the partial folder; start afresh with --overwrite")
         if journal.resumed:
             log.info("resuming the interrupted run in %s", tmp)
-            writer = ShardWriter.resume(tmp, max_shard_size)
+            writer = ShardWriter.resume(own, max_shard_size)
         else:
-            writer = ShardWriter(tmp, max_shard_size, overwrite=resume)
+            writer = ShardWriter(own, max_shard_size, overwrite=resume or not distributed.is_main())
         home = DiskHome(model, adapter, reader, writer, dtype=dtype, out_dtype=reader.stored_dtype,
-                        scratch=tmp / ".scratch", resume=journal.resumed)
+                        scratch=own / ".scratch", resume=journal.resumed)
         plans, report = _run(PruneRun(model, adapter, calib, config, device, progress=progress, home=home,
                                       fingerprint=fingerprint, journal=journal, memory_plan=plan))
         report["timings"]["resumed"] = journal.resumed
         export = export_config(model)
         export.config.dtype = reader.stored_dtype  # the skeleton computed in ``dtype``; weights keep theirs
-        home.assemble()
-        for key, n in export.zero_biases.items():  # biases a stock layout implies
-            writer.add(key, torch.zeros(n, dtype=reader.stored_dtype))
-        writer.finalize()
-        shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-        report["model"] = str(folder)
-        report["export"] = export.to_dict()
-        write_export_files(export, base_model_type(model), tmp, tokenizer, report=report, plans=plans)
+        if distributed.is_main():
+            home.assemble()
+            for key, n in export.zero_biases.items():  # biases a stock layout implies
+                writer.add(key, torch.zeros(n, dtype=reader.stored_dtype))
+            writer.finalize()
+            shutil.rmtree(tmp / ".scratch", ignore_errors=True)
+            report["model"] = str(folder)
+            report["export"] = export.to_dict()
+            write_export_files(export, base_model_type(model), tmp, tokenizer, report=report, plans=plans)
+        else:
+            report["model"] = str(folder)
+            report["export"] = export.to_dict()
+        distributed.barrier()  # rank 0's files are complete; the other ranks' copies go now
+        if not distributed.is_main():
+            shutil.rmtree(own, ignore_errors=True)
+        distributed.barrier()  # and are gone before rank 0 moves the folder into place
     return PruneResult(model=model, plans=plans, config=config, report=report)

@@ -207,7 +207,7 @@ def _zero_shot_limit(args, device: torch.device) -> int | None:
 
 
 def _zero_shot_banner(args, device, limit, tasks) -> None:
-    if args.zero_shot_limit == -1 and device.type == "cpu":
+    if args.zero_shot_limit == -1 and device.type == "cpu" and _is_main_rank():
         print(f"[structprune] CPU run: zero-shot ({','.join(tasks)}) on a seeded random sample of {limit} documents "
               f"per task (seed {args.zero_shot_seed}; --zero-shot-limit 0 scores every document, the default on a "
               "GPU)", file=sys.stderr)
@@ -300,6 +300,7 @@ def cmd_prune(args) -> dict:
     from .eval.intervals import comparison
     from .eval.zeroshot import compare_zero_shot
     from .eval.perplexity import encode_corpus
+    from .engine import distributed
     from .export import atomic_output_dir, check_output_dir, save_pruned, write_json
     from .plots import write_run_plots
     from .memory import process_peak_rss
@@ -307,6 +308,7 @@ def cmd_prune(args) -> dict:
 
     t_start = time.perf_counter()
     device, dtype, defaults = resolve_runtime(args)
+    device = _join_ranks(args, device)
     nsamples, seqlen, limit = _counts(args, defaults)
     solver_opts = ("temperature", "energy_scale", "inner_iterations", "iterations", "rho", "target", "tol_abs", "tol_rel", "select")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
@@ -318,7 +320,7 @@ def cmd_prune(args) -> dict:
     datasets, tasks = _split_eval(_datasets(args.eval) if args.eval is not None else _default_datasets(protocol))
     zs_limit = _zero_shot_limit(args, device) if tasks else None
     if protocol is None and device.type == "cpu" and (args.nsamples is None or args.seqlen is None
-                                                      or args.eval_limit == -1):
+                                                      or args.eval_limit == -1) and distributed.is_main():
         print(f"[structprune] CPU run: CPU-sized defaults, calibration {nsamples}x{seqlen}, evaluation on the "
               f"first {limit or 'all'} windows of {args.eval_seqlen}, a smoke test (--protocol cpu: the CPU protocol "
               "of docs/protocol.md, 32x2048 and 40/20/20 windows with intervals; pass --nsamples, --seqlen, "
@@ -380,8 +382,10 @@ def cmd_prune(args) -> dict:
                                "cannot be resumed")
     # A streamed run keeps its partial output in .NAME.partial with a journal: a killed run
     # continues with --resume (api.prune_checkpoint).
-    with atomic_output_dir(args.output, overwrite=args.overwrite, resumable=streamed is not None,
-                           resume=args.resume) as tmp:
+    # Under torchrun rank 0 alone creates, writes and moves the folder; every rank prunes (api.py).
+    with distributed.main_only(atomic_output_dir(args.output, overwrite=args.overwrite, resumable=streamed is not None,
+                                                 resume=args.resume,
+                                                 keep_unless_refused=distributed.is_distributed())) as tmp:
         if streamed is not None:  # a checkpoint folder: one layer in memory, never the whole model
             from .api import prune_checkpoint
             from .eval.streamed import evaluate_checkpoint
@@ -418,8 +422,12 @@ def cmd_prune(args) -> dict:
             pruned_zs = _zero_shot(model, tok, tasks, args, zs_limit) if tasks else None
             model.to("cpu")
             report = result.report
-            export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
-            report["export"] = export.to_dict()
+            if distributed.is_main():
+                export = save_pruned(model, tok, tmp, plans=result.plans, max_shard_size=args.max_shard_size)
+                report["export"] = export.to_dict()
+            distributed.barrier()  # the folder is complete before any rank leaves
+        if not distributed.is_main():
+            return report  # rank 0 writes the report and prints the summary
         report["model"] = args.model
         # Per dataset: both perplexities with 95% bootstrap intervals over windows, the paired
         # ratio pruned/dense on the same windows with its interval, the per-window NLLs.
@@ -445,6 +453,27 @@ def cmd_prune(args) -> dict:
         write_model_card(tmp, report)  # README.md: the model card (measured perplexities, the command, how to run it)
     print_summary(report, args.output)
     return report
+
+
+def _is_main_rank() -> bool:
+    from .engine import distributed
+
+    return distributed.is_main()
+
+
+def _join_ranks(args, device: torch.device) -> torch.device:
+    """Under torchrun (``WORLD_SIZE > 1``): join the job's process group; a restart continues the
+    interrupted run (``--resume``); only rank 0 prints; each rank of a GPU node takes its own GPU
+    unless ``--device`` names one. Returns the device."""
+    from .engine import distributed
+
+    if not distributed.setup(device):
+        return device
+    args.resume = args.resume or distributed.restarted()
+    if not distributed.is_main():
+        args.quiet = True
+        logging.getLogger().setLevel(logging.WARNING)
+    return distributed.default_device() if device.type == "cuda" and device.index is None else device
 
 
 def _gguf_types(spec: str | None) -> list[str]:
@@ -534,6 +563,7 @@ def cmd_eval(args) -> dict:
     from .models.loading import load_model
 
     device, dtype, defaults = resolve_runtime(args)
+    device = _join_ranks(args, device)  # under torchrun each rank scores its share of the windows
     protocol = _protocol(args)
     limit = dict(protocol.eval_limits) if protocol else (defaults["eval_limit"] if args.eval_limit == -1
                                                          else (args.eval_limit or None))
@@ -553,6 +583,8 @@ def cmd_eval(args) -> dict:
     else:
         datasets = [] if args.zero_shot else _default_datasets(protocol)
     res = _eval(model, tok, datasets, args, limit, device) if datasets else {}  # --zero-shot alone: no perplexity
+    if not _is_main_rank():
+        return res  # rank 0 prints and writes (zero-shot tasks are not split over ranks: rank 0 runs them)
     for d, v in res.items():
         ci = f" [{v['ppl_interval'][0]:.4f}, {v['ppl_interval'][1]:.4f}] (95% bootstrap)" if v["ppl_interval"] else ""
         print(f"ppl {d:<10} {v['ppl']:.4f}{ci} ({v['nwindows']} windows of {v['seqlen']}, {v['ntokens']} tokens)")
@@ -590,7 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export}[args.command](args)
     except StructPruneError as e:
-        print(f"structprune: error: {e}", file=sys.stderr)
+        from .errors import RankFailure
+
+        if _is_main_rank() or isinstance(e, RankFailure):  # every rank refuses alike: rank 0 says it once
+            print(f"structprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # The output folder is written elsewhere and moved into place only at the end: nothing partial remains.

@@ -17,6 +17,11 @@ class CalibrationError(StructPruneError):
     """Calibration data is missing, too short, or produced non-finite statistics."""
 
 
+class RankFailure(StructPruneError):
+    """A distributed run's collective could not complete: another rank died, hung or cannot be
+    reached. Unlike the other errors it is no bad input: the partial output is kept for a restart."""
+
+
 _IO_HINTS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
              errno.EFBIG: "the file system or a limit refuses files this large; write elsewhere",
              errno.EACCES: "choose a writable location", errno.EPERM: "choose a writable location",

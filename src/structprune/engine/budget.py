@@ -5,7 +5,7 @@ The limit is the tightest of ``--max-memory``, this process's cgroup (v1 ``memor
 or v2 ``memory.max``, ancestors included: a container's cap) and the machine's physical memory.
 Before any work the run estimates its fixed need: what the process holds now (interpreter,
 libraries, the meta skeleton, the calibration) plus the largest of one decoder layer's working
-set (its weights in the compute dtype, the float32 Grams of its module inputs, the widest module's
+set (its weights in the compute dtype, the float64 Grams of its module inputs, the widest module's
 float64 solver workspace) and the LM head's (float32 weights and a bounded slice of logits with
 their gradient), times :data:`WORKING_SET_FACTOR` for the temporaries and heap fragmentation the
 sizes leave out. The activation budget is a share of what is left
@@ -41,7 +41,8 @@ def inner_refit_bytes(k: int, d: int) -> int:
 
 def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str, inner: bool = False) -> dict:
     """Bytes of the largest layer's tensors by kind, from its shapes: ``layer_weights_bytes`` (in the
-    compute dtype), ``statistics_bytes`` (float32 Grams of both modules' inputs) and
+    compute dtype), ``statistics_bytes`` (float64 Grams of both modules' inputs: exact accumulators,
+    engine/stats.py) and
     ``solver_workspace_bytes`` (a module solve's n x n float64 buffers: two, or 1.5 for StructPrune's
     float32 removal paths; solvers/obs.py; with ``inner``, StructPrune's refit of the MLP's input
     projections when it is larger: it runs after the path's buffers are freed)."""
@@ -52,7 +53,7 @@ def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str, inner
         n_attn, n_mlp = w["heads"] * a.head_dim, w["mlp"]
         params = sum(p.numel() for p in layer.parameters())
         layer_bytes = max(layer_bytes, params * dtype_size)
-        gram_bytes = max(gram_bytes, 4 * (n_attn ** 2 + n_mlp ** 2))
+        gram_bytes = max(gram_bytes, 8 * (n_attn ** 2 + n_mlp ** 2))
         solver_bytes = max(solver_bytes, int(solver_buffers * 8 * (max(n_attn, n_mlp) + 1) ** 2))
         if inner:
             solver_bytes = max(solver_bytes, inner_refit_bytes(n_mlp, a.hidden_size))

@@ -36,6 +36,9 @@ from ..errors import StructPruneError
 from .activations import ActivationStore
 from .capture import LayerInputs
 
+#: how a distributed run refuses ranks whose journals stopped at different points (the commit barrier
+#: of :func:`save_value` keeps them together; a resume checks it)
+JOURNALS_APART = "their journals of the interrupted run stopped at different points; start afresh with --overwrite"
 JOURNAL_VERSION = 2  # 2: StructPrune's profile results are {"menus", "final"}
 _DATACLASSES: dict[str, type] = {}
 
@@ -152,9 +155,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_value(path: Path, obj) -> None:
+def save_value(path: Path, obj, before_commit=None) -> None:
     """Write ``obj`` to ``path`` (.json) and, if it holds tensors, ``path`` with ``.safetensors``;
-    atomically (the JSON, written last, names the tensors file it goes with)."""
+    atomically (the JSON, written last, names the tensors file it goes with). ``before_commit()``
+    runs when everything but the JSON's rename is on disk (a distributed run's barrier: every rank
+    has written its part before any rank commits, so their journals stay one checkpoint)."""
     packer = _Packer()
     spec = packer.pack(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +182,8 @@ def save_value(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     old = _tensors_file(path)
+    if before_commit is not None:
+        before_commit()
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     if old is not None and old != tensors_name:
@@ -213,8 +220,10 @@ class RunJournal:
     journal left by a run with another identity (other model, calibration, options) is refused,
     never mixed in. ``resume=False`` starts afresh (deleting what is there)."""
 
-    def __init__(self, folder: str | os.PathLike, identity: dict, resume: bool = True):
+    def __init__(self, folder: str | os.PathLike, identity: dict, resume: bool = True, before_commit=None):
         self.folder = Path(folder)
+        # called before each checkpoint, finished pass or phase is committed (save_value)
+        self.before_commit = before_commit
         identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
         run_file = self.folder / "run.json"
         if resume and run_file.exists():
@@ -240,21 +249,21 @@ class RunJournal:
         return load_value(path) if path.exists() else None
 
     def finish_phase(self, name: str, value) -> None:
-        save_value(self.folder / "phases" / f"{_safe(name)}.json", value)
+        save_value(self.folder / "phases" / f"{_safe(name)}.json", value, self.before_commit)
 
     # -- passes ---------------------------------------------------------------------------------
     def next_pass(self, desc: str) -> "PassJournal":
         """The journal of the run's next pass (passes are numbered in the order they start, which
         a deterministic run repeats)."""
         self._passes += 1
-        return PassJournal(self.folder / "passes" / f"{self._passes:03d}", desc)
+        return PassJournal(self.folder / "passes" / f"{self._passes:03d}", desc, self.before_commit)
 
 
 class PassJournal:
     """One pass: per-layer results and the state after the latest checkpointed layer."""
 
-    def __init__(self, folder: Path, desc: str):
-        self.folder, self.desc = folder, desc
+    def __init__(self, folder: Path, desc: str, before_commit=None):
+        self.folder, self.desc, self.before_commit = folder, desc, before_commit
         meta = folder / "pass.json"
         if meta.exists():
             if load_value(meta) != desc:
@@ -286,10 +295,10 @@ class PassJournal:
 
     def checkpoint(self, i: int, carry, hidden) -> None:
         """The pass can continue after layer ``i`` from ``carry`` and the next layer's ``hidden``."""
-        save_value(self.folder / "state.json", {"after": i, "carry": carry, "hidden": hidden})
+        save_value(self.folder / "state.json", {"after": i, "carry": carry, "hidden": hidden}, self.before_commit)
 
     def finish(self, layers: int, carry) -> None:
-        save_value(self.folder / "done.json", {"layers": layers, "carry": carry})
+        save_value(self.folder / "done.json", {"layers": layers, "carry": carry}, self.before_commit)
         for p in self.folder.glob("state*"):
             p.unlink(missing_ok=True)
 

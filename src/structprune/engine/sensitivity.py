@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import Adapter
 from ..errors import StructPruneError
+from . import distributed
 from .activations import ActivationStore
 from .capture import LayerInputs, layer_kwargs, run_layer, to_device
 from .stream import check_finite_weights
@@ -174,17 +175,27 @@ def reduce_energy(energy: torch.Tensor, width: int, skip_positions: int = SKIP_P
 def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: torch.Tensor, device,
                          swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
                          store_factory=None, skip_positions: int = SKIP_POSITIONS,
-                         trim: float = TRIM, timings: dict | None = None) -> list[dict[str, float]]:
+                         trim: float = TRIM, timings: dict | None = None,
+                         windows: tuple[list[int], int] | None = None) -> list[dict[str, float]]:
     """``[{"attn": s, "mlp": s}, ...]`` per layer: the squared gradient norm per token and
     output feature at each module's output for the LM loss on the windows of ``inputs``,
     reduced by :func:`reduce_energy` (``skip_positions``, ``trim``). Raises
     :class:`StructPruneError` naming the layer and module when one is not finite and positive.
 
     ``checkpoint_every``: layers between kept boundaries (default ``ceil(sqrt(L))``; 1 keeps
-    every boundary and recomputes nothing); ``timings``: filled as in :func:`gradient_energy`."""
+    every boundary and recomputes nothing); ``timings``: filled as in :func:`gradient_energy`.
+
+    ``windows``: in a distributed run, ``(global indices of this rank's windows, total windows)``:
+    each rank back-propagates its own windows (a window's energy does not depend on the others),
+    then every rank gathers all windows' energies in window order and reduces them alike."""
     energy, widths = gradient_energy(model, adapter, inputs, calib, device, swap=swap, progress=progress,
                                      checkpoint_every=checkpoint_every, store_factory=store_factory,
                                      timings=timings)
+    if windows is not None and distributed.is_distributed():
+        index, total = windows
+        energy = [{m: distributed.gather_rows(e[m], index, total) for m in MODULES} for e in energy]
+        every = distributed.gather_objects(widths)  # a rank with no windows saw no widths
+        widths = [next(w[i] for w in every if w[i]) for i in range(len(widths))]
     out = []
     for i, (e, w) in enumerate(zip(energy, widths)):
         sens = {m: reduce_energy(e[m], w[m], skip_positions, trim) for m in MODULES}

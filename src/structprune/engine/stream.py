@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter
+from . import distributed
 from .capture import LayerInputs, capture_first_layer_inputs, run_layer
 from .residency import LayerStore, SwapLayerStore
 from .stats import MODULES, collect_stats
@@ -80,7 +81,9 @@ class LayerStream:
         if self.inputs is None:
             resident = getattr(self.store_factory, "resident", None)
             with resident(self.adapter.pre_layer_modules(), self.device) if resident else contextlib.nullcontext():
-                self.inputs = capture_first_layer_inputs(self.model, self.adapter, self.calib, self.device,
+                # A distributed run's rank captures only its own chunks (engine/distributed.py).
+                calib = distributed.local_windows(self.calib, self.batch_size)
+                self.inputs = capture_first_layer_inputs(self.model, self.adapter, calib, self.device,
                                                          self.batch_size)
         return self.inputs
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import encode_text
 from ..data.corpora import C4_EVAL_MAX_WINDOWS
+from ..engine import distributed
 from ..errors import StructPruneError
 from ..models.loading import model_context_length
 from .intervals import ppl_interval
@@ -112,24 +113,31 @@ def perplexity_from_ids(
     windows = protocol_windows(ids, seqlen, limit, model_context_length(model), dataset)
     nwindows = windows.shape[0]
     device = torch.device(device) if device is not None else _model_device(model)
+    # A distributed run's rank scores the windows of its chunks (engine/distributed.py); the NLLs are
+    # gathered in window order below and summed as one process sums them.
+    index = distributed.window_indices(nwindows, batch_size) if distributed.is_distributed() else None
+    mine = windows if index is None else windows[index]
 
-    nll_sum = 0.0  # Python float: float64 accumulation across windows
-    count = 0
     window_sums: list[float] = []
-    bar = tqdm(total=nwindows, desc=f"ppl {dataset}", disable=not progress, unit="win")
-    for start in range(0, nwindows, batch_size):
-        batch = windows[start : start + batch_size].to(device)
+    bar = tqdm(total=mine.shape[0], desc=f"ppl {dataset}", disable=not (progress and distributed.is_main()),
+               unit="win")
+    for start in range(0, mine.shape[0], batch_size):
+        batch = mine[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         shift_logits = logits[:, :-1, :].float()
         labels = batch[:, 1:]
         nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), labels.reshape(-1), reduction="none")
         per_window = nll.double().view(batch.size(0), -1).sum(1)
         window_sums.extend(per_window.tolist())
-        nll_sum += per_window.sum().item()
-        count += labels.numel()
         del logits, shift_logits, nll
         bar.update(batch.size(0))
     bar.close()
+    if index is not None:
+        window_sums = distributed.gather_rows(torch.tensor(window_sums, dtype=torch.float64), index, nwindows).tolist()
+    count = nwindows * (seqlen - 1)
+    nll_sum = 0.0  # Python float: float64 accumulation across windows, batch by batch
+    for start in range(0, nwindows, batch_size):
+        nll_sum += torch.tensor(window_sums[start:start + batch_size], dtype=torch.float64).sum().item()
 
     mean_nll = nll_sum / count
     if not math.isfinite(mean_nll):

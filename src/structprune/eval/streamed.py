@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter, get_adapter
+from ..engine import distributed
 from ..engine.activations import current_budget, parse_size
 from ..engine.capture import capture_first_layer_inputs, run_layer
 from ..engine.disk import DiskLayerStore, module_prefixes
@@ -114,13 +115,18 @@ def streamed_perplexity(
     budget = eval_ram_budget() if limit is None or math.isinf(limit) else int(limit)  # inf: as with no budget
     group = max(batch_size, (budget // per_window) // batch_size * batch_size)
     layers = adapter.layers()
-    ngroups = math.ceil(nwindows / group)
-    bar = tqdm(total=ngroups * (len(layers) + 2), desc=f"ppl {dataset} (streamed)", disable=not progress)
+    # A distributed run's rank scores the windows of its chunks (engine/distributed.py); the NLLs are
+    # gathered in window order at the end. Groups are whole chunks, so every chunk is the same batch.
+    index = distributed.window_indices(nwindows, batch_size) if distributed.is_distributed() else None
+    mine = windows if index is None else windows[index]
+    ngroups = math.ceil(mine.shape[0] / group)
+    bar = tqdm(total=ngroups * (len(layers) + 2), desc=f"ppl {dataset} (streamed)",
+               disable=not (progress and distributed.is_main()))
 
     window_sums: list[float] = []
     try:
-        for g0 in range(0, nwindows, group):
-            calib = windows[g0:g0 + group]
+        for g0 in range(0, mine.shape[0], group):
+            calib = mine[g0:g0 + group]
             with _on_device(store, model, adapter.pre_layer_modules(), device):
                 boundary = capture_first_layer_inputs(model, adapter, calib, device, batch_size)
             bar.update(1)
@@ -158,6 +164,8 @@ def streamed_perplexity(
         if built:
             store.finish()
 
+    if index is not None:
+        window_sums = distributed.gather_rows(torch.tensor(window_sums, dtype=torch.float64), index, nwindows).tolist()
     count = nwindows * (seqlen - 1)
     mean_nll = math.fsum(window_sums) / count
     if not math.isfinite(mean_nll):

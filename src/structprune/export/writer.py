@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import get_adapter
-from ..errors import StructPruneError
+from ..errors import RankFailure, StructPruneError
 from ..files import apply_umask
 from ..provenance import file_sha256
 from . import fused_moe
@@ -66,9 +66,15 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
 RESUME_DIR = ".resume"  # the run journal inside a resumable partial folder (engine/journal.py)
 
 
+def partial_dir(path: str | os.PathLike) -> Path:
+    """The resumable partial folder of output ``path``: ``.NAME.partial`` beside it."""
+    path = Path(path).expanduser().resolve()
+    return path.parent / f".{path.name}.partial"
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, resumable: bool = False,
-                      resume: bool = False):
+                      resume: bool = False, keep_unless_refused: bool = False):
     """Yield a temporary folder next to ``path``; move it into place only if the block succeeds.
 
     On any failure (including Ctrl-C) the temporary folder and any parent folders this call
@@ -80,13 +86,17 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, resumabl
     continued with ``resume=True``. Without ``resume`` such a folder is refused, unless
     ``overwrite`` (then it is deleted); a resumed run that fails keeps it (it is the killed run's
     work, which a mistaken ``--resume`` must not destroy). Its ``.resume`` journal is removed
-    before the move."""
+    before the move.
+
+    ``keep_unless_refused`` (a distributed run): on a failure other than a StructPruneError (which
+    every rank raises alike, before or instead of work) the partial folder is kept, since the cause
+    may be another rank's death and torchrun's restart continues it."""
     path = check_output_dir(path, overwrite)
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = False  # a killed run's partial folder we were asked to resume: never ours to delete
     if resumable:
-        tmp = path.parent / f".{path.name}.partial"
+        tmp = partial_dir(path)
         kept = resume and tmp.exists()
         if tmp.exists() and not resume:
             if not overwrite:
@@ -103,7 +113,9 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, resumabl
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        if keep_unless_refused and (not isinstance(exc, StructPruneError) or isinstance(exc, RankFailure)):
+            kept = True
         if not kept:
             shutil.rmtree(tmp, ignore_errors=True)
         for p in created:  # deepest first

@@ -43,7 +43,7 @@ def mean_compensation(linear, mean: torch.Tensor, keep: torch.Tensor) -> torch.T
     removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
     removed[keep.to(removed.device)] = False
     w = weight.float()[:, removed]
-    return w @ mean.to(w.device)[removed]
+    return w @ mean.to(w.device, w.dtype)[removed]  # statistics are float64 accumulators
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..adapters.base import LayerPlan
 from ..allocation import LayerWidths, cost_normalised, threshold_widths
 from ..config import GLOBAL_SCORES as SCORES
+from ..engine import distributed
 from ..errors import StructPruneError
 from ..scoring import per_head
 from .local import layer_shapes, refit_layer
@@ -74,10 +75,11 @@ def gradient_scores(model, adapter, calib: torch.Tensor, device, kind: str = "fi
 
 
 def all_gradient_scores(model, adapter, calib: torch.Tensor, device,
-                        progress: bool = False) -> dict[str, list[dict[str, torch.Tensor]]]:
+                        progress: bool = False, batch_size: int = 1) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Every score of :data:`SCORES` from one back-propagation over ``calib``: ``{kind: per-layer
     scores}``. Both kinds are functions of the same per-window mask gradients, so choosing the
-    score on held-out text (benchmarks/baselines.py) costs one backward pass, not one per kind."""
+    score on held-out text (benchmarks/baselines.py) costs one backward pass, not one per kind.
+    ``batch_size``: the chunk size that assigns windows to the ranks of a distributed run."""
     home = next(model.parameters()).device
     layers = list(adapter.layers())
     # (o_proj, MLP parts): a part's output weight may be a view into a 3D experts parameter.
@@ -87,10 +89,14 @@ def all_gradient_scores(model, adapter, calib: torch.Tensor, device,
                    "mlp": torch.zeros(sum(p.size for p in parts), dtype=torch.float64, device="cpu")}
                   for (o, parts), h in zip(outs, dh)] for kind in SCORES}
     params = list({id(p): p for o, parts in outs for p in [o.weight, *(q.out_parameter() for q in parts)]}.values())
+    # A distributed run's rank back-propagates its own windows; their per-window scores are gathered
+    # and added in window order below, the same additions as one process makes.
+    windows = distributed.window_indices(calib.shape[0], batch_size) if distributed.is_distributed() else None
+    per_window = []
     model.to(device)  # in place: the parts' parameters stay the model's
     try:
         with grads_only_for(model, params), torch.enable_grad():
-            for i in tqdm(range(calib.shape[0]), desc="global backprop", disable=not progress):
+            for i in tqdm(windows or range(calib.shape[0]), desc="global backprop", disable=not progress):
                 ids = calib[i:i + 1].to(device)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 if not torch.isfinite(loss):
@@ -98,10 +104,39 @@ def all_gradient_scores(model, adapter, calib: torch.Tensor, device,
                                            "in float16 try bfloat16 or float32")
                 loss.backward()
                 with torch.no_grad():
-                    _accumulate(acc, outs, dh)
+                    if windows is None:
+                        _accumulate(acc, outs, dh)
+                    else:
+                        one = _zeros_like(acc)
+                        _accumulate(one, outs, dh)
+                        per_window.append(_flat(one))
     finally:
         model.to(home)
+    if windows is not None:
+        rows = distributed.gather_rows(torch.stack(per_window), windows, calib.shape[0])
+        total = _flat(acc)
+        for row in rows:
+            total += row
+        _unflat(acc, total)
     return {kind: [{"attn": a["attn"].float(), "mlp": a["mlp"].float()} for a in acc[kind]] for kind in SCORES}
+
+
+def _zeros_like(acc):
+    return {kind: [{m: torch.zeros_like(t) for m, t in a.items()} for a in per] for kind, per in acc.items()}
+
+
+def _flat(acc) -> torch.Tensor:
+    """Every accumulator of ``acc`` in one vector (kinds, layers and modules in a fixed order)."""
+    return torch.cat([a[m] for kind in SCORES for a in acc[kind] for m in ("attn", "mlp")])
+
+
+def _unflat(acc, flat: torch.Tensor) -> None:
+    offset = 0
+    for kind in SCORES:
+        for a in acc[kind]:
+            for m in ("attn", "mlp"):
+                a[m].copy_(flat[offset:offset + a[m].numel()])
+                offset += a[m].numel()
 
 
 def _accumulate(acc, outs, dh) -> None:
@@ -146,7 +181,7 @@ def _scores(run) -> dict[str, list[dict]]:
     key = ("global-scores", run.fingerprint["sha256"], run.calib_sha256, run.device.type)
     if run.cache is not None and key in run.cache:
         return copy.deepcopy(run.cache[key])
-    scores = all_gradient_scores(run.model, run.adapter, run.calib, run.device, run.progress)
+    scores = all_gradient_scores(run.model, run.adapter, run.calib, run.device, run.progress, run.config.batch_size)
     if run.cache is not None:
         run.cache[key] = copy.deepcopy(scores)
     return scores

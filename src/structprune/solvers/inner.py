@@ -46,6 +46,7 @@ import time
 
 import torch
 
+from ..engine import distributed
 from ..engine.activations import ActivationStore
 from ..engine.stats import StatsAccumulator
 from .obs import refit
@@ -129,17 +130,19 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
     # Sweep 0: the forward auxiliaries, the Gram of x, the plain refit's exact error.
     Sxx = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device)
     A_st, B_st = ActivationStore(), ActivationStore()
-    err0, count = 0.0, 0
+    err0, count = [], 0  # per-chunk sums: added exactly (the same on any split over ranks)
     for x, t in zip(xs, ts):
         xt, tt = _tokens(x, device), _tokens(t, device)
         x1 = _with_one(xt, True)
         Sxx += (x1.T @ x1).double()
         z, a, b = forward_z(xt)
-        err0 += float((tt - out_of(z, D0, c0)).pow(2).sum())
+        err0.append(float((tt - out_of(z, D0, c0)).pow(2).sum()))
         count += xt.shape[0]
         A_st.append(a.cpu())
         if gated:
             B_st.append(b.cpu())
+    distributed.sum_tensors([Sxx])
+    err0, count = distributed.fsum_parts(err0), sum(distributed.gather_objects(count))
     Sx = [Sxx if xb else Sxx[:d, :d] for xb in xbias]
     ridge = [damp * float(torch.diagonal(S).mean().clamp_min(1e-12)) for S in Sx]
     D, c = D0, c0
@@ -178,10 +181,11 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
         B_st.close()
         A_st, B_st = A_new, B_new
         del L
+        distributed.sum_tensors(cross)
         for j, r in enumerate(rows):  # ridge toward the current rows: (C + rI R)(S + rI)^-1
             S = Sx[j] + ridge[j] * torch.eye(Sx[j].shape[0], dtype=torch.float64, device=device)
             r.M = _spd_solve(S, (cross[j] + ridge[j] * r.M).T).T
-        st = acc.stats["mlp"]
+        st = acc.finish()["mlp"]
         D, c = refit(st.gram, st.zsum, st.count, torch.arange(D.shape[1], device=st.gram.device), C=st.C,
                      W=D, bias=c, fit_bias=out_bias, damp=damp)
         D = D.double()
@@ -193,13 +197,14 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
     for x, t in zip(xs, ts):
         z, _, _ = forward_z(_tokens(x, device))
         acc.add_z("mlp", z, d, target=_tokens(t, device))
-    st = acc.stats["mlp"]
+    st = acc.finish()["mlp"]
     D, c = refit(st.gram, st.zsum, st.count, torch.arange(D.shape[1], device=st.gram.device), C=st.C,
                  W=D0, bias=c0, fit_bias=out_bias, damp=damp)
-    err1 = 0.0
+    err1 = []
     for x, t in zip(xs, ts):
         z, _, _ = forward_z(_tokens(x, device))
-        err1 += float((_tokens(t, device) - out_of(z, D.double(), None if c is None else c.double())).pow(2).sum())
+        err1.append(float((_tokens(t, device) - out_of(z, D.double(), None if c is None else c.double())).pow(2).sum()))
+    err1 = distributed.fsum_parts(err1)
     adopted = iterations > 0 and err1 < err0
     if adopted:
         for r in rows:

@@ -24,7 +24,8 @@ import os
 import time
 from typing import Any, Callable
 
-from ..engine import LayerContext
+from ..engine import LayerContext, distributed
+from ..engine.journal import JOURNALS_APART
 from ..surgery import layer_shapes
 
 ENV_CHECKPOINT_SECONDS = "STRUCTPRUNE_CHECKPOINT_SECONDS"
@@ -51,6 +52,11 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
     results, start, start_inputs, shapes = [], 0, None, {}
     if journal is not None:
         done = journal.finished()
+        state = journal.state() if done is None else None
+        # Each rank continues from its own journal: they must stop at the same point (save_value's
+        # commit barrier keeps them so; a mismatch is refused rather than left to deadlock).
+        distributed.check_same("done" if done is not None else None if state is None else state[0],
+                               f"where {desc!r} was interrupted", JOURNALS_APART)
         if done is not None:
             stored, carry = done
             if cuts:
@@ -58,7 +64,6 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
                     for i, record in enumerate(stored):
                         run.home.replay_cut(i, record["shapes"])
             return [record["result"] for record in stored], carry
-        state = journal.state()
         if state is not None:
             after, carry, start_inputs = state
             stored = [journal.result(i) for i in range(after + 1)]
@@ -79,6 +84,9 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
         if prev is not None:  # the previous layer is released (and written out) by now
             checkpoints.after(prev, results[-1], carry, ctx.inputs)
         result, carry = step(ctx, carry)
+        if distributed.is_distributed():  # same statistics, same solver: the same layer on every rank
+            distributed.check_same(distributed.tensor_digest(sorted(ctx.layer.state_dict().items())),
+                                   f"layer {ctx.index} after {desc}")
         results.append(result)
         prev = ctx
     if prev is not None:
@@ -106,7 +114,9 @@ class Checkpoints:
         if self.journal is None:
             return
         self.waiting.append((ctx.index, {"result": result, "shapes": layer_shapes(ctx.layer) if self.cuts else {}}))
-        if next_inputs is not None and time.monotonic() - self.last < self.every:
+        due = next_inputs is None or time.monotonic() - self.last >= self.every
+        # rank 0's clock decides for all: a rank that checkpointed alone would wait in its barrier
+        if next_inputs is not None and not distributed.broadcast(due):
             return
         self._save(ctx.index, carry, next_inputs)
 

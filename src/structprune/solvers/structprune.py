@@ -40,6 +40,7 @@ from ..adapters import LayerPlan, module_costs, prunable_params, removable_cost
 from ..allocation.softmax import Menu, allocate_prefixes
 from ..allocation.widths import uniform_widths
 from ..engine import LayerInputs
+from ..engine import distributed
 from ..engine.activations import ActivationStore
 from ..engine.capture import layer_kwargs, run_layer, to_device
 from ..engine.head import calibration_loss
@@ -99,13 +100,16 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict], Acti
     if run.cache is not None and sens_key in run.cache:
         sens = copy.deepcopy(run.cache[sens_key])
     else:
-        inputs = run.stream().first_inputs()
-        nsens = min(cfg.sens_nsamples or len(inputs.hidden), len(inputs.hidden))
-        sub = LayerInputs(inputs.hidden[:nsens], inputs.kwargs[:nsens])
+        inputs = run.stream().first_inputs()  # this rank's chunks (all of them in one process)
+        chunks = distributed.chunk_count(int(run.calib.shape[0]), cfg.batch_size)
+        nsens = min(cfg.sens_nsamples or chunks, chunks)  # the first nsens chunks of the whole run
+        mine = sum(1 for c in distributed.my_chunks(chunks) if c < nsens)
+        sub = LayerInputs(inputs.hidden[:mine], inputs.kwargs[:mine])
         ncal = sum(h.shape[0] for h in sub.hidden)
+        windows = distributed.window_indices(int(run.calib.shape[0]), cfg.batch_size)[:ncal]
         sens = run.phase("sensitivities", lambda: module_sensitivities(
-            run.model, adapter, sub, run.calib[:ncal], run.device, progress=run.progress, store_factory=run.home,
-            timings=run.timings))
+            run.model, adapter, sub, run.calib[windows], run.device, progress=run.progress, store_factory=run.home,
+            timings=run.timings, windows=(windows, min(nsens * cfg.batch_size, int(run.calib.shape[0])))))
         if run.cache is not None:
             run.cache[sens_key] = copy.deepcopy(sens)
     results, _ = run_pass(run, "structprune profile", profile_step(run, sens))
@@ -172,6 +176,19 @@ def consensus_update(t: torch.Tensor, z: torch.Tensor, u_prev: torch.Tensor | No
 def _add(acc: dict, sums: dict) -> None:
     for k in RESIDUAL_KEYS:
         acc[k] = acc.get(k, 0) + sums[k]
+
+
+def _add_parts(acc: dict, sums: dict) -> None:
+    """Keep one chunk's sums (lists per key, for :func:`_total`)."""
+    for k in RESIDUAL_KEYS:
+        acc.setdefault(k, []).append(sums[k])
+
+
+def _total(parts: dict) -> dict:
+    """A layer's residual sums over every chunk of every rank: ``math.fsum`` of the per-chunk values
+    (correctly rounded, so the split of the chunks over ranks cannot change a bit)."""
+    return {k: (distributed.fsum_parts(parts[k]) if k != "n" else sum(map(sum, distributed.gather_objects(parts[k]))))
+            for k in RESIDUAL_KEYS if k in parts}
 
 
 class _StopForward(Exception):
@@ -277,7 +294,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             u_prev = None if prev is None else prev[module]["u"][c].to(device)
             w_prev = None if prev is None else prev[module]["w"][c].to(device)
             u, wn, sums = consensus_update(t, z.detach(), u_prev, w_prev, rho)
-            _add(res, sums)
+            _add_parts(res, sums)
             if new is not None:
                 new[module]["u"].append(u)
                 new[module]["w"].append(wn)
@@ -293,7 +310,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             t_attn.append(t)
             acc.add_z("attn", a[0], t.shape[-1], target=w_step_target("attn", c, t))
         _hooked_forward(layer, pruned, device, [(o, attn_stats)], stop_after=o)
-        st = acc.stats["attn"]
+        st = acc.finish()["attn"]
         st.check_finite(f"layer {i} attn")
         target = (1, 1) if w is None else (w["kv_heads"], w["per_group"])  # exact widths: the path ends there
         path_a = attention_path(adapter, layer, st, cfg, target=target, dtype=torch.float32)
@@ -342,7 +359,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             if inner:  # the MLP's input: what its first input projection reads
                 hooks.insert(1, (adapter.mlp_linears(layer)[0][0], lambda c, a, y: x_mlp.append(a[0].detach().cpu())))
             _hooked_forward(layer, pruned, device, hooks)
-            st = acc.stats.pop("mlp")  # the accumulator holds no reference: `del st` frees the Gram
+            st = acc.finish().pop("mlp")  # the accumulator keeps no reference: `del st` frees the Gram
             st.check_finite(f"layer {i} mlp")
         else:  # experts: each part against its own output (statistics per part, routing-weighted)
             seen = []
@@ -394,12 +411,14 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
                 v["w"].close()
         reference = dense_next.hidden if follow_dense else (final_dense if i == last else None)
         drift = loss = None
-        if reference is not None:
-            num = sum(float((p - d).float().pow(2).sum()) for p, d in zip(ctx.outputs.hidden, reference))
-            den = sum(float(d.float().pow(2).sum()) for d in reference)
+        if reference is not None:  # per-chunk sums added exactly (the same on any split over ranks)
+            num = distributed.fsum_parts([float((p - d).float().pow(2).sum())
+                                          for p, d in zip(ctx.outputs.hidden, reference)])
+            den = distributed.fsum_parts([float(d.float().pow(2).sum()) for d in reference])
             drift = num / max(den, 1e-30)
         if i == last and reference is not None:  # the objective: what the logits do on the calibration windows
-            loss = calibration_loss(adapter, ctx.outputs.hidden, reference, run.calib, device,
+            windows = distributed.window_indices(int(run.calib.shape[0]), cfg.batch_size)  # this rank's, in order
+            loss = calibration_loss(adapter, ctx.outputs.hidden, reference, run.calib[windows], device,
                                     resident=getattr(run.home, "resident", None))
         if follow_dense:
             y_attn.close()
@@ -409,7 +428,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         result = {"plan": {"heads": heads, "kv_heads": groups, "channels": channels},
                   "menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
                             Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
-                  "drift": drift, "loss": loss, "residuals": res, "state": new, "inner": inner_log}
+                  "drift": drift, "loss": loss, "residuals": _total(res), "state": new, "inner": inner_log}
         return result, {"dense": dense_next, "owned": True, "rounding": rounding}
     return step
 

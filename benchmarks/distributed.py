@@ -1,0 +1,125 @@
+"""One pruning job on 1 and on R ranks (torchrun, one thread each): wall time, per-pass time,
+per-rank peak memory, and the equality of the outputs (issue 28).
+
+For each world size the same ``structprune prune`` command runs under
+``torchrun --standalone --nproc-per-node R`` (R = 1 is a plain one-process run), with
+``OMP_NUM_THREADS=1`` so that R ranks use R cores; the outputs are then compared tensor by tensor
+(bit for bit) and plan by plan. The split of each pass's time shows what data parallelism divides
+(forwards, Grams, the sensitivity backward) and what it cannot (the per-module solves).
+
+    python benchmarks/distributed.py smollm2-135m --nsamples 32 --seqlen 2048 --ranks 1,2 \\
+        --out benchmarks/results/distributed_cpu
+    python benchmarks/distributed.py smollm2-135m --nsamples 4 --seqlen 256 --ranks 1,2 --out /tmp/dist_small
+
+On a GPU machine pass ``--device cuda`` (each rank takes ``cuda:LOCAL_RANK``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(model: str, out: Path, ranks: int, args) -> dict:
+    """One ``structprune prune`` under torchrun with ``ranks`` processes; its wall time and report."""
+    cli = ["prune", model, "--sparsity", str(args.sparsity), "--method", args.method, "--nsamples",
+           str(args.nsamples), "--seqlen", str(args.seqlen), "--iterations", str(args.iterations), "--eval", "",
+           "--device", args.device, "-q", "--output", str(out)]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "structprune.cli", *cli]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               "-m", "structprune.cli", *cli]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{ranks} rank(s) failed:\n{done.stderr[-3000:]}")
+    report = json.loads((out / "report.json").read_text())
+    passes = {name: round(t["seconds"], 2) for name, t in report["timings"].items() if isinstance(t, dict)}
+    return {"ranks": ranks, "command": shlex.join(cmd), "wall_seconds": round(wall, 2),
+            "prune_seconds": round(report["prune_seconds"], 2), "passes": passes,
+            "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in report["ranks"]] if report.get("ranks")
+            else [report["peak_rss_bytes"]]}
+
+
+def same_output(a: Path, b: Path) -> dict:
+    """Bit-equality of every tensor and of the plans of two output folders."""
+    ta, tb = {}, {}
+    for folder, t in ((a, ta), (b, tb)):
+        for f in sorted(glob.glob(str(folder / "*.safetensors"))):
+            t.update(load_file(f))
+    differ = [k for k in ta if k not in tb or not torch.equal(ta[k], tb[k])]
+    worst = max((float((ta[k].double() - tb[k].double()).abs().max()) for k in differ
+                 if k in tb and ta[k].shape == tb[k].shape), default=0.0)
+    plans = json.loads((a / "plan.json").read_text()) == json.loads((b / "plan.json").read_text())
+    return {"tensors": len(ta), "bit_identical": not differ and ta.keys() == tb.keys(), "max_abs_diff": worst,
+            "plans_equal": plans}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--method", default="structprune")
+    p.add_argument("--iterations", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="results path without extension (.json and .md are written)")
+    args = p.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="structprune-dist-") as tmp:
+        outs = {}
+        for r in ranks:
+            outs[r] = Path(tmp) / f"ranks{r}"
+            rows.append(run(args.model, outs[r], r, args))
+            print(json.dumps(rows[-1]), flush=True)
+        base = ranks[0]
+        for row in rows:
+            row["equal_to_one_process"] = same_output(outs[base], outs[row["ranks"]])
+            row["speedup"] = round(rows[0]["prune_seconds"] / row["prune_seconds"], 3)
+    load = os.getloadavg()
+    result = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "method": args.method,
+              "iterations": args.iterations, "sparsity": args.sparsity, "device": args.device,
+              "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_at_end": load, "runs": rows}
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# {args.model}: 1 vs {', '.join(map(str, ranks[1:]))} ranks ({args.method}, "
+             f"{args.nsamples}x{args.seqlen}, {args.device}, one thread per rank)", "",
+             f"Load average at the end: {load[0]:.1f} on {os.cpu_count()} CPUs (other jobs share the machine: "
+             "times are contended).", "",
+             "| ranks | wall s | prune s | speed-up | peak RSS per rank (MiB) | bit-identical | plans equal |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        eq = row["equal_to_one_process"]
+        rss = ", ".join(f"{b / 2**20:.0f}" for b in row["peak_rss_bytes_per_rank"])
+        lines.append(f"| {row['ranks']} | {row['wall_seconds']} | {row['prune_seconds']} | {row['speedup']} | {rss} "
+                     f"| {eq['bit_identical']} | {eq['plans_equal']} |")
+    lines += ["", "Seconds per pass:", "", "| pass | " + " | ".join(f"{r['ranks']} rank(s)" for r in rows) + " |",
+              "|---|" + "---|" * len(rows)]
+    for name in rows[0]["passes"]:
+        lines.append(f"| {name} | " + " | ".join(str(r["passes"].get(name, "")) for r in rows) + " |")
+    lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
