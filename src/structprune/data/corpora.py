@@ -279,18 +279,15 @@ def corpus_missing(name: str) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _load_builtin(key: str, split: str) -> str:
-    if key == "wikitext2" and split == "heldout":  # the validation split (evaluation reads test)
-        if (BUNDLED_DIR / BUNDLED["wikitext2-valid"][0]).is_file():
-            return bundled_bytes("wikitext2-valid").decode("utf-8")
-        ds = _load_dataset("wikitext", "wikitext-2-raw-v1", split="validation")
-        return "\n\n".join(ds["text"])
-    if key == "wikitext2":
-        path = asset_path(*_WIKITEXT_FILE)
+    if key == "wikitext2":  # held-out text: the validation split (evaluation reads test)
+        heldout = split == "heldout"
+        path = None if heldout else asset_path(*_WIKITEXT_FILE)
         if path is not None:
             return path.read_text(encoding="utf-8")
-        if (BUNDLED_DIR / BUNDLED["wikitext2"][0]).is_file():
-            return bundled_bytes("wikitext2").decode("utf-8")
-        ds = _load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        bundled = "wikitext2-valid" if heldout else "wikitext2"
+        if (BUNDLED_DIR / BUNDLED[bundled][0]).is_file():
+            return bundled_bytes(bundled).decode("utf-8")
+        ds = _load_dataset("wikitext", "wikitext-2-raw-v1", split="validation" if heldout else "test")
         return "\n\n".join(ds["text"])
     if key == "ptb":
         path = asset_path(*_PTB_FILE)
