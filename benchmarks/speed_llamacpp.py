@@ -184,7 +184,6 @@ def main(argv=None) -> int:
 
     import llama_cpp
     from structprune.bench import hardware_name
-    from structprune.data.corpora import find_assets_dir
     from structprune.eval.perplexity import encode_corpus
     from structprune.export.gguf import export_gguf
 
