@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FACTORIES, calib_ids, final_state_distortion, tiny_llama
+from tiny import FACTORIES, calib_ids, final_state_distortion, tiny_llama, tiny_qwen2_moe
 
 from structprune import api
 from structprune.adapters import get_adapter
@@ -258,3 +258,56 @@ def test_uniform_allocation_cuts_exactly_the_uniform_widths():
         widths[method] = r.report["layers"]
     assert widths["structprune"] == widths["obs-local"]
     assert all(w == widths["structprune"][0] for w in widths["structprune"])
+
+
+def test_truncated_menu_has_the_full_menus_nearest_prefix():
+    """The last pass stops each removal path at its cut (allocation/softmax.py
+    nearest_prefix_reached): on random menus and targets, including exact hits and ties, the
+    truncated menu's nearest prefix is the full menu's."""
+    from structprune.allocation.softmax import nearest_prefix_reached
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        costs = [float(c) for c in torch.randint(1, 5, (12,), generator=g)] if trial % 2 else \
+            [float(c) for c in torch.rand(12, generator=g) + 0.01]
+        menu = Menu(0, "mlp", 100.0, costs, [1.0] * 12)
+        kept = menu.kept
+        targets = [float(torch.rand(1, generator=g)) * 110 - 5] + kept[3:5] + [(kept[4] + kept[5]) / 2]
+        for target in targets:
+            stop, n = nearest_prefix_reached(100.0, target), len(costs)
+            for s, c in enumerate(costs):
+                if stop(c):
+                    n = s + 1
+                    break
+            short = Menu(0, "mlp", 100.0, costs[:n], [1.0] * n)
+            assert short.nearest_prefix(target) == menu.nearest_prefix(target), (costs, target)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2_moe], ids=["llama", "qwen2-moe"])
+def test_last_pass_stops_its_paths_at_the_cut_and_cuts_the_same(factory, monkeypatch):
+    """The one-shot pass runs each removal path only down to its cut: the plans and every weight are
+    bit for bit those of the pass that runs every path to its floor, with fewer steps."""
+    from structprune.solvers import structprune as sp
+
+    base = factory(layers=3)
+    ids = calib_ids(4, 24)
+    steps, out = {}, {}
+    real = sp.mlp_path
+    for mode in ("stopped", "full"):
+        if mode == "full":
+            monkeypatch.setattr(sp, "nearest_prefix_reached", lambda full, target: None)
+        steps[mode] = []
+
+        def counting(*a, **k):
+            path = real(*a, **k)
+            steps[mode].append(len(path.steps))
+            return path
+        monkeypatch.setattr(sp, "mlp_path", counting)
+        m = copy.deepcopy(base)
+        r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.3, seqlen=24)
+        out[mode] = ([p.to_dict() for p in r.plans], m.state_dict())
+    assert out["stopped"][0] == out["full"][0]
+    assert all(torch.equal(v, out["full"][1][k]) for k, v in out["stopped"][1].items())
+    n = len(get_adapter(base).layers())  # the profile's paths (first n) run to the floor in both
+    assert steps["stopped"][:n] == steps["full"][:n]
+    assert sum(steps["stopped"][n:]) < sum(steps["full"][n:]), steps

@@ -62,6 +62,20 @@ class Menu:
         return min(range(len(k)), key=lambda i: abs(k[i] - target_kept))
 
 
+def nearest_prefix_reached(full_cost: float, target_kept: float):
+    """A removal path's ``stop`` (solvers/obs.py) for a pass that only cuts at
+    :meth:`Menu.nearest_prefix` of ``target_kept``: True after the first step whose kept cost is at
+    or below the target. Kept costs fall with every step and ties go to the earlier prefix, so no
+    later step can be nearer: the truncated menu's nearest prefix is the full menu's, exactly (the
+    kept cost is subtracted in :attr:`Menu.kept`'s order, so the same floats are compared)."""
+    kept = [float(full_cost)]
+
+    def stop(cost: float) -> bool:
+        kept[0] = kept[0] - float(cost)
+        return kept[0] <= target_kept
+    return stop
+
+
 #: energy standardisations (``PruneConfig.energy_scale``): ``std-split`` (each bisection standardises
 #: its own menus by median and standard deviation: the MLP re-solve then runs at another effective
 #: temperature), ``std`` (one median and standard deviation over every module's steps, shared by both

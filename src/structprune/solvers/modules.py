@@ -40,24 +40,28 @@ def module_problem(stats, weight: torch.Tensor, bias: torch.Tensor | None, fit_b
                                fit_bias=fit_bias, damp=damp, yy=stats.yy if external else None, dtype=dtype)
 
 
-def attention_path(adapter, layer, stats, cfg, target: tuple[int, int] = (1, 1), dtype=torch.float64) -> Path:
-    """The attention's greedy removal path down to the GQA state ``target = (kv_heads, per_group)``."""
+def attention_path(adapter, layer, stats, cfg, target: tuple[int, int] = (1, 1), dtype=torch.float64,
+                   stop=None) -> Path:
+    """The attention's greedy removal path down to the GQA state ``target = (kv_heads, per_group)``
+    (or until ``stop(step cost)`` is True: :func:`~structprune.solvers.obs.channel_path`)."""
     o = adapter.attn_linears(layer)[1]
     prob = module_problem(stats, o.weight, o.bias, cfg.refit_bias, cfg.damp, dtype)
-    return _obs_attention_path(prob, adapter.attention_shape(layer), target)
+    return _obs_attention_path(prob, adapter.attention_shape(layer), target, stop)
 
 
-def mlp_path(adapter, layer, stats, cfg, floor: list[int], blocks: list[int], dtype=torch.float64) -> Path:
+def mlp_path(adapter, layer, stats, cfg, floor: list[int], blocks: list[int], dtype=torch.float64,
+             stop=None) -> Path:
     """The MLP's greedy removal path down to ``floor`` channels per part, ``blocks`` channels per
-    step and part. One part: :func:`~structprune.solvers.obs.channel_path`; several (experts):
-    the joint path over parts, each part against its own output."""
+    step and part (or until ``stop(step cost)`` is True). One part:
+    :func:`~structprune.solvers.obs.channel_path`; several (experts): the joint path over parts,
+    each part against its own output."""
     mshape = adapter.mlp_shape(layer)
     parts = adapter.mlp_parts(layer)
     if len(parts) == 1:
         out = parts[0]
         prob = module_problem(stats, out.out_weight(), out.out_bias(), cfg.refit_bias and out.bias_ok, cfg.damp, dtype)
-        return channel_path(prob, floor[0], mshape.cost_per_channel, blocks[0])
-    return parts_path(problems(parts, stats, cfg.refit_bias, cfg.damp, dtype=dtype), mshape, floor, blocks)
+        return channel_path(prob, floor[0], mshape.cost_per_channel, blocks[0], stop)
+    return parts_path(problems(parts, stats, cfg.refit_bias, cfg.damp, dtype=dtype), mshape, floor, blocks, stop)
 
 
 def cut_attention(adapter, layer, stats, heads: list[int], kv_heads: list[int], cfg) -> None:

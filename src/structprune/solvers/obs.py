@@ -297,8 +297,12 @@ class Path:
     base_error: float = 0.0
 
 
-def channel_path(problem: ModuleProblem, min_keep: int, cost_per_channel: float, block: int | None = None) -> Path:
+def channel_path(problem: ModuleProblem, min_keep: int, cost_per_channel: float, block: int | None = None,
+                 stop=None) -> Path:
     """Greedy OBS removal of MLP channels down to ``min_keep``, ``block`` channels per step.
+
+    ``stop(cost)``, when given, is called with each step's cost after the step and ends the path
+    early when it returns True (a pass that needs the path only down to an allocated width).
 
     One channel per step is exact greedy; removing the ``block`` lowest-scoring channels at
     once (default ``n // 64``: 64 steps per module) keeps the cost at O(n^3 / block) for wide
@@ -321,17 +325,20 @@ def channel_path(problem: ModuleProblem, min_keep: int, cost_per_channel: float,
         costs.append(k * cost_per_channel)
         errors.append(err)
         kept_counts.append(kept_counts[-1] - k)
+        if stop is not None and stop(costs[-1]):
+            break
     return Path(steps, costs, errors, kept_counts, problem.base_error)
 
 
-def attention_path(problem: ModuleProblem, shape: AttentionShape, target: tuple[int, int] = (1, 1)) -> Path:
+def attention_path(problem: ModuleProblem, shape: AttentionShape, target: tuple[int, int] = (1, 1),
+                   stop=None) -> Path:
     """Greedy OBS path over legal GQA states (same head count in every kept group).
 
     Each step either drops the weakest head of every kept group (one head per group,
     chosen jointly) or drops the weakest whole KV group, whichever costs less error
     per parameter removed; only moves that keep ``target = (kv_heads, per_group)``
     reachable are allowed, and the path ends there. For MHA (group size 1) this is
-    plain greedy head removal.
+    plain greedy head removal. ``stop``: as in :func:`channel_path`.
     """
     G, dh = shape.group_size, shape.head_dim
     dev = problem.Hinv.device
@@ -368,6 +375,8 @@ def attention_path(problem: ModuleProblem, shape: AttentionShape, target: tuple[
         costs.append(float(cost))
         errors.append(err)
         kept.append({g: list(h) for g, h in groups.items()})
+        if stop is not None and stop(costs[-1]):
+            break
     return Path(steps, costs, errors, kept, problem.base_error)
 
 

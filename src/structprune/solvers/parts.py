@@ -49,12 +49,13 @@ def problems(parts, stats, fit_bias: bool, damp: float, dtype=torch.float64) -> 
             for p, st in zip(parts, stats.parts)]
 
 
-def parts_path(probs: list[ModuleProblem], mlp: MLPShape, min_keep: list[int], blocks: list[int]) -> Path:
+def parts_path(probs: list[ModuleProblem], mlp: MLPShape, min_keep: list[int], blocks: list[int], stop=None) -> Path:
     """Greedy joint removal path over the parts down to ``min_keep`` channels per part.
 
     The first ``mlp.tied`` parts move together (each removes its own weakest ``block``
     channels, by one-channel OBS scores; the step's error is the sum of their exact joint
-    block errors); other parts move alone. ``Path.kept`` holds the layer's total channels."""
+    block errors); other parts move alone. ``Path.kept`` holds the layer's total channels.
+    ``stop``: as in :func:`~structprune.solvers.obs.channel_path`."""
     sizes = list(mlp.sizes)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     units = ([list(range(mlp.tied))] if mlp.tied > 1 else []) + \
@@ -91,6 +92,8 @@ def parts_path(probs: list[ModuleProblem], mlp: MLPShape, min_keep: list[int], b
         costs.append(float(cost))
         errors.append(err)
         totals.append(sum(kept))
+        if stop is not None and stop(costs[-1]):
+            break
     return Path(steps, costs, errors, totals, sum(p.base_error for p in probs))
 
 
