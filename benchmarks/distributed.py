@@ -72,6 +72,29 @@ def same_output(a: Path, b: Path) -> dict:
             "plans_equal": plans}
 
 
+def amdahl(rows: list[dict], project: int = 8) -> dict:
+    """Per pass (and for the whole prune), the serial share ``s`` that the 1- and R-rank times imply
+    under Amdahl's law, ``T_R = T_1 (s + (1 - s) / R)`` (so ``s = (R T_R / T_1 - 1) / (R - 1)``, clipped
+    to [0, 1]), and the time that share projects for ``project`` ranks: a projection from the measured
+    split, not a measurement."""
+    one = next(r for r in rows if r["ranks"] == 1)
+    many = max(rows, key=lambda r: r["ranks"])
+    R = many["ranks"]
+    if R == 1:
+        return {}
+    out = {}
+    pairs = [(name, one["passes"].get(name), many["passes"].get(name)) for name in one["passes"]]
+    pairs.append(("prune", one["prune_seconds"], many["prune_seconds"]))
+    for name, t1, tr in pairs:
+        if not t1 or tr is None:
+            continue
+        s = min(1.0, max(0.0, (R * tr / t1 - 1) / (R - 1)))
+        tp = t1 * (s + (1 - s) / project)
+        out[name] = {"t1": t1, f"t{R}": tr, "serial_share": round(s, 3), f"projected_t{project}": round(tp, 1),
+                     f"projected_speedup_{project}": round(t1 / tp, 2)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -97,9 +120,11 @@ def main() -> None:
             row["equal_to_one_process"] = same_output(outs[base], outs[row["ranks"]])
             row["speedup"] = round(rows[0]["prune_seconds"] / row["prune_seconds"], 3)
     load = os.getloadavg()
+    split = amdahl(rows)
     result = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "method": args.method,
               "iterations": args.iterations, "sparsity": args.sparsity, "device": args.device,
-              "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_at_end": load, "runs": rows}
+              "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_at_end": load, "runs": rows,
+              "amdahl": split}
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# {args.model}: 1 vs {', '.join(map(str, ranks[1:]))} ranks ({args.method}, "
              f"{args.nsamples}x{args.seqlen}, {args.device}, one thread per rank)", "",
@@ -116,6 +141,15 @@ def main() -> None:
               "|---|" + "---|" * len(rows)]
     for name in rows[0]["passes"]:
         lines.append(f"| {name} | " + " | ".join(str(r["passes"].get(name, "")) for r in rows) + " |")
+    if split:
+        R = max(r["ranks"] for r in rows)
+        lines += ["", f"Serial share implied by the 1- and {R}-rank times (Amdahl: T_R = T_1 (s + (1 - s) / R)) and "
+                  "what it gives 8 ranks (**a projection**, not a measurement; on GPUs the split differs):", "",
+                  f"| pass | 1 rank s | {R} ranks s | serial share | projected 8 ranks s | projected speed-up |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, v in split.items():
+            lines.append(f"| {name} | {v['t1']} | {v[f't{R}']} | {v['serial_share']} | {v['projected_t8']} "
+                         f"| {v['projected_speedup_8']} |")
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
