@@ -11,7 +11,8 @@ step errors):
 * ``solves-f32`` (today): float64 Cholesky factor, two float32 triangular solves on an identity;
 * ``potri-f32``: the same factor, LAPACK's ``cholesky_inverse`` in float32 (triangular inverse and
   its product with its transpose: a third of the solves' flops);
-* ``potri-f64``: the same in float64 (the reference).
+* ``potri-f64``: the same in float64 (the reference);
+* ``all-f32``: the factor too in float32, then ``cholesky_inverse`` (no float64 at all).
 
     python benchmarks/profile_solver.py --n 11008 --d 4096 --tokens 4096 --threads 2 \\
         --out benchmarks/results/profile_solver_7b_mlp
@@ -59,6 +60,8 @@ def timed(fn):
 
 def inverse(A64: torch.Tensor, how: str) -> torch.Tensor:
     """The damped Gram's inverse from its float64 Cholesky factor, by ``how``."""
+    if how == "all-f32":  # the factor too in float32 (what a GPU without fast float64 wants)
+        return torch.cholesky_inverse(obs._cholesky_(A64.to(torch.float32)), upper=True)
     U = obs._cholesky_(A64.clone())
     if how == "potri-f64":
         return torch.cholesky_inverse(U, upper=True)
@@ -91,7 +94,7 @@ def main() -> None:
     p.add_argument("--path-steps", type=int, default=32)
     p.add_argument("--keep", type=float, default=0.7, help="kept share of a pass's cut (its path stops there)")
     p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--methods", default="solves-f32,potri-f32,potri-f64")
+    p.add_argument("--methods", default="solves-f32,potri-f32,all-f32,potri-f64")
     p.add_argument("--out", required=True, help="results path without extension (.json and .md are written)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
