@@ -31,6 +31,7 @@ from .modelstate import ModelState
 from .models.loading import check_tokenizer, model_context_length
 from .provenance import calibration_sha256, library_versions, model_fingerprint
 from .solvers import DATA_FREE_METHODS, METHODS
+from .solvers.obs import precision
 from .solvers.parts import path_block, path_min_keep
 
 log = logging.getLogger(__name__)
@@ -350,6 +351,8 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         "ranks": per_rank if distributed.is_distributed() else None,
         "memory": _memory_breakdown(run, budget, widths_before),
         "timings": {desc: {"seconds": sum(t), "per_layer": t} for desc, t in run.timings.items()},
+        # the dtype of each factorisation (StructPrune's removal paths run in float32, obs-local's in float64)
+        "precision": precision(device, torch.float32 if config.method == "structprune" else torch.float64),
         "config": config.to_dict(),
         "solver_log": run.log,
     }

@@ -52,12 +52,32 @@ def _drop_(M: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
         flat[i * out_cols:j * out_cols].copy_(block.reshape(-1))
     return flat[:out_rows * out_cols].view(out_rows, out_cols)
 
-def augmented_gram(H: torch.Tensor, zsum: torch.Tensor, count: int) -> torch.Tensor:
-    """``[[H, s], [s^T, count]]`` in float64: the Gram of ``z`` with a constant 1 appended.
+def factor_dtype(device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the Cholesky factor a removal path in ``dtype`` starts from, on ``device``.
 
-    Written straight into one float64 buffer (no float64 copy of ``H`` first)."""
+    float64 on the CPU, where it costs twice float32 and is a small share of a solve (the
+    ill-conditioned step, so it stays exact); float32 on an accelerator for a float32 path, where
+    float64 runs at 1/2 to 1/64 of the float32 rate. The path only orders removals (refits are
+    float64 solves): on a heavy-tailed Gram a float32 factor takes the same channels with step
+    errors within 1e-5 (``tests/test_obs.py``; ``benchmarks/profile_solver.py`` at real shapes)."""
+    if dtype == torch.float64 or torch.device(device).type == "cpu":
+        return torch.float64
+    return dtype
+
+
+def precision(device, path_dtype: torch.dtype = torch.float32) -> dict:
+    """Which precision each factorisation of a solve uses on ``device`` (for the report)."""
+    return {"statistics": "float64 sums of float32 products", "path_factor": str(factor_dtype(device, path_dtype))
+            .replace("torch.", ""), "path_inverse_and_steps": str(path_dtype).replace("torch.", ""),
+            "refit": "float64"}
+
+
+def augmented_gram(H: torch.Tensor, zsum: torch.Tensor, count: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``[[H, s], [s^T, count]]`` in ``dtype``: the Gram of ``z`` with a constant 1 appended.
+
+    Written straight into one buffer (no copy of ``H`` first)."""
     n = H.shape[0]
-    A = torch.empty(n + 1, n + 1, dtype=torch.float64, device=H.device)
+    A = torch.empty(n + 1, n + 1, dtype=dtype, device=H.device)
     A[:n, :n] = H
     A[:n, n] = zsum
     A[n, :n] = zsum
@@ -65,11 +85,12 @@ def augmented_gram(H: torch.Tensor, zsum: torch.Tensor, count: int) -> torch.Ten
     return A
 
 
-def _gram(H: torch.Tensor, zsum: torch.Tensor, count: int, fit_bias: bool) -> torch.Tensor:
-    """A fresh float64 Gram (augmented when ``fit_bias``), never an alias of ``H``."""
+def _gram(H: torch.Tensor, zsum: torch.Tensor, count: int, fit_bias: bool,
+          dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A fresh Gram in ``dtype`` (augmented when ``fit_bias``), never an alias of ``H``."""
     if fit_bias:
-        return augmented_gram(H, zsum, count)
-    return torch.empty(H.shape, dtype=torch.float64, device=H.device).copy_(H)
+        return augmented_gram(H, zsum, count, dtype)
+    return torch.empty(H.shape, dtype=dtype, device=H.device).copy_(H)
 
 
 def _damping(diag: torch.Tensor, damp: float) -> float:
@@ -116,7 +137,7 @@ def _cholesky_solve_(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _damped_inverse(H: torch.Tensor, zsum: torch.Tensor, count: int, fit_bias: bool, damp: float,
-                    dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, float]:
+                    dtype: torch.dtype = torch.float64, factor: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
     """``(A^-1 in dtype, delta)`` for the (augmented) Gram ``A`` of ``H``, damped by ``delta``.
 
     ``A`` lives only here, so it is freed as soon as it is not needed. Two n x n buffers at
@@ -128,11 +149,13 @@ def _damped_inverse(H: torch.Tensor, zsum: torch.Tensor, count: int, fit_bias: b
     Gram (n = 1536, 1% dampening) the inverse agreed with the float64 one to 5e-7 (relative
     Frobenius) and a 31-step removal path to 3e-7 in every error (experiments.md). The float64
     factor is dropped once its float32 copy exists, before the identity is made: 1.5 float64
-    n x n buffers at the peak instead of 2 (a 7B MLP: 1.45 GB instead of 1.94 GB)."""
-    A = _gram(H, zsum, count, fit_bias)
+    n x n buffers at the peak instead of 2 (a 7B MLP: 1.45 GB instead of 1.94 GB).
+    ``factor``: the factor's dtype (default :func:`factor_dtype`: float32 only off the CPU)."""
+    factor = factor or factor_dtype(H.device, dtype)
+    A = _gram(H, zsum, count, fit_bias, factor)
     delta = damp_(A, damp)
     U = _cholesky_(A)
-    if dtype != torch.float64:
+    if dtype != factor:
         U = U.to(dtype)
         del A  # U was a view of it: the float64 factor goes now
     return _cholesky_solve_(U, torch.eye(U.shape[0], dtype=dtype, device=U.device)), delta
@@ -205,16 +228,18 @@ class ModuleProblem:
     @classmethod
     def build(cls, H: torch.Tensor, zsum: torch.Tensor, count: int, W: torch.Tensor | None = None,
               C: torch.Tensor | None = None, bias: torch.Tensor | None = None, fit_bias: bool = True,
-              damp: float = 0.01, yy: float | None = None, dtype=torch.float64) -> "ModuleProblem":
+              damp: float = 0.01, yy: float | None = None, dtype=torch.float64,
+              factor: torch.dtype | None = None) -> "ModuleProblem":
         """From statistics. Give ``W`` (own output target, with optional current ``bias``)
         or ``C = sum y [z;1]^T`` (external target; then ``yy = sum |y|^2`` gives ``base_error``,
         and ``W``/``bias``, if also given, are the ridge prior of the dampening).
 
         The Gram is always factored in float64; ``dtype=torch.float32`` then forms the inverse
         from that factor and runs the greedy path (which only orders removals; refits are
-        separate float64 solves) in float32, twice as fast."""
+        separate float64 solves) in float32, twice as fast. ``factor``: the factor's dtype
+        (default :func:`factor_dtype`: float64 on the CPU, the path's dtype on an accelerator)."""
         n = H.shape[0]
-        Hinv, delta = _damped_inverse(H, zsum, count, fit_bias, damp, dtype)
+        Hinv, delta = _damped_inverse(H, zsum, count, fit_bias, damp, dtype, factor)
         if C is None:
             Wd = _augmented_weights(W, bias, fit_bias, device=Hinv.device)
             base = 0.0
