@@ -55,7 +55,10 @@ def run(model: str, out: Path, ranks: int, args) -> dict:
     return {"ranks": ranks, "command": shlex.join(cmd), "wall_seconds": round(wall, 2),
             "prune_seconds": round(report["prune_seconds"], 2), "passes": passes,
             "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in report["ranks"]] if report.get("ranks")
-            else [report["peak_rss_bytes"]]}
+            else [report["peak_rss_bytes"]],
+            # seconds each rank spent reading (and converting) layers from disk: every rank reads its own copy
+            "layer_read_seconds_per_rank": [round((r.get("layer_reads") or {}).get("seconds", 0.0), 2)
+                                            for r in (report.get("ranks") or [report])]}
 
 
 def same_output(a: Path, b: Path) -> dict:
@@ -130,13 +133,14 @@ def main() -> None:
              f"{args.nsamples}x{args.seqlen}, {args.device}, one thread per rank)", "",
              f"Load average at the end: {load[0]:.1f} on {os.cpu_count()} CPUs (other jobs share the machine: "
              "times are contended).", "",
-             "| ranks | wall s | prune s | speed-up | peak RSS per rank (MiB) | bit-identical | plans equal |",
-             "|---|---|---|---|---|---|---|"]
+             "| ranks | wall s | prune s | speed-up | peak RSS per rank (MiB) | layer reads s per rank | bit-identical "
+             "| plans equal |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         eq = row["equal_to_one_process"]
         rss = ", ".join(f"{b / 2**20:.0f}" for b in row["peak_rss_bytes_per_rank"])
+        reads = ", ".join(str(x) for x in row.get("layer_read_seconds_per_rank", []))
         lines.append(f"| {row['ranks']} | {row['wall_seconds']} | {row['prune_seconds']} | {row['speedup']} | {rss} "
-                     f"| {eq['bit_identical']} | {eq['plans_equal']} |")
+                     f"| {reads} | {eq['bit_identical']} | {eq['plans_equal']} |")
     lines += ["", "Seconds per pass:", "", "| pass | " + " | ".join(f"{r['ranks']} rank(s)" for r in rows) + " |",
               "|---|" + "---|" * len(rows)]
     for name in rows[0]["passes"]:

@@ -120,7 +120,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def _stable_report(folder: Path) -> dict:
     r = json.loads((folder / "report.json").read_text())
     for k in list(r):
-        if k in ("timings", "memory", "world_size", "ranks") or "seconds" in k or k.startswith(("peak_", "process_peak")):
+        if k in ("timings", "memory", "world_size", "ranks", "layer_reads") or "seconds" in k or k.startswith(("peak_", "process_peak")):
             r.pop(k)
     r["config"].pop("activation_budget")
     r["solver_log"] = [{k: v for k, v in e.items() if "seconds" not in k} for e in r["solver_log"]]

@@ -52,6 +52,8 @@ def test_streamed_from_disk_equals_in_memory(tmp_path, family, method, extra):
     result = prune_checkpoint(folder, out, calib, _cfg(method, **extra), device="cpu", progress=False)
     assert [p.to_dict() for p in result.plans] == [p.to_dict() for p in ref_result.plans]
     assert result.report["residency"] == "disk" and result.report["layers"] == ref_result.report["layers"]
+    nlayers = len(result.report["layers"])  # every pass reads every layer from disk; in memory nothing is read
+    assert result.report["layer_reads"]["count"] >= nlayers and ref_result.report["layer_reads"] is None
     assert result.report["sparsity_achieved"] == ref_result.report["sparsity_achieved"]
     loaded = load_pruned(out)
     want, got = _state(ref), _state(loaded)

@@ -145,7 +145,7 @@ def _stable_report(folder: Path) -> dict:
         return [strip(v) for v in obj] if isinstance(obj, list) else obj
 
     r = json.loads((folder / "report.json").read_text())
-    for k in ("timings", "peak_rss_bytes", "peak_rss_kind", "peak_gpu_mem_bytes", "memory"):
+    for k in ("timings", "peak_rss_bytes", "peak_rss_kind", "peak_gpu_mem_bytes", "memory", "layer_reads"):
         r.pop(k, None)
     r["config"].pop("activation_budget")  # by default a quarter of the memory available at the start
     return strip(r)

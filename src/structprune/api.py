@@ -317,7 +317,9 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
     peak = peak_gpu(device)
     seconds = time.perf_counter() - t0
     rss, rss_kind = peak_rss()
-    per_rank = distributed.gather_objects({"peak_rss_bytes": rss, "peak_gpu_mem_bytes": peak, "device": str(device)})
+    reads = dict(run.home.factory.reads) if hasattr(run.home, "factory") else None
+    per_rank = distributed.gather_objects({"peak_rss_bytes": rss, "peak_gpu_mem_bytes": peak, "device": str(device),
+                                           "layer_reads": reads})
 
     prunable_after = prunable_params(adapter)
     per_layer_after = [count_params(adapter.prunable_linears(l)) for l in adapter.layers()]
@@ -351,6 +353,9 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         "ranks": per_rank if distributed.is_distributed() else None,
         "memory": _memory_breakdown(run, budget, widths_before),
         "timings": {desc: {"seconds": sum(t), "per_layer": t} for desc, t in run.timings.items()},
+        # a streamed run's layer reads from disk (every pass), inside the passes' times: on a shared node
+        # each rank reads its own copy, so this says what reading once and broadcasting could save
+        "layer_reads": reads,
         # the dtype of each factorisation (StructPrune's removal paths run in float32, obs-local's in float64)
         "precision": precision(device, torch.float32 if config.method == "structprune" else torch.float64),
         "config": config.to_dict(),

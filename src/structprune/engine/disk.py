@@ -17,6 +17,7 @@ weights must then come from where the caller wrote them (``set_source``, e.g. th
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable
 
 import torch
@@ -77,8 +78,10 @@ class DiskLayerStore(LayerStore):
 
     def __init__(self, layers: nn.ModuleList, device, reader, layer_prefixes: list[str],
                  dtype: torch.dtype | None = None, on_release: Callable[[int, nn.Module], None] | None = None,
-                 sources: dict | None = None, model: nn.Module | None = None):
+                 sources: dict | None = None, model: nn.Module | None = None, reads: dict | None = None):
         super().__init__(layers, device, offload_device="meta")
+        # layer reads and their seconds, shared by a factory's stores (the report's "layer reads")
+        self.reads = reads if reads is not None else {"count": 0, "seconds": 0.0}
         if len(layer_prefixes) != len(layers):
             raise ValueError(f"{len(layer_prefixes)} prefixes for {len(layers)} layers")
         self.reader, self.prefixes, self.dtype = reader, list(layer_prefixes), dtype
@@ -103,11 +106,14 @@ class DiskLayerStore(LayerStore):
         if self.borrowed:
             raise RuntimeError(f"layer {sorted(self.borrowed)} still on the device while fetching layer {i}")
         layer = self.layers[i]
+        t0 = time.perf_counter()
         try:
             materialize(layer, self.prefixes[i], self.source(i), self.device, self.dtype)
         except BaseException:
             dematerialize(layer)
             raise
+        self.reads["count"] += 1
+        self.reads["seconds"] += time.perf_counter() - t0
         self.borrowed.add(i)
         return layer
 
@@ -186,6 +192,7 @@ class DiskStoreFactory:
         self.on_release = on_release
         self.sources: dict = {}
         self.model = model
+        self.reads = {"count": 0, "seconds": 0.0}  # every store's layer reads (DiskLayerStore.reads)
 
     @classmethod
     def from_model(cls, model: nn.Module, adapter: Adapter, reader, dtype: torch.dtype | None = None,
@@ -194,7 +201,7 @@ class DiskStoreFactory:
 
     def __call__(self, layers: nn.ModuleList, device) -> DiskLayerStore:
         return DiskLayerStore(layers, device, self.reader, self.prefixes, self.dtype, self.on_release, self.sources,
-                              self.model)
+                              self.model, self.reads)
 
     def set_source(self, i: int, source) -> None:
         self.sources[i] = source
