@@ -313,7 +313,8 @@ def cmd_prune(args) -> dict:
     device, dtype, defaults = resolve_runtime(args)
     device = _join_ranks(args, device)
     nsamples, seqlen, limit = _counts(args, defaults)
-    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "iterations", "rho", "target", "tol_abs", "tol_rel", "select")
+    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "iterations", "rho", "target",
+                   "tol_abs", "tol_rel", "select")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,

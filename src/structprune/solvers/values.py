@@ -314,25 +314,23 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
                     del F
                 del grams, cross
             V = V_new
-            del L
             st = acc.finish()["attn"]
             Wo, c = refit(st.gram, st.zsum, st.count, torch.arange(k, device=st.gram.device), C=st.C, W=Wo, bias=c,
                           fit_bias=fit_bias, damp=damp)
             Wo = Wo.double()
             c = c0 if c is None else c.double()
-            del st, acc
     finally:
         if isinstance(factors, ActivationStore):
             factors.close()
     err0 = distributed.fsum_parts(err0)
     count = sum(distributed.gather_objects(count))
     # The exact problem for the new rows: W_o, c refitted on the true outputs z of the new rows.
-    acc = StatsAccumulator(gram=True)
-    sweep.run(lambda ci, call: acc.add_z("attn", call.outputs(V, vb), dout, target=_tokens(target(ci), device)))
-    st = acc.finish()["attn"]
+    final = StatsAccumulator(gram=True)
+    sweep.run(lambda ci, call: final.add_z("attn", call.outputs(V, vb), dout, target=_tokens(target(ci), device)))
+    st = final.finish()["attn"]
     W1, c1 = refit(st.gram, st.zsum, st.count, torch.arange(k, device=st.gram.device), C=st.C, W=Wo0, bias=c0,
                    fit_bias=fit_bias, damp=damp)
-    del st, acc
+    del st
     W1 = W1.double()
     c_use = c0 if c1 is None else c1.double()
     err1 = []
