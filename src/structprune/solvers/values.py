@@ -29,13 +29,16 @@ whose blocks have closed forms:
   a ridge toward the current rows (``delta = damp * mean diag``, as solvers/inner.py);
 * ``W_o``, ``c``: least squares of ``t`` on ``q`` (solvers/obs.py ``refit``).
 
-The Gram ``sum Y_h^T Y_h`` of a group does not change across iterations (``P`` and ``X`` are fixed):
-it is accumulated once, factored, and the factors are kept (in an activation store: RAM within the
-activation budget, disk beyond) when several batches of groups are needed. The Grams of all groups
-of a large layer do not fit at once (32 of ``(d + 1)^2`` float64 for a 7B MHA layer: 4.3 GB), so the
-groups are swept in batches that fit ``engine.budget.VALUE_BATCH_BYTES`` (one capture per batch and
-iteration). Within an iteration every batch uses the same ``W~``, ``W_o``, ``c`` (a Jacobi sweep
-over groups), so the batching cannot change the result.
+Only the Gram ``sum Y_h^T Y_h`` needs ``P_h X`` itself (``d`` wide: ``d / head_dim`` times an
+attention's value work), and it does not change across iterations (``P`` and ``X`` are fixed): it is
+accumulated once, in the first iteration, factored, and the factors are kept for the later ones (in
+an activation store, RAM within the activation budget and disk beyond, when the groups needed
+several batches). The Grams of all groups of a large layer do not fit at once (32 of ``(d + 1)^2``
+float64 for a 7B MHA layer: 4.3 GB), so the first iteration captures the groups in batches that fit
+``engine.budget.VALUE_BATCH_BYTES``. The cross term ``sum_{h in g} q_h^T Y_h = (sum_h P_h^T q_h)^T [X, 1]``
+is one ordinary backward of ``<q, z>`` through the attention function to its values (``head_dim``
+wide) in the pass that computes ``z`` and ``q``: every iteration after the first is one such pass.
+All groups are updated from the same ``q`` (a Jacobi sweep), so the batching cannot change the result.
 
 Since ``z`` is exactly linear in ``W~`` given ``P``, the final check is exact: after the iterations
 ``W_o``, ``c`` are refitted on the true ``z`` of the new rows, and the new rows are kept only if that
@@ -131,16 +134,37 @@ class _Call:
         out, _ = self.fn(self.module, q, k, values.to(q.dtype), mask, *self.args, **self.kwargs)
         return out
 
-    def outputs(self, V: torch.Tensor, bias: bool) -> torch.Tensor:
-        """``z`` ([tokens, heads * head_dim], float32): every kept head's output with value rows
-        ``V`` ([groups * head_dim, d (+1)], the bias last), by the attention function itself."""
+    def _values(self, V: torch.Tensor, bias: bool) -> torch.Tensor:
+        """``[B, groups, S, head_dim]``: the values of rows ``V`` ([groups * head_dim, d (+1)], bias last)."""
         B, S, d = self.x.shape
         Vf = V.to(self.x.device, torch.float32)
         v = self.x.float() @ Vf[:, :d].T
         if bias:
             v = v + Vf[:, d]
-        v = v.view(B, S, self.groups, -1).transpose(1, 2)
-        return self.attend(v, range(self.groups)).reshape(self.tokens, -1).float()
+        return v.view(B, S, self.groups, -1).transpose(1, 2)
+
+    def outputs(self, V: torch.Tensor, bias: bool) -> torch.Tensor:
+        """``z`` ([tokens, heads * head_dim], float32): every kept head's output with value rows ``V``,
+        by the attention function itself."""
+        return self.attend(self._values(V, bias), range(self.groups)).reshape(self.tokens, -1).float()
+
+    def outputs_and_cross(self, V: torch.Tensor, bias: bool, aux) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z, q, C)``: the outputs ``z`` as :meth:`outputs`, ``q = aux(z)`` ([tokens, heads * head_dim])
+        and per KV group ``C_g = sum_{h in g} q_h^T [P_h X, 1]`` ([groups, head_dim, d (+1)], float32),
+        from one backward of ``<q, z>`` through the attention function to its values: ``z`` is linear in
+        them, so the gradient is ``sum_{h in g} P_h^T q_h`` (head_dim wide, not d), and
+        ``q_h^T P_h [X, 1] = (P_h^T q_h)^T [X, 1]`` (rows of ``P_h`` sum to 1)."""
+        v = self._values(V, bias).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.attend(v, range(self.groups))
+            z = out.detach().reshape(self.tokens, -1).float()
+            q = aux(z)
+            (g,) = torch.autograd.grad(out, v, grad_outputs=q.view(out.shape).to(out.dtype))
+        x = self.x.float().reshape(self.tokens, -1)
+        if bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+        g = g.float().transpose(1, 2).reshape(self.tokens, self.groups, -1)  # [tokens, groups, head_dim]
+        return z, q, torch.einsum("tgj,te->gje", g, x)
 
     def mixed_inputs(self, groups: range, bias: bool) -> torch.Tensor:
         """``Y`` ([tokens, heads of groups, d (+1)], float32): ``[P_h X, 1]`` of the query heads of
@@ -265,40 +289,50 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
             # q-step factor: float32, alpha W_o^T W_o + gamma I is well conditioned (gamma I)
             Wf = Wo.to(device, torch.float32)
             L = torch.linalg.cholesky(ALPHA * (Wf.T @ Wf) + GAMMA * torch.eye(k, device=device))
-            acc = StatsAccumulator(gram=True)  # W_o-step statistics of q against t (first batch only)
-            V_new = V.clone()
-            for bi, groups in enumerate(batches):
-                grams = [torch.zeros(e, e, dtype=torch.float64, device=device) for _ in groups] if it == 0 else []
-                cross = [torch.zeros(dh, e, dtype=torch.float64, device=device) for _ in groups]
+            acc = StatsAccumulator(gram=True)  # W_o-step statistics of q against t
+            cross = torch.zeros(K, dh, e, dtype=torch.float64, device=device)
 
-                def on_chunk(ci, call, groups=groups, bi=bi, grams=grams, cross=cross):
+            def q_step(z, ci):
+                t = _tokens(target(ci), device)
+                resid = t if c is None else t - c.to(device, torch.float32)
+                rhs = ALPHA * (resid @ Wf) + GAMMA * z
+                return torch.cholesky_solve(rhs.T, L).T, t  # [tokens, k]
+
+            # The first iteration also sweeps the Grams, one capture per batch of groups; its first
+            # sweep (like every later iteration's only one) does the q-step and the cross terms.
+            for bi, groups in enumerate(batches if it == 0 else [None]):
+                grams = [torch.zeros(e, e, dtype=torch.float64, device=device) for _ in groups] if groups else []
+
+                def on_chunk(ci, call, groups=groups, bi=bi, grams=grams):
                     nonlocal count
-                    z = call.outputs(V, vb)  # [tokens, k]
-                    t = _tokens(target(ci), device)
-                    if it == 0 and bi == 0:
-                        err0.append(float((t - out_of(z, Wo, c)).pow(2).sum()))
-                        count += t.shape[0]
-                    resid = t if c is None else t - c.to(device, torch.float32)
-                    rhs = ALPHA * (resid @ Wf) + GAMMA * z
-                    q = torch.cholesky_solve(rhs.T, L).T  # [tokens, k]
                     if bi == 0:
+                        seen = {}
+
+                        def aux(z):
+                            seen["q"], seen["t"] = q_step(z, ci)
+                            return seen["q"]
+                        z, q, C = call.outputs_and_cross(V, vb, aux)
+                        t = seen["t"]
+                        if it == 0:
+                            err0.append(float((t - out_of(z, Wo, c)).pow(2).sum()))
+                            count += t.shape[0]
                         acc.add_z("attn", q, dout, target=t)
-                    Y = call.mixed_inputs(groups, vb)  # [tokens, heads of groups, e]
-                    qh = q.view(q.shape[0], -1, dh)
-                    for j, g in enumerate(groups):
-                        Yg = Y[:, j * n_rep:(j + 1) * n_rep].reshape(-1, e)
-                        qg = qh[:, g * n_rep:(g + 1) * n_rep].reshape(-1, dh)
-                        if grams:
+                        cross.add_(C.double())
+                    if groups:
+                        Y = call.mixed_inputs(groups, vb)  # [tokens, heads of groups, e]
+                        for j in range(len(groups)):
+                            Yg = Y[:, j * n_rep:(j + 1) * n_rep].reshape(-1, e)
                             grams[j] += (Yg.T @ Yg).double()
-                        cross[j] += (qg.T @ Yg).double()
 
                 try:
                     sweep.run(on_chunk)
                 except _Missed:
                     return _skipped("the attention does not call transformers' attention function", t0)
                 passes += 1
-                distributed.sum_tensors(grams + cross)
-                for j, g in enumerate(groups):
+                distributed.sum_tensors(grams + ([cross] if bi == 0 else []))
+                if bi == 0:
+                    V_old, V = V, V.clone()
+                for j, g in enumerate(groups or range(K)):
                     if it == 0:
                         ridge = damp * float(torch.diagonal(grams[j]).mean().clamp_min(1e-12))
                         grams[j].diagonal().add_(ridge)
@@ -309,11 +343,10 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
                             factors.append(F)
                     else:
                         F = factors[g].to(device)
-                    rs = slice(g * dh, (g + 1) * dh)
-                    V_new[rs] = torch.cholesky_solve((cross[j] + ridges[g] * V[rs]).T, F).T
+                    rs = slice(g * dh, (g + 1) * dh)  # ridge toward the current rows
+                    V[rs] = torch.cholesky_solve((cross[g] + ridges[g] * V_old[rs]).T, F).T
                     del F
-                del grams, cross
-            V = V_new
+                del grams
             st = acc.finish()["attn"]
             Wo, c = refit(st.gram, st.zsum, st.count, torch.arange(k, device=st.gram.device), C=st.C, W=Wo, bias=c,
                           fit_bias=fit_bias, damp=damp)
