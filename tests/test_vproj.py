@@ -168,7 +168,7 @@ def test_value_iterations_in_structprune_lower_every_layers_error_and_are_logged
     assert len(logs) == 3 and all(x["error_after"] <= x["error_before"] for x in logs)
     assert all(x["adopted"] == (x["error_refit"] < x["error_before"]) for x in logs)
     assert any(x["adopted"] for x in logs)
-    assert all(x["group_batches"] == 1 and x["seconds"] > 0 for x in logs)
+    assert all(x["group_batches"] == 1 and x["seconds"] > 0 and x["workspace_bytes"] > 0 for x in logs)
     assert got.plans[0] == base.plans[0]  # layer 0's inputs are the same: so is its cut
     print("objective", _iteration_entry(base)["objective"], "->", entry["objective"],
           [(round(x["error_before"], 3), round(x["error_after"], 3)) for x in logs])

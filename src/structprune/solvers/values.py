@@ -59,7 +59,7 @@ import torch
 from ..adapters.phi3 import LayerConfig
 from ..engine import distributed
 from ..engine.activations import ActivationStore
-from ..engine.budget import value_batches
+from ..engine.budget import value_batches, value_refit_bytes
 from ..engine.capture import layer_kwargs, to_device
 from ..engine.stats import StatsAccumulator
 from ..surgery import set_output_projection
@@ -246,7 +246,8 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
     what one batch of KV groups may hold (engine/budget.py ``VALUE_BATCH_BYTES`` by default).
 
     Keeps the result only if its exact calibration error is lower; returns ``{"error_before",
-    "error_after", "error_refit", "adopted", "tokens", "group_batches", "passes", "seconds"}`` (errors
+    "error_after", "error_refit", "adopted", "tokens", "group_batches", "passes", "workspace_bytes",
+    "seconds"}`` (``workspace_bytes``: engine/budget.py's estimate of the matrices alive at once; errors
     as sums of squares: the plain refit's, the layer's now, the new rows' with o_proj refitted), or
     ``{"skipped": why, ...}`` where the attention cannot be captured this way."""
     t0 = time.perf_counter()
@@ -380,7 +381,9 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
             set_output_projection(o, W1, c1)
     return {"error_before": err0, "error_after": err1 if adopted else err0, "error_refit": err1, "adopted": adopted,
             "tokens": count,
-            "group_batches": len(batches), "passes": passes, "seconds": time.perf_counter() - t0}
+            "group_batches": len(batches), "passes": passes,
+            "workspace_bytes": value_refit_bytes(K, n_rep, dh, d, chunk_tokens, batch_bytes),
+            "seconds": time.perf_counter() - t0}
 
 
 __all__ = ["ALPHA", "GAMMA", "PROBE", "refit_values"]
