@@ -303,6 +303,8 @@ def main(argv=None) -> int:
                                                      if isinstance(v, dict) and "seconds" in v},
                                    # ADMM's trace (item 1): residuals, rho and the iterate kept, per iteration
                                    "admm_trace": [{k: e.get(k) for k in ITERATION_FIELDS} for e in iters],
+                                   # the in-layer refits' per-layer logs (errors, adopted, seconds), per iteration
+                                   "layer_refits": [{k: e[k] for k in ("inner", "values") if k in e} for e in iters],
                                    "chosen_iteration": next((e["chosen_iteration"] for e in r.report["solver_log"]
                                                              if "chosen_iteration" in e), None),
                                    "threads": torch.get_num_threads(),

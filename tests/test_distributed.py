@@ -28,8 +28,9 @@ from structprune.api import prune_checkpoint
 # name, factory, method and options, windows, batch size. Uneven shards: 5 chunks over 2 ranks.
 CASES = [
     ("llama-structprune", tiny_llama, dict(method="structprune"), 5, 1),
-    # two ADMM iterations, each refitting the MLPs' input rows (solvers/inner.py) and judged by the calibration KL
-    ("llama-admm2", tiny_llama, dict(method="structprune", iterations=2, inner_iterations=2), 4, 1),
+    # two ADMM iterations, each refitting the MLPs' input rows (solvers/inner.py) and the attentions' value
+    # rows (solvers/values.py), judged by the calibration KL
+    ("llama-admm2", tiny_llama, dict(method="structprune", iterations=2, inner_iterations=2, value_iterations=2), 4, 1),
     ("qwen2-obs-local", tiny_qwen2, dict(method="obs-local"), 4, 2),
     ("qwen2moe-structprune", tiny_qwen2_moe, dict(method="structprune"), 4, 1),
     ("llama-global", tiny_llama, dict(method="global", allocation="threshold"), 4, 1),  # in memory: prune()
@@ -124,8 +125,9 @@ def _stable_report(folder: Path) -> dict:
             r.pop(k)
     r["config"].pop("activation_budget")
     r["solver_log"] = [{k: v for k, v in e.items() if "seconds" not in k} for e in r["solver_log"]]
-    for e in r["solver_log"]:  # the MLP input refit's per-layer entries time themselves too
-        e["inner"] = [{k: v for k, v in (x or {}).items() if k != "seconds"} for x in e.get("inner", [])]
+    for e in r["solver_log"]:  # the MLP input and value refits' per-layer entries time themselves too
+        for key in ("inner", "values"):
+            e[key] = [{k: v for k, v in (x or {}).items() if k != "seconds"} for x in e.get(key, [])]
     return r
 
 

@@ -379,7 +379,9 @@ def _memory_breakdown(run: PruneRun, budget, widths_before: list[dict]) -> dict:
     activation store's measured peak in RAM and what spilled to disk. A streamed run adds its
     memory plan: the limit it ran under, where the limit came from, and the budget chosen from it."""
     dtype_size = next(run.model.parameters()).element_size()
-    out = {**layer_sizes(run.adapter, widths_before, dtype_size, run.config.method, run.config.inner_iterations > 0),
+    cfg = run.config
+    out = {**layer_sizes(run.adapter, widths_before, dtype_size, cfg.method, cfg.inner_iterations > 0,
+                         cfg.method == "structprune" and cfg.value_iterations > 0, cfg.batch_size * cfg.seqlen),
            "activations_peak_ram_bytes": getattr(budget, "peak_resident", None),
            "activations_spilled_bytes": getattr(budget, "peak_spilled", None),
            "activation_budget": None if math.isinf(getattr(budget, "limit", math.inf)) else budget.limit,
@@ -401,7 +403,9 @@ def memory_plan(adapter: Adapter, config: PruneConfig, dtype: torch.dtype, max_m
     tokens = config.nsamples * config.seqlen if needs_calibration(config) else 0
     return plan_memory(adapter, layer_widths(adapter), torch.empty((), dtype=dtype).element_size(), config.method,
                        tokens, max_memory=parse_memory(max_memory), budget_given=given, eval_tokens=eval_seqlen,
-                       inner=config.method == "structprune" and config.inner_iterations > 0)
+                       inner=config.method == "structprune" and config.inner_iterations > 0,
+                       values=config.method == "structprune" and config.value_iterations > 0,
+                       chunk_tokens=config.batch_size * config.seqlen)
 
 
 def checkpoint_memory_plan(folder: str | Path, config: PruneConfig, dtype: torch.dtype = torch.float32,

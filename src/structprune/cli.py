@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-iterations", dest="inner_iterations", type=int, default=None,
                    help="StructPrune: alternating refits of each MLP's kept input rows with its output projection "
                         "(auxiliary variables; 0: output projection only)")
+    p.add_argument("--value-iterations", dest="value_iterations", type=int, default=None,
+                   help="StructPrune: alternating refits of each attention's kept value rows with its output "
+                        "projection, attention probabilities frozen (0: output projection only)")
     p.add_argument("--rho", type=float, default=None,
                    help="StructPrune ADMM penalty rho (initial value; a residual-balancing schedule adapts it)")
     p.add_argument("--tol-abs", dest="tol_abs", type=float, default=None,
@@ -310,7 +313,8 @@ def cmd_prune(args) -> dict:
     device, dtype, defaults = resolve_runtime(args)
     device = _join_ranks(args, device)
     nsamples, seqlen, limit = _counts(args, defaults)
-    solver_opts = ("temperature", "energy_scale", "inner_iterations", "iterations", "rho", "target", "tol_abs", "tol_rel", "select")
+    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "iterations", "rho", "target",
+                   "tol_abs", "tol_rel", "select")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,

@@ -30,7 +30,8 @@ METHOD_OPTIONS = {
     "global": {"allocations": ("threshold",), "knobs": ("global_score", "damp", "refit_bias")},
     "structprune": {"allocations": ("softmax", "threshold", "uniform"),
                     "knobs": ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps",
-                              "damp", "refit_bias", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations")},
+                              "damp", "refit_bias", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations",
+                              "value_iterations")},
 }
 # Knobs read only under some allocations (StructPrune's uniform limit needs no menus or sensitivities).
 ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",), "energy_scale": ("softmax",),
@@ -46,7 +47,7 @@ def reads(method: str, allocation: str, knob: str) -> bool:
 ADMM_KNOBS = ("rho", "tol_abs", "tol_rel", "select")
 # Knobs added after results were stored, with the value that reproduces what those results ran:
 # a stored config without them reads as having that value.
-LATER_KNOBS = {"select": "best", "energy_scale": "std-split", "inner_iterations": 0}
+LATER_KNOBS = {"select": "best", "energy_scale": "std-split", "inner_iterations": 0, "value_iterations": 0}
 
 
 def field_value(text: str):
@@ -93,7 +94,8 @@ def effective_fields(config_dict: dict) -> dict:
 
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
-         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations")
+         "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations",
+         "value_iterations")
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,9 @@ class PruneConfig:
     # StructPrune: alternating closed-form refits of the MLP's kept input rows with its output
     # projection (auxiliary variables, solvers/inner.py) per layer; 0: the output projection only
     inner_iterations: int = 0
+    # StructPrune: alternating closed-form refits of the kept heads' value rows with the output
+    # projection, the attention probabilities frozen (solvers/values.py); 0: the output projection only
+    value_iterations: int = 0
     select: str = "best"  # StructPrune's result: the ADMM iterate with the lowest calibration objective, or the last
     target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs, or the dense module's
     damp: float = 0.01
@@ -153,7 +158,7 @@ class PruneConfig:
         if self.allocation not in ALLOCATIONS:
             raise StructPruneError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         for name in ("nsamples", "seqlen", "batch_size", "mlp_multiple", "iterations", "path_steps", "sens_nsamples",
-                     "inner_iterations"):
+                     "inner_iterations", "value_iterations"):
             v = getattr(self, name)
             if not isinstance(v, numbers.Integral) or isinstance(v, bool):
                 raise StructPruneError(f"{name} must be an integer, got {v!r}")
@@ -164,6 +169,8 @@ class PruneConfig:
             raise StructPruneError(f"seqlen must be at least 2, got {self.seqlen}")
         if self.inner_iterations < 0:
             raise StructPruneError(f"inner_iterations must be >= 0 (0: off), got {self.inner_iterations}")
+        if self.value_iterations < 0:
+            raise StructPruneError(f"value_iterations must be >= 0 (0: off), got {self.value_iterations}")
         if self.sens_nsamples < 0:
             raise StructPruneError(f"sens_nsamples must be >= 0 (0: all calibration windows), got {self.sens_nsamples}")
         if not self.temperature >= 0:  # NaN and -inf fail this; +inf (uniform limit) passes

@@ -227,6 +227,19 @@ class Adapter:
         (q, k, v), _ = self.attn_linears(layer)
         return q.weight, k.weight, v.weight
 
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        """The layer's attention module (the one that calls transformers' attention function)."""
+        return layer.self_attn
+
+    def value_rows(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(weight [kv_heads * head_dim, d], bias or None)``: views of the value projection's rows,
+        written in place by the value refit (solvers/values.py); None where the adapter exposes no
+        value slice (then that refit skips the layer)."""
+        lins, _ = self.attn_linears(layer)
+        if len(lins) != 3:
+            return None
+        return lins[2].weight, lins[2].bias
+
     def attn_input_rows(self, layer: nn.Module, q_rows: torch.Tensor,
                         kv_rows: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
         """``(linear, rows to keep)`` for every attention input projection, given kept q and k/v rows."""

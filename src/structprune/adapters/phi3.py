@@ -83,6 +83,12 @@ class Phi3Adapter(Adapter):
         q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         return w[:q], w[q:q + kv], w[q + kv:q + 2 * kv]
 
+    def value_rows(self, layer):
+        s = self.attention_shape(layer)
+        lin = layer.self_attn.qkv_proj
+        v0, kv = (s.num_heads + s.num_kv_heads) * s.head_dim, s.num_kv_heads * s.head_dim
+        return lin.weight[v0:v0 + kv], None if lin.bias is None else lin.bias[v0:v0 + kv]
+
     def attn_input_rows(self, layer, q_rows, kv_rows):
         s = self.attention_shape(layer)
         q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim

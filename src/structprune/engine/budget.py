@@ -39,13 +39,51 @@ def inner_refit_bytes(k: int, d: int) -> int:
     return 8 * (d + 1) ** 2 + 2 * 8 * k * (d + 1) + 2 * 4 * k * k
 
 
-def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str, inner: bool = False) -> dict:
+#: What one batch of KV groups of the value refit (solvers/values.py) may hold at once: their float64
+#: Grams and one chunk's ``P X`` of their heads. A layer whose groups do not fit is swept once per batch.
+VALUE_BATCH_BYTES = 1 << 30
+
+
+def value_group_bytes(per_group: int, d: int, chunk_tokens: int) -> int:
+    """One KV group's share of a value-refit batch (solvers/values.py): its float64 ``(d + 1)^2`` Gram
+    and that Gram's float32 product, and for one chunk of ``chunk_tokens`` its ``per_group`` heads'
+    float32 ``[P_h X, 1]`` and the ``d``-wide values the attention function reads for them (eager
+    repeats them per head)."""
+    return 12 * (d + 1) ** 2 + 2 * 4 * per_group * chunk_tokens * (d + 1)
+
+
+def value_batches(kv_heads: int, per_group: int, d: int, chunk_tokens: int,
+                  batch_bytes: int | None = None) -> list[range]:
+    """The KV groups of a layer in consecutive batches whose :func:`value_group_bytes` fit
+    ``batch_bytes`` (default :data:`VALUE_BATCH_BYTES`; one group per batch at least)."""
+    budget = VALUE_BATCH_BYTES if batch_bytes is None else batch_bytes
+    per = max(1, min(kv_heads, budget // max(1, value_group_bytes(per_group, d, chunk_tokens))))
+    return [range(g, min(g + per, kv_heads)) for g in range(0, kv_heads, per)]
+
+
+def value_refit_bytes(kv_heads: int, per_group: int, head_dim: int, d: int, chunk_tokens: int,
+                      batch_bytes: int | None = None) -> int:
+    """Matrices of the attention's value refit (solvers/values.py) alive at once: the largest batch of
+    groups (:func:`value_batches`), one Cholesky factor being formed, the value rows (current and new)
+    and the batch's cross terms as float64 ``(d + 1)``-wide rows, the q-step's float32 ``k x k`` factor
+    and its product and the output projection's float64 ``(k + 1)^2`` statistics (``k`` the kept
+    attention width)."""
+    groups = len(value_batches(kv_heads, per_group, d, chunk_tokens, batch_bytes)[0])
+    k = kv_heads * per_group * head_dim
+    rows = 8 * head_dim * (d + 1)
+    return (groups * value_group_bytes(per_group, d, chunk_tokens) + 8 * (d + 1) ** 2
+            + (2 * kv_heads + groups) * rows + 2 * 4 * k * k + 8 * (k + 1) ** 2)
+
+
+def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str, inner: bool = False,
+                values: bool = False, chunk_tokens: int = 0) -> dict:
     """Bytes of the largest layer's tensors by kind, from its shapes: ``layer_weights_bytes`` (in the
     compute dtype), ``statistics_bytes`` (float64 Grams of both modules' inputs: exact accumulators,
     engine/stats.py) and
     ``solver_workspace_bytes`` (a module solve's n x n float64 buffers: two, or 1.5 for StructPrune's
     float32 removal paths; solvers/obs.py; with ``inner``, StructPrune's refit of the MLP's input
-    projections when it is larger: it runs after the path's buffers are freed)."""
+    projections when it is larger: it runs after the path's buffers are freed; with ``values``, the
+    refit of the attention's value rows on chunks of ``chunk_tokens``, likewise))."""
     solver_buffers = 1.5 if method == "structprune" else 2
     layer_bytes, gram_bytes, solver_bytes = 0, 0, 0
     for layer, w in zip(adapter.layers(), widths):
@@ -57,6 +95,10 @@ def layer_sizes(adapter, widths: list[dict], dtype_size: int, method: str, inner
         solver_bytes = max(solver_bytes, int(solver_buffers * 8 * (max(n_attn, n_mlp) + 1) ** 2))
         if inner:
             solver_bytes = max(solver_bytes, inner_refit_bytes(n_mlp, a.hidden_size))
+        if values:
+            kv = w.get("kv_heads", a.num_kv_heads)
+            solver_bytes = max(solver_bytes, value_refit_bytes(kv, max(1, w["heads"] // max(1, kv)), a.head_dim,
+                                                               a.hidden_size, chunk_tokens))
     return {"layer_weights_bytes": layer_bytes, "statistics_bytes": gram_bytes, "solver_workspace_bytes": solver_bytes}
 
 
@@ -112,14 +154,15 @@ def memory_limit(max_memory: int | None = None) -> tuple[int | None, str]:
 
 def plan_memory(adapter, widths: list[dict], dtype_size: int, method: str, calib_tokens: int,
                 max_memory: int | None = None, budget_given: bool = False, eval_tokens: int = 0,
-                inner: bool = False) -> MemoryPlan:
+                inner: bool = False, values: bool = False, chunk_tokens: int = 0) -> MemoryPlan:
     """The run's :class:`MemoryPlan`; raises StructPruneError (one line, the estimate and the limit)
     when the limit cannot hold one layer's work. ``calib_tokens``: tokens of the calibration;
     ``eval_tokens``: the window length of a streamed evaluation (0: none). ``budget_given``: the
     caller set the activation budget itself (``--activation-budget``); it is then neither chosen
-    nor counted here. ``inner``: StructPrune refits the MLPs' input projections (``inner_iterations``)."""
+    nor counted here. ``inner``: StructPrune refits the MLPs' input projections (``inner_iterations``);
+    ``values``: it refits the attentions' value rows (``value_iterations``) on chunks of ``chunk_tokens``."""
     limit, source = memory_limit(max_memory)
-    sizes = layer_sizes(adapter, widths, dtype_size, method, inner)
+    sizes = layer_sizes(adapter, widths, dtype_size, method, inner, values, chunk_tokens)
     sizes["head_bytes"] = head_bytes(adapter, calib_tokens, eval_tokens)
     layer = sizes["layer_weights_bytes"] + sizes["statistics_bytes"] + sizes["solver_workspace_bytes"]
     working = int(WORKING_SET_FACTOR * max(layer, sizes["head_bytes"]))

@@ -47,6 +47,7 @@ from ..engine.head import calibration_loss
 from ..engine.sensitivity import module_sensitivities
 from ..engine.stats import StatsAccumulator
 from .inner import refit_mlp_inputs
+from .values import refit_values
 from .modules import attention_path, cut_attention, cut_mlp, heads_of_path, mlp_path
 from .parts import kept_after, path_block, path_min_keep
 from .passes import run_pass
@@ -327,6 +328,11 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         heads, groups = heads_of_path(path_a, ka)
         cut_attention(adapter, layer, st, heads, groups, cfg)
         del st, acc
+        values_log = None
+        if cfg.value_iterations > 0:  # coordination inside the attention: the kept value rows with o_proj
+            values_log = refit_values(adapter, layer, pruned,
+                                      lambda c: w_step_target("attn", c, t_attn[c].to(device)), device,
+                                      cfg.value_iterations, cfg.refit_bias, cfg.damp)
 
         # Attention u/y-steps and the MLP's statistics, in one forward of the cut attention.
         o = adapter.attn_linears(layer)[1]
@@ -432,7 +438,8 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         result = {"plan": {"heads": heads, "kv_heads": groups, "channels": channels},
                   "menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
                             Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
-                  "drift": drift, "loss": loss, "residuals": _total(res), "state": new, "inner": inner_log}
+                  "drift": drift, "loss": loss, "residuals": _total(res), "state": new, "inner": inner_log,
+                  "values": values_log}
         return result, {"dense": dense_next, "owned": True, "rounding": rounding}
     return step
 
@@ -494,6 +501,8 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
                  "layer_drift": drift, "seconds": time.perf_counter() - t0}
         if cfg.inner_iterations > 0:  # the MLP's input-projection refit, per layer (None: not a one-part MLP)
             entry["inner"] = [r.get("inner") for r in results]
+        if cfg.value_iterations > 0:  # the attention's value-row refit, per layer ({"skipped": why} where it cannot run)
+            entry["values"] = [r.get("values") for r in results]
         run.log.append(entry)
         log.info("iter %d: objective %.5f primal %.4g (eps %.3g) dual %.4g (eps %.3g) rho %.3g lambda %.3f (%.1fs)",
                  k, objective, primal, eps_pri, dual, eps_dual, rho, lam, entry["seconds"])
