@@ -144,3 +144,17 @@ def test_a_float32_factor_orders_removals_as_the_float64_one():
     assert max(abs(x - y) / x for x, y in zip(a.errors, b.errors)) < 1e-5
     assert factor_dtype("cpu", torch.float32) == torch.float64 and factor_dtype("cuda", torch.float64) == torch.float64
     assert factor_dtype("cuda", torch.float32) == torch.float32
+
+
+def test_float32_inverse_is_row_major_and_matches_float64():
+    """The float32 path's inverse (LAPACK potri from the float64 factor) is a row-major [n+1, n+1]
+    tensor (the in-place compaction of ModuleProblem needs it) within 1e-5 of the float64 inverse."""
+    from structprune.solvers.obs import _damped_inverse
+
+    Z, _, _ = _data(n=40, T=400)
+    H, zs = (Z.T @ Z).double(), Z.sum(0).double()
+    ref, d64 = _damped_inverse(H, zs, 400, True, 0.01, torch.float64)
+    got, d32 = _damped_inverse(H, zs, 400, True, 0.01, torch.float32)
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (41, 41) and d32 == d64
+    assert torch.equal(got, got.T)
+    assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
