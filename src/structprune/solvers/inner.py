@@ -60,7 +60,7 @@ def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(B, torch.linalg.cholesky(A))
 
 
-def _tokens(t: torch.Tensor, device) -> torch.Tensor:
+def as_tokens(t: torch.Tensor, device) -> torch.Tensor:
     """A chunk's ``[..., d]`` activations as float32 ``[tokens, d]`` on ``device``."""
     return t.to(device).float().reshape(-1, t.shape[-1])
 
@@ -132,7 +132,7 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
     A_st, B_st = ActivationStore(), ActivationStore()
     err0, count = [], 0  # per-chunk sums: added exactly (the same on any split over ranks)
     for x, t in zip(xs, ts):
-        xt, tt = _tokens(x, device), _tokens(t, device)
+        xt, tt = as_tokens(x, device), as_tokens(t, device)
         x1 = _with_one(xt, True)
         Sxx += (x1.T @ x1).double()
         z, a, b = forward_z(xt)
@@ -154,7 +154,7 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
         acc = StatsAccumulator(gram=True)
         A_new, B_new = ActivationStore(), ActivationStore()
         for ci, (x, t) in enumerate(zip(xs, ts)):
-            xt, tt = _tokens(x, device), _tokens(t, device)
+            xt, tt = as_tokens(x, device), as_tokens(t, device)
             a = A_st[ci].to(device).float()
             b = B_st[ci].to(device).float() if gated else None
             fa, slope = _act_and_slope(act, a)
@@ -195,15 +195,15 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
     # The exact problem for the new rows: D, c refitted on the true forward activations.
     acc = StatsAccumulator(gram=True)
     for x, t in zip(xs, ts):
-        z, _, _ = forward_z(_tokens(x, device))
-        acc.add_z("mlp", z, d, target=_tokens(t, device))
+        z, _, _ = forward_z(as_tokens(x, device))
+        acc.add_z("mlp", z, d, target=as_tokens(t, device))
     st = acc.finish()["mlp"]
     D, c = refit(st.gram, st.zsum, st.count, torch.arange(D.shape[1], device=st.gram.device), C=st.C,
                  W=D0, bias=c0, fit_bias=out_bias, damp=damp)
     err1 = []
     for x, t in zip(xs, ts):
-        z, _, _ = forward_z(_tokens(x, device))
-        err1.append(float((_tokens(t, device) - out_of(z, D.double(), None if c is None else c.double())).pow(2).sum()))
+        z, _, _ = forward_z(as_tokens(x, device))
+        err1.append(float((as_tokens(t, device) - out_of(z, D.double(), None if c is None else c.double())).pow(2).sum()))
     err1 = distributed.fsum_parts(err1)
     adopted = iterations > 0 and err1 < err0
     if adopted:
@@ -214,4 +214,4 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
             "seconds": time.perf_counter() - t0}
 
 
-__all__ = ["ALPHA", "BETA", "GAMMA", "refit_mlp_inputs"]
+__all__ = ["ALPHA", "BETA", "GAMMA", "as_tokens", "refit_mlp_inputs"]

@@ -63,6 +63,7 @@ from ..engine.budget import value_batches, value_refit_bytes
 from ..engine.capture import layer_kwargs, to_device
 from ..engine.stats import StatsAccumulator
 from ..surgery import set_output_projection
+from .inner import as_tokens
 from .obs import refit
 
 #: the penalties of ``L`` (module docstring): only their ratio matters, 1 as the MLP's (solvers/inner.py)
@@ -230,10 +231,6 @@ class _Sweep:
                 h.remove()
 
 
-def _tokens(t: torch.Tensor, device) -> torch.Tensor:
-    return t.to(device).float().reshape(-1, t.shape[-1])
-
-
 def _skipped(reason: str, t0: float) -> dict:
     return {"skipped": reason, "adopted": False, "seconds": time.perf_counter() - t0}
 
@@ -294,7 +291,7 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
             cross = torch.zeros(K, dh, e, dtype=torch.float64, device=device)
 
             def q_step(z, ci):
-                t = _tokens(target(ci), device)
+                t = as_tokens(target(ci), device)
                 resid = t if c is None else t - c.to(device, torch.float32)
                 rhs = ALPHA * (resid @ Wf) + GAMMA * z
                 return torch.cholesky_solve(rhs.T, L).T, t  # [tokens, k]
@@ -360,7 +357,7 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
     count = sum(distributed.gather_objects(count))
     # The exact problem for the new rows: W_o, c refitted on the true outputs z of the new rows.
     final = StatsAccumulator(gram=True)
-    sweep.run(lambda ci, call: final.add_z("attn", call.outputs(V, vb), dout, target=_tokens(target(ci), device)))
+    sweep.run(lambda ci, call: final.add_z("attn", call.outputs(V, vb), dout, target=as_tokens(target(ci), device)))
     st = final.finish()["attn"]
     W1, c1 = refit(st.gram, st.zsum, st.count, torch.arange(k, device=st.gram.device), C=st.C, W=Wo0, bias=c0,
                    fit_bias=fit_bias, damp=damp)
@@ -368,7 +365,7 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
     W1 = W1.double()
     c_use = c0 if c1 is None else c1.double()
     err1 = []
-    sweep.run(lambda ci, call: err1.append(float((_tokens(target(ci), device)
+    sweep.run(lambda ci, call: err1.append(float((as_tokens(target(ci), device)
                                                   - out_of(call.outputs(V, vb), W1, c_use)).pow(2).sum())))
     err1 = distributed.fsum_parts(err1)
     passes += 2
