@@ -46,7 +46,7 @@ from structprune.eval.protocol import get_protocol  # noqa: E402
 
 # Per ADMM iteration, from the report's solver log (StructPrune's section 3 in docs/structprune.md).
 ITERATION_FIELDS = ("iteration", "objective", "consensus_objective", "primal_residual", "dual_residual",
-                    "eps_primal", "eps_dual", "rho", "lambda", "converged", "seconds")
+                    "eps_primal", "eps_dual", "rho", "lambda", "converged", "kept_sets_changed", "seconds")
 # Held-out windows per protocol (of the protocol's calibration length), as baselines.py uses.
 HELDOUT = {"cpu": 8, "gpu": 32}
 
@@ -303,6 +303,9 @@ def main(argv=None) -> int:
                                                      if isinstance(v, dict) and "seconds" in v},
                                    # ADMM's trace (item 1): residuals, rho and the iterate kept, per iteration
                                    "admm_trace": [{k: e.get(k) for k in ITERATION_FIELDS} for e in iters],
+                                   # ADMM's fixed point on its last supports (None for one-shot)
+                                   "fixed_point": next(({k: e[k] for k in ("supports_of", "objective", "seconds")}
+                                                        for e in r.report["solver_log"] if e.get("fixed_point")), None),
                                    # the in-layer refits' per-layer logs (errors, adopted, seconds), per iteration
                                    "layer_refits": [{k: e[k] for k in ("inner", "values") if k in e} for e in iters],
                                    "chosen_iteration": next((e["chosen_iteration"] for e in r.report["solver_log"]

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="StructPrune: alternating refits of each attention's kept value rows with its output "
                         "projection, attention probabilities frozen (0: output projection only)")
     p.add_argument("--rho", type=float, default=None,
-                   help="StructPrune ADMM penalty rho (initial value; a residual-balancing schedule adapts it)")
+                   help="StructPrune ADMM penalty rho at the first iteration (doubled while the kept structures "
+                        "change; below 0.5 the search moves away from the first cut, above it stays near)")
     p.add_argument("--tol-abs", dest="tol_abs", type=float, default=None,
                    help="StructPrune ADMM stopping: absolute tolerance of the residuals per output entry")
     p.add_argument("--tol-rel", dest="tol_rel", type=float, default=None,

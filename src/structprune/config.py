@@ -123,7 +123,7 @@ class PruneConfig:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     iterations: int = 1  # StructPrune ADMM iterations at most; 1 = the one-shot pass (docs/structprune.md: how chosen)
-    rho: float = 1.0  # StructPrune ADMM penalty at the first iteration (rebalanced by the residuals; unused with 1)
+    rho: float = 1.0  # StructPrune ADMM penalty at the first iteration (doubled while the kept sets change)
     tol_abs: float = 1e-4  # StructPrune ADMM stopping: absolute tolerance per output entry
     tol_rel: float = 1e-2  # StructPrune ADMM stopping: tolerance relative to the outputs / duals
     path_steps: int = 32  # StructPrune: MLP removal-path steps per module (block = channels // path_steps)

@@ -14,10 +14,13 @@ Read top to bottom, :func:`prune_structprune` runs five phases (docs/structprune
    (per token, stored like activations). W-step: the module's closed-form structured refit
    against ``u_m - y_m`` (its path re-solved against that target, cut at the point ``lambda``
    allocates); u-step ``u = (t + rho (z + y)) / (1 + rho)``; y-step ``y += z - u``; primal
-   residual ``||z - u||``, dual residual ``rho ||u_k - u_{k-1}||``; the menus re-measured in the
-   pass give the next ``lambda`` (phase 3 again); ``rho`` is rebalanced when one residual is ten
-   times the other; the loop stops when both residuals meet their tolerances. ``K = 1`` is the
-   one-shot pass (``u = t``, ``y = 0``: every module refitted to its own target).
+   residual ``||z - u||`` (output space), dual residual ``rho ||A^T (u_k - u_{k-1})||`` in weight
+   space (``u_0`` the first cut's output); the menus re-measured in the pass give the next
+   ``lambda`` (phase 3 again); ``rho`` doubles after every iteration whose kept structures changed;
+   the loop stops when they repeat (frozen supports), when both residuals meet their tolerances,
+   or at ``K``. Then, if ``K > 1`` ran, the **fixed point** on the last supports: one pass refitting
+   every module to its own target (ADMM's limit for fixed supports). ``K = 1`` is the one-shot
+   pass (``y = 0``: every module refitted to its own target).
 5. **Selection**: the iterate with the lowest objective is the result: the KL divergence of the
    pruned model's next-token distribution from the dense model's on the calibration windows
    (engine/head.py; logged with the pruned model's calibration NLL and the relative distortion of
@@ -54,9 +57,8 @@ from .passes import run_pass
 
 log = logging.getLogger(__name__)
 
-#: residual balancing (Boyd et al. 2011, §3.4.1): rho is doubled or halved when one residual
-#: exceeds the other by this factor (method.md: "rebalance rho when one residual is ten times the other")
-RHO_BALANCE, RHO_FACTOR = 10.0, 2.0
+#: rho is multiplied by this after every ADMM iteration whose kept structures changed (admm_passes)
+RHO_FACTOR = 2.0
 
 
 def temperature_of(cfg) -> float:
@@ -143,7 +145,7 @@ def profile_step(run, sens: list[dict]):
 
 # -- phase 4: ADMM ---------------------------------------------------------------------------------
 
-RESIDUAL_KEYS = ("r2", "s2", "z2", "u2", "w2", "f2", "t2", "n")
+RESIDUAL_KEYS = ("r2", "z2", "u2", "f2", "t2", "n")
 
 
 def consensus_update(t: torch.Tensor, z: torch.Tensor, u_prev: torch.Tensor | None, w_prev: torch.Tensor | None,
@@ -152,31 +154,30 @@ def consensus_update(t: torch.Tensor, z: torch.Tensor, u_prev: torch.Tensor | No
 
     ``t``: the module's target from the dense trajectory; ``z``: its output after the W-step;
     ``u_prev``/``w_prev``: the previous consensus and the previous *unscaled* dual ``w = rho * y``
-    (None at the first iteration: ``u_0 = t``, ``w_0 = 0``). Storing ``w`` rather than ``y`` means
-    a change of ``rho`` needs no rescaling of the stored duals (Boyd §3.4.1 rescales ``y``).
+    (None at the first iteration: ``w_0 = 0``). Storing ``w`` rather than ``y`` means a change of
+    ``rho`` needs no rescaling of the stored duals (Boyd §3.4.1 rescales ``y``).
 
         u = argmin |u - t|^2 + rho |z + y - u|^2 = (t + rho z + w) / (1 + rho)
         w = w + rho (z - u)
 
-    Returns ``(u, w, sums)`` with the squared norms the residuals and tolerances need:
-    ``r2 = |z - u|^2``, ``s2 = rho^2 |u - u_prev|^2``, ``z2``, ``u2``, ``w2``, ``f2 = |u - t|^2``,
-    ``t2 = |t|^2`` and ``n`` (entries)."""
+    Returns ``(u, w, sums)`` with the output-space squared norms the primal residual and its
+    tolerance need: ``r2 = |z - u|^2``, ``z2``, ``u2``, ``f2 = |u - t|^2``, ``t2 = |t|^2`` and ``n``
+    (entries). The dual residual lives in weight space (:func:`admm_step` forms it from ``u`` and the
+    module's inputs)."""
     t, z = t.float(), z.float()
-    u_prev = t if u_prev is None else u_prev.float()
     u = t + rho * z
     if w_prev is not None:
         u = u + w_prev.float()
     u = u / (1.0 + rho)
     w = rho * (z - u) if w_prev is None else w_prev.float() + rho * (z - u)
-    sums = {"r2": float((z - u).pow(2).sum()), "s2": rho * rho * float((u - u_prev).pow(2).sum()),
-            "z2": float(z.pow(2).sum()), "u2": float(u.pow(2).sum()), "w2": float(w.pow(2).sum()),
+    sums = {"r2": float((z - u).pow(2).sum()), "z2": float(z.pow(2).sum()), "u2": float(u.pow(2).sum()),
             "f2": float((u - t).pow(2).sum()), "t2": float(t.pow(2).sum()), "n": z.numel()}
     return u, w, sums
 
 
 def _add(acc: dict, sums: dict) -> None:
-    for k in RESIDUAL_KEYS:
-        acc[k] = acc.get(k, 0) + sums[k]
+    for k, v in sums.items():
+        acc[k] = acc.get(k, 0) + v
 
 
 def _add_parts(acc: dict, sums: dict) -> None:
@@ -240,14 +241,19 @@ def _dense_module_outputs(adapter, layer, dense: LayerInputs, device):
 
 
 def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict] | None, state: list | None,
-              rho: float, keep_state: bool, final_dense: ActivationStore | None = None):
+              rho: float, keep_state: bool, final_dense: ActivationStore | None = None,
+              frozen: list[dict] | None = None, weight_residuals: bool = False):
     """Pass step of one ADMM iteration (phase 4).
 
     ``kept``: per module the kept cost ``lambda`` allocated (None with ``widths``: exact uniform
     widths per layer); ``state``: per layer the previous iteration's ``{"attn"|"mlp": {"u", "w"}}``
     activation stores (None at the first iteration); ``keep_state``: store this iteration's
     ``u``/``w`` for the next one; ``final_dense``: the dense model's final hidden states from the
-    profile pass. The carry is ``{"dense": LayerInputs of the dense trajectory, "owned": whether
+    profile pass; ``frozen``: per layer the kept structures to cut at (no removal paths, no
+    menus: the fixed-point pass on frozen supports); ``weight_residuals``: form the dual residual
+    and its tolerance in weight space (``sum (u - u_prev) [a; 1]^T`` and ``sum w [a; 1]^T`` per
+    module, ``a`` its output projection's input), which costs two products of the size of the
+    cross term per module and chunk, so only an ADMM run (``iterations > 1``) pays it. The carry is ``{"dense": LayerInputs of the dense trajectory, "owned": whether
     this pass made it, "rounding": the running kept-cost rounding}``.
 
     The dense trajectory is run only where something needs it: the ``dense`` target's
@@ -280,6 +286,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         parts = adapter.mlp_parts(layer)
         admm_mlp = len(parts) == 1
         res: dict = {}
+        dual = StatsAccumulator(gram=False) if weight_residuals else None
         new = {"attn": {"u": ActivationStore(), "w": ActivationStore()}} if keep_state else None
         if keep_state and admm_mlp:
             new["mlp"] = {"u": ActivationStore(), "w": ActivationStore()}
@@ -291,11 +298,15 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
                 return t
             return prev[module]["u"][c].to(device).float() - prev[module]["w"][c].to(device).float() / rho
 
-        def u_step(module, c, t, z):
+        def u_step(module, c, t, z, a):
             u_prev = None if prev is None else prev[module]["u"][c].to(device)
             w_prev = None if prev is None else prev[module]["w"][c].to(device)
             u, wn, sums = consensus_update(t, z.detach(), u_prev, w_prev, rho)
             _add_parts(res, sums)
+            if dual is not None:  # weight space: A^T of the consensus' change (u_0: the first cut) and of rho y
+                ref = z.detach().float() if u_prev is None else u_prev.float()
+                dual.add_z(f"{module}.du", a, u.shape[-1], target=u - ref)
+                dual.add_z(f"{module}.w", a, u.shape[-1], target=wn)
             if new is not None:
                 new[module]["u"].append(u)
                 new[module]["w"].append(wn)
@@ -316,16 +327,19 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         target = (1, 1) if w is None else (w["kv_heads"], w["per_group"])  # exact widths: the path ends there
         # The last pass needs each path only down to its cut (its menus feed no later allocation):
         # stopped there, the cut is the same and a 30% cut skips most of a path's work.
-        stop = nearest_prefix_reached(ca, kept[2 * i]) if w is None and not keep_state else None
-        path_a = attention_path(adapter, layer, st, cfg, target=target, dtype=torch.float32, stop=stop)
-        ma = Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors)
         rounding = carry["rounding"]
-        if w is None:
-            ka = ma.nearest_prefix(kept[2 * i])
-            rounding += kept[2 * i] - ma.kept[ka]
+        if frozen is not None:  # the supports are fixed: no path, the refit alone
+            path_a, heads, groups = None, frozen[i]["heads"], frozen[i]["kv_heads"]
         else:
-            ka = len(path_a.steps)
-        heads, groups = heads_of_path(path_a, ka)
+            stop = nearest_prefix_reached(ca, kept[2 * i]) if w is None and not keep_state else None
+            path_a = attention_path(adapter, layer, st, cfg, target=target, dtype=torch.float32, stop=stop)
+            ma = Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors)
+            if w is None:
+                ka = ma.nearest_prefix(kept[2 * i])
+                rounding += kept[2 * i] - ma.kept[ka]
+            else:
+                ka = len(path_a.steps)
+            heads, groups = heads_of_path(path_a, ka)
         cut_attention(adapter, layer, st, heads, groups, cfg)
         del st, acc
         values_log = None
@@ -341,7 +355,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
 
         def attn_update(c, a, y):
             z_attn_now["z"] = y.detach()
-            u_step("attn", c, t_attn[c].to(device), y)
+            u_step("attn", c, t_attn[c].to(device), y, a[0])
 
         floor, blocks = _floor_and_blocks(adapter, layer, cfg, w)
         inner = admm_mlp and cfg.inner_iterations > 0
@@ -382,15 +396,18 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             finally:
                 h.remove()
         t_attn.close()
-        stop = nearest_prefix_reached(cm, kept[2 * i + 1] + rounding) if w is None and not keep_state else None
-        path_m = mlp_path(adapter, layer, st, cfg, floor, blocks, dtype=torch.float32, stop=stop)
-        mm = Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors)
-        if w is None:
-            km = mm.nearest_prefix(kept[2 * i + 1] + rounding)
-            rounding += kept[2 * i + 1] - mm.kept[km]
+        if frozen is not None:
+            path_m, channels = None, frozen[i]["channels"]
         else:
-            km = len(path_m.steps)
-        channels = kept_after(path_m, km, adapter.mlp_shape(layer).channels)
+            stop = nearest_prefix_reached(cm, kept[2 * i + 1] + rounding) if w is None and not keep_state else None
+            path_m = mlp_path(adapter, layer, st, cfg, floor, blocks, dtype=torch.float32, stop=stop)
+            mm = Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors)
+            if w is None:
+                km = mm.nearest_prefix(kept[2 * i + 1] + rounding)
+                rounding += kept[2 * i + 1] - mm.kept[km]
+            else:
+                km = len(path_m.steps)
+            channels = kept_after(path_m, km, adapter.mlp_shape(layer).channels)
         cut_mlp(adapter, layer, st, channels, cfg)
         del st
         if inner:  # coordination inside the MLP: its kept input rows refitted with the output projection
@@ -407,7 +424,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             def mlp_update(m, a, y):
                 c = len(count)
                 count.append(1)
-                u_step("mlp", c, t_mlp[c].to(device), y)
+                u_step("mlp", c, t_mlp[c].to(device), y, a[0])
             hs.append(adapter.mlp_output_module(layer).register_forward_hook(mlp_update))
         try:
             ctx.outputs = run_layer(layer, pruned, device)
@@ -435,10 +452,18 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             y_mlp.close()
         if carry["owned"] and dense is not None:
             dense.close()  # this pass's own copy of the dense trajectory; the first layer's inputs are shared
-        result = {"plan": {"heads": heads, "kv_heads": groups, "channels": channels},
-                  "menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
-                            Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
-                  "drift": drift, "loss": loss, "residuals": _total(res), "state": new, "inner": inner_log,
+        residuals = _total(res)
+        if dual is not None:  # reduced over ranks by finish(); per module: s2 = rho^2 |A^T du|^2, w2 = |A^T w|^2
+            sums = dual.finish()
+            residuals.update(
+                s2=rho * rho * math.fsum(float(v.C.pow(2).sum()) for k, v in sorted(sums.items()) if k.endswith(".du")),
+                w2=math.fsum(float(v.C.pow(2).sum()) for k, v in sorted(sums.items()) if k.endswith(".w")),
+                p=sum(v.C.numel() for k, v in sums.items() if k.endswith(".w")))
+        menus = None if frozen is not None else [
+            Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
+            Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()]
+        result = {"plan": {"heads": heads, "kv_heads": groups, "channels": channels}, "menus": menus,
+                  "drift": drift, "loss": loss, "residuals": residuals, "state": new, "inner": inner_log,
                   "values": values_log}
         return result, {"dense": dense_next, "owned": True, "rounding": rounding}
     return step
@@ -447,16 +472,54 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
 def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: float,
                 final_dense: ActivationStore | None = None) -> list[dict]:
     """Phases 3 and 4: up to ``cfg.iterations`` ADMM iterations, each an allocation (``lambda``) and a
-    streamed pass. Returns the iterates ``[{"iteration", "objective", "plans", "snapshot"}]`` (a
-    snapshot of the layers only where it may be selected later), logging one entry per iteration.
-    ``final_dense``: the dense final hidden states (the objective's reference; see :func:`admm_step`)."""
+    streamed pass, then, where ADMM ran (more than one iteration), its fixed point on the last
+    iterate's kept structures: one more pass refitting every module to its own target on those
+    supports (docs/structprune.md, section 3). Returns the iterates ``[{"iteration", "objective",
+    "plans", "snapshot"}]`` (the fixed point last, numbered after the iterations; a snapshot of the
+    layers only where it may be selected later), logging one entry per pass.
+    ``final_dense``: the dense final hidden states (the objective's reference; see :func:`admm_step`).
+
+    The schedule: ``rho`` starts at ``cfg.rho`` and doubles after every iteration whose kept
+    structures differ from the previous iteration's (the first iteration's count as new); the
+    iterations stop when the kept structures repeat (the supports are frozen), when both
+    residuals meet their tolerances, or after ``cfg.iterations``."""
     cfg, adapter = run.config, run.adapter
     layers = adapter.layers()
     K = cfg.iterations
     dense_layers = run.home.snapshot(layers) if K > 1 else None
     first = run.stream().first_inputs()
-    rho, state, iterates, best = cfg.rho, None, [], math.inf
+    rho, state, iterates, best, plans_prev = cfg.rho, None, [], math.inf, None
     shapes = [(adapter.attention_shape(l), adapter.mlp_shape(l)) for l in layers]
+
+    def keep(k: int, objective: float, plans: list[dict]) -> None:
+        """Record an iterate; only the best so far may be restored later (one snapshot at a time);
+        with select = last the layers in place are the result and nothing is snapshotted."""
+        nonlocal best
+        better = objective < best and cfg.select == "best"
+        best = min(best, objective)
+        if better:
+            for it in iterates:
+                it["snapshot"] = None
+        iterates.append({"iteration": k, "objective": objective, "plans": plans,
+                         "snapshot": run.home.snapshot(layers) if K > 1 and better else None})
+
+    def measured(results, t0) -> dict:
+        """What every pass logs: the objective and its companions, kept counts, drift, seconds."""
+        loss = results[-1]["loss"]
+        drift = [r["drift"] for r in results]
+        entry = {"objective": loss["kl"],  # the selector: KL of the pruned next-token distribution from the dense one
+                 "distortion": drift[-1], "calibration_nll": loss["nll"], "calibration_dense_nll": loss["dense_nll"],
+                 "kept": [{"layer": i, "heads": len(r["plan"]["heads"]), "kv_heads": len(r["plan"]["kv_heads"]),
+                           "mlp": len(r["plan"]["channels"])} for i, r in enumerate(results)],
+                 "layer_drift": drift}
+        if cfg.inner_iterations > 0:  # the MLP's input-projection refit, per layer (None: not a one-part MLP)
+            entry["inner"] = [r.get("inner") for r in results]
+        if cfg.value_iterations > 0:  # the attention's value-row refit, per layer ({"skipped": why} where it cannot run)
+            entry["values"] = [r.get("values") for r in results]
+        entry["seconds"] = time.perf_counter() - t0
+        return entry
+
+    k = 0
     for k in range(1, K + 1):
         t0 = time.perf_counter()
         if k > 1:
@@ -469,67 +532,67 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
         else:
             prefixes, lam = allocate_prefixes([Menu.from_dict(m) for m in menus], budget, T, cfg.energy_scale)
             kept, widths = [Menu.from_dict(m).kept[p] for m, p in zip(menus, prefixes)], None
-        step = admm_step(run, sens, kept, widths, state, rho, keep_state=k < K, final_dense=final_dense)
+        step = admm_step(run, sens, kept, widths, state, rho, keep_state=k < K, final_dense=final_dense,
+                         weight_residuals=K > 1)
         results, _ = run_pass(run, f"structprune iter {k}", step, {"dense": first, "owned": False, "rounding": 0.0},
                               cuts=True, final=K == 1)
         if state is not None:  # each step closed its layer's; a resumed pass skipped the layers done before
-            for s in state:
-                for v in (s or {}).values():
-                    v["u"].close()
-                    v["w"].close()
+            _close(state)
         state = [r["state"] for r in results] if k < K else None
         menus = [m for r in results for m in r["menus"]]
         tot: dict = {}
         for r in results:
-            _add(tot, {key: r["residuals"].get(key, 0) for key in RESIDUAL_KEYS})
-        primal, dual = math.sqrt(tot["r2"]), math.sqrt(tot["s2"])
+            _add(tot, {key: r["residuals"].get(key, 0) for key in RESIDUAL_KEYS + ("s2", "w2", "p")})
         root_n = math.sqrt(max(tot["n"], 1))
+        primal = math.sqrt(tot["r2"])
         eps_pri = root_n * cfg.tol_abs + cfg.tol_rel * math.sqrt(max(tot["z2"], tot["u2"]))
-        eps_dual = root_n * cfg.tol_abs + cfg.tol_rel * math.sqrt(tot["w2"])
-        drift = [r["drift"] for r in results]
-        loss = results[-1]["loss"]
-        objective = loss["kl"]  # the selector: KL of the pruned next-token distribution from the dense one
-        converged = primal <= eps_pri and dual <= eps_dual
+        # The dual residual rho A^T (u_k - u_{k-1}) and its tolerance in weight space (Boyd §3.3:
+        # A maps a module's weights to its outputs on the calibration tokens); an ADMM run forms them.
+        dual = math.sqrt(tot["s2"]) if K > 1 else None
+        eps_dual = math.sqrt(max(tot["p"], 1)) * cfg.tol_abs + cfg.tol_rel * math.sqrt(tot["w2"]) if K > 1 else None
         plans = [r["plan"] for r in results]
-        entry = {"iteration": k, "objective": objective, "distortion": drift[-1], "calibration_nll": loss["nll"],
-                 "calibration_dense_nll": loss["dense_nll"],
+        settled = plans == plans_prev
+        converged = dual is not None and primal <= eps_pri and dual <= eps_dual
+        entry = {"iteration": k, **measured(results, t0),
                  "consensus_objective": tot["f2"] / max(tot["t2"], 1e-30),
                  "primal_residual": primal, "dual_residual": dual, "eps_primal": eps_pri, "eps_dual": eps_dual,
                  "rho": rho, "lambda": lam, "temperature": T, "converged": converged,
-                 "kept": [{"layer": i, "heads": len(p["heads"]), "kv_heads": len(p["kv_heads"]),
-                           "mlp": len(p["channels"])} for i, p in enumerate(plans)],
-                 "layer_drift": drift, "seconds": time.perf_counter() - t0}
-        if cfg.inner_iterations > 0:  # the MLP's input-projection refit, per layer (None: not a one-part MLP)
-            entry["inner"] = [r.get("inner") for r in results]
-        if cfg.value_iterations > 0:  # the attention's value-row refit, per layer ({"skipped": why} where it cannot run)
-            entry["values"] = [r.get("values") for r in results]
+                 "kept_sets_changed": not settled}
         run.log.append(entry)
-        log.info("iter %d: objective %.5f primal %.4g (eps %.3g) dual %.4g (eps %.3g) rho %.3g lambda %.3f (%.1fs)",
-                 k, objective, primal, eps_pri, dual, eps_dual, rho, lam, entry["seconds"])
-        # Only the best iterate so far may be restored later (one snapshot at a time); with
-        # select = last the layers in place are the result and nothing is snapshotted.
-        better = objective < best and cfg.select == "best"
-        best = min(best, objective)
-        if better:
-            for it in iterates:
-                it["snapshot"] = None
-        iterates.append({"iteration": k, "objective": objective, "plans": plans,
-                         "snapshot": run.home.snapshot(layers) if K > 1 and better else None})
-        if converged or k == K:
+        log.info("iter %d: objective %.5f primal %.4g (eps %.3g) dual %s rho %.3g lambda %.3f%s (%.1fs)",
+                 k, entry["objective"], primal, eps_pri, "-" if dual is None else f"{dual:.4g} (eps {eps_dual:.3g})",
+                 rho, lam, "" if not settled else ", kept structures repeat", entry["seconds"])
+        keep(k, entry["objective"], plans)
+        if converged or settled or k == K:
             break
-        # The rho schedule (residual balancing): a primal residual far above the dual one asks for
-        # a stronger pull to consensus, and the reverse for a weaker one. w = rho * y is stored, so
-        # the scaled duals y = w / rho follow the new rho without being rewritten.
-        if primal > RHO_BALANCE * dual:
-            rho *= RHO_FACTOR
-        elif dual > RHO_BALANCE * primal:
-            rho /= RHO_FACTOR
+        # rho grows while the kept structures still change: a stronger pull of each module's target
+        # towards what its pruned output already is, so the supports settle (residual balancing,
+        # used before, halved rho in every measured run: the wrong way for a support constraint).
+        rho *= RHO_FACTOR
+        plans_prev = plans
     if state is not None:  # stopped early: the next iteration's variables are not needed
-        for s in state:
-            for v in (s or {}).values():
-                v["u"].close()
-                v["w"].close()
+        _close(state)
+    if k > 1:  # ADMM's fixed point on the supports it ended with: each module refitted to its own target
+        t0 = time.perf_counter()
+        run.home.restore(layers, dense_layers)
+        step = admm_step(run, sens, None, None, None, rho, keep_state=False, final_dense=final_dense,
+                         frozen=iterates[-1]["plans"])
+        results, _ = run_pass(run, "structprune fixed point", step, {"dense": first, "owned": False, "rounding": 0.0},
+                              cuts=True, final=False)
+        entry = {"fixed_point": True, "supports_of": k, **measured(results, t0), "rho": rho}
+        run.log.append(entry)
+        log.info("fixed point on iteration %d's supports: objective %.5f (%.1fs)", k, entry["objective"],
+                 entry["seconds"])
+        keep(k + 1, entry["objective"], [r["plan"] for r in results])
     return iterates
+
+
+def _close(state: list) -> None:
+    """Release one iteration's consensus and dual stores."""
+    for s in state:
+        for v in (s or {}).values():
+            v["u"].close()
+            v["w"].close()
 
 
 # -- phase 5: selection -------------------------------------------------------------------------
