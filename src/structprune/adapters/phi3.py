@@ -13,35 +13,9 @@ an edited copy, so later changes to the model's config (attention implementation
 from __future__ import annotations
 
 from .base import Adapter, AttentionShape
+from .config_view import LayerConfig, shared_config
 from .llama import LlamaAdapter
 from .parts import LinearMLPPart, fused_rows
-
-
-class LayerConfig:
-    """A read-through view of a shared config with some attributes overridden for one layer."""
-
-    def __init__(self, base, **overrides):
-        object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_overrides", dict(overrides))
-
-    def __getattr__(self, name):
-        overrides = object.__getattribute__(self, "_overrides")
-        if name in overrides:
-            return overrides[name]
-        return getattr(object.__getattribute__(self, "_base"), name)
-
-    def __setattr__(self, name, value):
-        setattr(self._base, name, value)
-
-    def __deepcopy__(self, memo):
-        import copy
-
-        return LayerConfig(copy.deepcopy(self._base, memo), **self._overrides)
-
-
-def shared_config(config):
-    """The model-wide config behind a (possibly per-layer) attention config."""
-    return config._base if isinstance(config, LayerConfig) else config
 
 
 class Phi3Adapter(Adapter):

@@ -56,7 +56,7 @@ import time
 
 import torch
 
-from ..adapters.phi3 import LayerConfig
+from ..adapters.config_view import LayerConfig
 from ..engine import distributed
 from ..engine.activations import ActivationStore
 from ..engine.budget import value_batches, value_refit_bytes
