@@ -98,41 +98,15 @@ def amdahl(rows: list[dict], project: int = 8) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("--ranks", default="1,2")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--sparsity", type=float, default=0.3)
-    p.add_argument("--method", default="structprune")
-    p.add_argument("--iterations", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="results path without extension (.json and .md are written)")
-    args = p.parse_args()
-    ranks = [int(r) for r in args.ranks.split(",")]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="structprune-dist-") as tmp:
-        outs = {}
-        for r in ranks:
-            outs[r] = Path(tmp) / f"ranks{r}"
-            rows.append(run(args.model, outs[r], r, args))
-            print(json.dumps(rows[-1]), flush=True)
-        base = ranks[0]
-        for row in rows:
-            row["equal_to_one_process"] = same_output(outs[base], outs[row["ranks"]])
-            row["speedup"] = round(rows[0]["prune_seconds"] / row["prune_seconds"], 3)
-    load = os.getloadavg()
-    split = amdahl(rows)
-    result = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "method": args.method,
-              "iterations": args.iterations, "sparsity": args.sparsity, "device": args.device,
-              "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_at_end": load, "runs": rows,
-              "amdahl": split}
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# {args.model}: 1 vs {', '.join(map(str, ranks[1:]))} ranks ({args.method}, "
-             f"{args.nsamples}x{args.seqlen}, {args.device}, one thread per rank)", "",
-             f"Load average at the end: {load[0]:.1f} on {os.cpu_count()} CPUs (other jobs share the machine: "
-             "times are contended).", "",
+def render(result: dict, level: str = "#") -> list[str]:
+    """The Markdown of one measurement (``result`` as :func:`measure` returns it)."""
+    rows, split = result["runs"], result.get("amdahl") or {}
+    ranks = [r["ranks"] for r in rows]
+    load = result["load_average_at_end"]
+    lines = [f"{level} {result['model']}: 1 vs {', '.join(map(str, ranks[1:]))} ranks ({result['method']}, "
+             f"{result['nsamples']}x{result['seqlen']}, {result['device']}, one thread per rank)", "",
+             f"Load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in load)} on {result['cpus']} CPUs"
+             + (f". {result['note']}" if result.get("note") else "."), "",
              "| ranks | wall s | prune s | speed-up | peak RSS per rank (MiB) | layer reads s per rank | bit-identical "
              "| plans equal |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -146,7 +120,7 @@ def main() -> None:
     for name in rows[0]["passes"]:
         lines.append(f"| {name} | " + " | ".join(str(r["passes"].get(name, "")) for r in rows) + " |")
     if split:
-        R = max(r["ranks"] for r in rows)
+        R = max(ranks)
         lines += ["", f"Serial share implied by the 1- and {R}-rank times (Amdahl: T_R = T_1 (s + (1 - s) / R)) and "
                   "what it gives 8 ranks (**a projection**, not a measurement; on GPUs the split differs):", "",
                   f"| pass | 1 rank s | {R} ranks s | serial share | projected 8 ranks s | projected speed-up |",
@@ -155,6 +129,62 @@ def main() -> None:
             lines.append(f"| {name} | {v['t1']} | {v[f't{R}']} | {v['serial_share']} | {v['projected_t8']} "
                          f"| {v['projected_speedup_8']} |")
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
+    if result.get("benchmark_command"):
+        lines += ["", f"Made by: `{result['benchmark_command']}`"]
+    return lines
+
+
+def measure(args) -> dict:
+    """Run the job on every world size of ``args.ranks`` and compare the outputs with the first's."""
+    ranks = [int(r) for r in args.ranks.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="structprune-dist-") as tmp:
+        outs = {}
+        for r in ranks:
+            outs[r] = Path(tmp) / f"ranks{r}"
+            rows.append(run(args.model, outs[r], r, args))
+            print(json.dumps(rows[-1]), flush=True)
+        base = ranks[0]
+        for row in rows:
+            row["equal_to_one_process"] = same_output(outs[base], outs[row["ranks"]])
+            row["speedup"] = round(rows[0]["prune_seconds"] / row["prune_seconds"], 3)
+    return {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "method": args.method,
+            "iterations": args.iterations, "sparsity": args.sparsity, "device": args.device,
+            "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg()),
+            "runs": rows, "amdahl": amdahl(rows),
+            "benchmark_command": shlex.join(["python", "benchmarks/distributed.py", *sys.argv[1:]]),
+            "note": args.note}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?")
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--method", default="structprune")
+    p.add_argument("--iterations", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--note", default="", help="a sentence on the conditions of the run, kept with the result")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="instead of measuring: one table file from earlier results (JSON files this script wrote)")
+    p.add_argument("--out", required=True, help="results path without extension (.json and .md are written)")
+    args = p.parse_args(argv)
+    if args.combine:
+        results = [json.loads(Path(f).read_text()) for f in args.combine]
+        parts = [r for res in results for r in (res["measurements"] if "measurements" in res else [res])]
+        Path(f"{args.out}.json").write_text(json.dumps({"measurements": parts}, indent=2))
+        lines = ["# StructPrune over torch.distributed: 1 against 2 ranks on the CPU (issue 28)", "",
+                 f"Combined by `python benchmarks/distributed.py --combine {' '.join(args.combine)} --out {args.out}`.", ""]
+        for res in parts:
+            lines += render(res, "##") + [""]
+    else:
+        if not args.model:
+            p.error("a model (or --combine)")
+        result = measure(args)
+        Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
+        lines = render(result)
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
