@@ -115,3 +115,17 @@ def test_the_memory_plan_counts_the_refit_when_it_is_on():
     on = layer_sizes(adapter, widths, 4, "structprune", inner=True)["solver_workspace_bytes"]
     d = adapter.attention_shape(adapter.layers()[0]).hidden_size
     assert on == max(off, inner_refit_bytes(37, d)) and on > off
+
+
+def test_input_damp_is_the_input_rows_ridge_toward_their_current_values():
+    """``row_damp``: the stronger, the less the kept gate/up rows move from the cut's (``None``: ``damp``)."""
+    moved = []
+    for row_damp in (None, 0.01, 1.0, 100.0):
+        adapter, layer, xs, ts = _layer_problem(tiny_llama(layers=2))
+        w0 = [w.detach().clone() for w in adapter.mlp_parts(layer)[0].in_weights()]
+        inner.refit_mlp_inputs(adapter, layer, xs, ts, "cpu", iterations=3, fit_bias=True, damp=0.01,
+                               row_damp=row_damp)
+        w1 = adapter.mlp_parts(layer)[0].in_weights()
+        moved.append(sum(float((a.detach() - b).norm() / b.norm()) for a, b in zip(w1, w0)))
+    assert moved[0] == moved[1]  # None is damp
+    assert moved[1] > moved[2] > moved[3] and moved[3] < 0.05 * moved[1], moved

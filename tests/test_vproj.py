@@ -252,3 +252,49 @@ def test_the_memory_plan_counts_the_value_refit_when_it_is_on():
     # a 7B MHA layer (32 groups, d = 4096, 2048-token chunks): its Grams alone are 4.3 GB, so batches
     assert len(value_batches(32, 1, 4096, 2048)) > 1
     assert value_refit_bytes(32, 1, 128, 4096, 2048) < 2 * 2**30
+
+
+def test_input_damp_is_the_value_rows_ridge_toward_their_current_values():
+    """``row_damp`` is the value rows' own ridge (``damp`` still dampens o_proj): the stronger it is, the
+    less the rows move from where the cut left them, and ``None`` is ``damp`` bit for bit."""
+    moved, errors = [], []
+    for row_damp in (0.01, 1.0, 100.0):
+        adapter, layer, inputs, ys = _cut_problem(tiny_llama)
+        v0 = layer.self_attn.v_proj.weight.detach().clone()
+        r = values.refit_values(adapter, layer, inputs, lambda c: ys[c], "cpu", iterations=3, fit_bias=True,
+                                damp=0.01, row_damp=row_damp)
+        moved.append(float((layer.self_attn.v_proj.weight.detach() - v0).norm() / v0.norm()))
+        errors.append(r["error_after"])
+    assert moved[0] > moved[1] > moved[2] and moved[2] < 0.05 * moved[0], moved
+    assert errors[0] < errors[2]  # on its own calibration tokens the weaker ridge fits better
+    got = []
+    for row_damp in (None, 0.01):
+        adapter, layer, inputs, ys = _cut_problem(tiny_llama)
+        values.refit_values(adapter, layer, inputs, lambda c: ys[c], "cpu", iterations=2, fit_bias=True,
+                            damp=0.01, row_damp=row_damp)
+        got.append({k: v.clone() for k, v in layer.self_attn.state_dict().items()})
+    assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+
+
+def test_input_damp_is_refused_where_nothing_reads_it_and_changes_the_pruned_model():
+    from structprune.config import effective_fields
+    from structprune.errors import StructPruneError
+
+    with pytest.raises(StructPruneError, match="input_damp=0.1 is read only by the input-row refits"):
+        PruneConfig(input_damp=0.1)
+    with pytest.raises(StructPruneError, match="input_damp must be finite and > 0"):
+        PruneConfig(value_iterations=1, input_damp=0.0)
+    with pytest.raises(StructPruneError, match="input_damp=0.1 is ignored"):
+        PruneConfig(method="obs-local", input_damp=0.1)
+    # A stored config from before the knob reads as the default; an unread value drops out.
+    old = {k: v for k, v in PruneConfig(value_iterations=2).to_dict().items() if k != "input_damp"}
+    assert effective_fields(old) == PruneConfig(value_iterations=2).effective_dict()
+    assert "input_damp" not in PruneConfig().effective_dict()
+    ids = calib_ids(8, 32)
+    base = dict(sparsity=0.5, nsamples=8, seqlen=32, value_iterations=2, inner_iterations=2)
+    runs = {d: prune(tiny_llama(layers=2), ids, PruneConfig(**base, input_damp=d), device="cpu", progress=False)
+            for d in (None, 0.01, 10.0)}
+    sd = {d: r.model.state_dict() for d, r in runs.items()}
+    assert all(torch.equal(sd[None][k], sd[0.01][k]) for k in sd[None])  # None is damp (0.01)
+    assert any(not torch.equal(sd[None][k], sd[10.0][k]) for k in sd[None] if k in sd[10.0]
+               and sd[None][k].shape == sd[10.0][k].shape)

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-iterations", dest="value_iterations", type=int, default=None,
                    help="StructPrune: alternating refits of each attention's kept value rows with its output "
                         "projection, attention probabilities frozen (0: output projection only)")
+    p.add_argument("--input-damp", dest="input_damp", type=float, default=None,
+                   help="StructPrune: ridge of the --inner-iterations/--value-iterations input-row refits toward "
+                        "the current rows, relative to the Gram's mean diagonal (default: the refits' dampening, 0.01)")
     p.add_argument("--rho", type=float, default=None,
                    help="StructPrune ADMM penalty rho at the first iteration (doubled while the kept structures "
                         "change; below 0.5 the search moves away from the first cut, above it stays near)")
@@ -314,8 +317,8 @@ def cmd_prune(args) -> dict:
     device, dtype, defaults = resolve_runtime(args)
     device = _join_ranks(args, device)
     nsamples, seqlen, limit = _counts(args, defaults)
-    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "iterations", "rho", "target",
-                   "tol_abs", "tol_rel", "select")
+    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "input_damp", "iterations",
+                   "rho", "target", "tol_abs", "tol_rel", "select")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,

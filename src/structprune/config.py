@@ -31,7 +31,7 @@ METHOD_OPTIONS = {
     "structprune": {"allocations": ("softmax", "threshold", "uniform"),
                     "knobs": ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps",
                               "damp", "refit_bias", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations",
-                              "value_iterations")},
+                              "value_iterations", "input_damp")},
 }
 # Knobs read only under some allocations (StructPrune's uniform limit needs no menus or sensitivities).
 ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",), "energy_scale": ("softmax",),
@@ -47,7 +47,15 @@ def reads(method: str, allocation: str, knob: str) -> bool:
 ADMM_KNOBS = ("rho", "tol_abs", "tol_rel", "select")
 # Knobs added after results were stored, with the value that reproduces what those results ran:
 # a stored config without them reads as having that value.
-LATER_KNOBS = {"select": "best", "energy_scale": "std-split", "inner_iterations": 0, "value_iterations": 0}
+LATER_KNOBS = {"select": "best", "energy_scale": "std-split", "inner_iterations": 0, "value_iterations": 0,
+               "input_damp": None}
+# Knobs StructPrune reads only when it refits input projections (inner or value iterations > 0).
+INPUT_REFIT_KNOBS = ("input_damp",)
+
+
+def refits_inputs(config_dict: dict) -> bool:
+    """Whether a StructPrune config refits input projections (the MLP's or the attention's value rows)."""
+    return config_dict.get("inner_iterations", 0) > 0 or config_dict.get("value_iterations", 0) > 0
 
 
 def field_value(text: str):
@@ -82,8 +90,10 @@ def _drop_unread_knobs(config_dict: dict, admm_only_when_iterating: bool) -> dic
     allocation = resolved_allocation(method, config_dict.get("allocation", "auto"),
                                      bool(config_dict.get("uniform_widths", False)))
     one_shot = admm_only_when_iterating and config_dict.get("iterations", 1) == 1
+    no_input_refit = not refits_inputs(config_dict)
     return {**{k: v for k, v in config_dict.items() if k not in KNOBS or (
-        reads(method, allocation, k) and not (one_shot and k in ADMM_KNOBS))}, "allocation": allocation}
+        reads(method, allocation, k) and not (one_shot and k in ADMM_KNOBS)
+        and not (no_input_refit and k in INPUT_REFIT_KNOBS))}, "allocation": allocation}
 
 
 def effective_fields(config_dict: dict) -> dict:
@@ -95,7 +105,7 @@ def effective_fields(config_dict: dict) -> dict:
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
          "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations",
-         "value_iterations")
+         "value_iterations", "input_damp")
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,9 @@ class PruneConfig:
     # StructPrune: alternating closed-form refits of the kept heads' value rows with the output
     # projection, the attention probabilities frozen (solvers/values.py); 0: the output projection only
     value_iterations: int = 0
+    # StructPrune: the ridge of those input-row refits, toward the current rows, as a fraction of the
+    # Gram's mean diagonal (the output projections' refits keep ``damp``); None: ``damp``
+    input_damp: float | None = None
     select: str = "best"  # StructPrune's result: the ADMM iterate with the lowest calibration objective, or the last
     target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs, or the dense module's
     damp: float = 0.01
@@ -195,6 +208,9 @@ class PruneConfig:
             raise StructPruneError(f"r_min must be in [0, 1), got {self.r_min}")
         if not (self.damp > 0 and math.isfinite(self.damp)):  # 0 leaves singular Gram matrices unsolvable
             raise StructPruneError(f"damp must be finite and > 0 (e.g. 0.01), got {self.damp}")
+        if self.input_damp is not None and not (isinstance(self.input_damp, (int, float)) and not isinstance(
+                self.input_damp, bool) and self.input_damp > 0 and math.isfinite(self.input_damp)):
+            raise StructPruneError(f"input_damp must be finite and > 0 (or None: damp), got {self.input_damp!r}")
         if not (self.owl_lambda >= 0 and math.isfinite(self.owl_lambda)):
             raise StructPruneError(f"owl_lambda must be finite and >= 0, got {self.owl_lambda}")
         if not (self.owl_m > 0 and math.isfinite(self.owl_m)):
@@ -223,7 +239,12 @@ class PruneConfig:
         defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
         for knob in KNOBS:
             v = getattr(self, knob)
-            if v == defaults[knob] or reads(self.method, self.allocation, knob):
+            if v == defaults[knob]:
+                continue
+            if reads(self.method, self.allocation, knob):
+                if knob in INPUT_REFIT_KNOBS and not refits_inputs(asdict(self)):
+                    raise StructPruneError(f"{knob}={v!r} is read only by the input-row refits: set inner_iterations "
+                                           "or value_iterations above 0, or leave it at its default None")
                 continue
             where = "; ".join(f"{m} ({'/'.join(a for a in o['allocations'] if reads(m, a, knob))})"
                               for m, o in METHOD_OPTIONS.items() if any(reads(m, a, knob) for a in o["allocations"]))

@@ -21,7 +21,7 @@ whose blocks each have a closed form (or one Gauss-Newton step for the nonlinear
 * ``a``: one Gauss-Newton step of ``beta (p - phi(a) b)^2 + gamma (a - G x)^2`` around the current
   ``a`` (``phi`` linearised), elementwise, always defined;
 * ``G``, ``U``: ridge least squares of ``a``, ``b`` on ``x`` (Gram of ``x``, shrunk toward the
-  current rows by the project's dampening); ``D``, ``c``: least squares of ``t`` on ``p``.
+  current rows by ``input_damp``, default the project's dampening); ``D``, ``c``: least squares of ``t`` on ``p``.
 
 Fixed point and what each variable can change: for fixed weights the auxiliaries sit where the
 output residual ``t - D p`` is traded against the distance to the forward values; the gradient of
@@ -99,10 +99,12 @@ class _Rows:
 
 
 def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, device, iterations: int,
-                     fit_bias: bool, damp: float) -> dict:
+                     fit_bias: bool, damp: float, row_damp: float | None = None) -> dict:
     """Refit the kept rows of a one-part MLP's input projections with its output projection
     (the module docstring's alternating closed forms, ``iterations`` of them) toward targets
     ``ts`` on inputs ``xs`` (one chunk each, the MLP's input and its target output per token).
+    ``damp`` dampens the output projection's refits, ``row_damp`` (default ``damp``) the input rows'
+    ridge toward their current values.
 
     Keeps the result only if its exact calibration error is lower; returns
     ``{"error_before", "error_after", "adopted", "gated", "seconds"}`` (errors as sums of squares)."""
@@ -144,7 +146,8 @@ def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, d
     distributed.sum_tensors([Sxx])
     err0, count = distributed.fsum_parts(err0), sum(distributed.gather_objects(count))
     Sx = [Sxx if xb else Sxx[:d, :d] for xb in xbias]
-    ridge = [damp * float(torch.diagonal(S).mean().clamp_min(1e-12)) for S in Sx]
+    row_damp = damp if row_damp is None else row_damp
+    ridge = [row_damp * float(torch.diagonal(S).mean().clamp_min(1e-12)) for S in Sx]
     D, c = D0, c0
     for _ in range(iterations):
         k = D.shape[1]

@@ -236,11 +236,13 @@ def _skipped(reason: str, t0: float) -> dict:
 
 
 def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bias: bool, damp: float,
-                 batch_bytes: int | None = None) -> dict:
+                 batch_bytes: int | None = None, row_damp: float | None = None) -> dict:
     """Refit the kept value rows of ``layer``'s attention with its output projection (the module
     docstring's alternating closed forms, ``iterations`` of them) toward ``target(c)`` (the attention's
     target on chunk ``c``, [..., d]) on the pruned inputs ``inputs`` (LayerInputs). ``batch_bytes``:
     what one batch of KV groups may hold (engine/budget.py ``VALUE_BATCH_BYTES`` by default).
+    ``damp`` dampens ``o_proj``'s refits, ``row_damp`` (default ``damp``) the value rows' ridge toward
+    their current values.
 
     Keeps the result only if its exact calibration error is lower; returns ``{"error_before",
     "error_after", "error_refit", "adopted", "tokens", "group_batches", "passes", "workspace_bytes",
@@ -248,6 +250,7 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
     as sums of squares: the plain refit's, the layer's now, the new rows' with o_proj refitted), or
     ``{"skipped": why, ...}`` where the attention cannot be captured this way."""
     t0 = time.perf_counter()
+    row_damp = damp if row_damp is None else row_damp
     rows = adapter.value_rows(layer)
     if rows is None:
         return _skipped("no value rows: the adapter exposes no v slice of the fused projection", t0)
@@ -332,7 +335,7 @@ def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bi
                     V_old, V = V, V.clone()
                 for j, g in enumerate(groups or range(K)):
                     if it == 0:
-                        ridge = damp * float(torch.diagonal(grams[j]).mean().clamp_min(1e-12))
+                        ridge = row_damp * float(torch.diagonal(grams[j]).mean().clamp_min(1e-12))
                         grams[j].diagonal().add_(ridge)
                         F = torch.linalg.cholesky(grams[j])
                         grams[j] = None  # the factor replaces the Gram
