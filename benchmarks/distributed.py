@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(model: str, out: Path, ranks: int, args) -> dict:
     """One ``structprune prune`` under torchrun with ``ranks`` processes; its wall time and report."""
     cli = ["prune", model, "--sparsity", str(args.sparsity), "--method", args.method, "--nsamples",
-           str(args.nsamples), "--seqlen", str(args.seqlen), "--iterations", str(args.iterations), "--eval", "",
+           str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "",
            "--device", args.device, "-q", "--output", str(out)]
     if ranks == 1:
         cmd = [sys.executable, "-m", "structprune.cli", *cli]
@@ -149,7 +149,7 @@ def measure(args) -> dict:
             row["equal_to_one_process"] = same_output(outs[base], outs[row["ranks"]])
             row["speedup"] = round(rows[0]["prune_seconds"] / row["prune_seconds"], 3)
     return {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "method": args.method,
-            "iterations": args.iterations, "sparsity": args.sparsity, "device": args.device,
+            "sparsity": args.sparsity, "device": args.device,
             "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg()),
             "runs": rows, "amdahl": amdahl(rows),
             "benchmark_command": shlex.join(["python", "benchmarks/distributed.py", *sys.argv[1:]]),
@@ -164,7 +164,6 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--sparsity", type=float, default=0.3)
     p.add_argument("--method", default="structprune")
-    p.add_argument("--iterations", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--note", default="", help="a sentence on the conditions of the run, kept with the result")
     p.add_argument("--combine", nargs="+", metavar="JSON",

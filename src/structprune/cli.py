@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="softmax allocation temperature (inf: uniform)")
     p.add_argument("--energy-scale", dest="energy_scale", choices=("std-split", "std", "robust"), default=None,
                    help="softmax allocation: how step energies are standardised (docs/structprune.md)")
-    p.add_argument("--iterations", type=int, default=None, help="StructPrune ADMM iterations")
+    # ADMM across layers (iterations, rho, tol_abs, tol_rel, select) is in the Python API only: at the
+    # CPU protocol it ended worse than the one-shot pass (docs/structprune.md, section 3).
     p.add_argument("--inner-iterations", dest="inner_iterations", type=int, default=None,
                    help="StructPrune: alternating refits of each MLP's kept input rows with its output projection "
                         "(auxiliary variables; 0: output projection only)")
@@ -104,16 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-damp", dest="input_damp", type=float, default=None,
                    help="StructPrune: ridge of the --inner-iterations/--value-iterations input-row refits toward "
                         "the current rows, relative to the Gram's mean diagonal (default: the refits' dampening, 0.01)")
-    p.add_argument("--rho", type=float, default=None,
-                   help="StructPrune ADMM penalty rho at the first iteration (doubled while the kept structures "
-                        "change; below 0.5 the search moves away from the first cut, above it stays near)")
-    p.add_argument("--tol-abs", dest="tol_abs", type=float, default=None,
-                   help="StructPrune ADMM stopping: absolute tolerance of the residuals per output entry")
-    p.add_argument("--tol-rel", dest="tol_rel", type=float, default=None,
-                   help="StructPrune ADMM stopping: tolerance relative to the module outputs and duals")
     p.add_argument("--target", default=None, choices=("own", "dense"), help="StructPrune refit anchor")
-    p.add_argument("--select", default=None, choices=("best", "last"),
-                   help="StructPrune's result among its ADMM iterates: lowest calibration objective (default) or the last")
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true",
@@ -317,8 +309,7 @@ def cmd_prune(args) -> dict:
     device, dtype, defaults = resolve_runtime(args)
     device = _join_ranks(args, device)
     nsamples, seqlen, limit = _counts(args, defaults)
-    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "input_damp", "iterations",
-                   "rho", "target", "tol_abs", "tol_rel", "select")
+    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "input_damp", "target")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,
