@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without install
 from structprune import PruneConfig, load_model, prune  # noqa: E402
 from structprune.bench import hardware_name  # noqa: E402
-from structprune.config import effective_fields, field_value  # noqa: E402
+from structprune.config import INPUT_REFIT_KNOBS, effective_fields, field_value, refits_inputs  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.data.calibration import get_heldout_calibration  # noqa: E402
 from structprune.eval.intervals import paired_ratio  # noqa: E402
@@ -129,9 +129,15 @@ def joint_decision(rows: list[dict], name: str) -> dict | None:
 
 
 def sweep_config(a, fixed: dict, name: str, sparsity: float, value) -> PruneConfig:
-    """The config of one row: StructPrune at ``sparsity`` with the fixed fields and ``name = value``."""
-    return PruneConfig(sparsity=sparsity, nsamples=a.nsamples, seqlen=a.seqlen,
-                       **{"method": "structprune", **fixed, name: value})
+    """The config of one row: StructPrune at ``sparsity`` with the fixed fields and ``name = value``.
+
+    A fixed knob of the input-row refits (``input_damp``) is left out of a row that refits no
+    inputs (e.g. the ``value_iterations=0`` reference), which would refuse it: it could not change
+    that row."""
+    fields = {"method": "structprune", **fixed, name: value}
+    if not refits_inputs(fields):
+        fields = {k: v for k, v in fields.items() if k not in INPUT_REFIT_KNOBS or k == name}
+    return PruneConfig(sparsity=sparsity, nsamples=a.nsamples, seqlen=a.seqlen, **fields)
 
 
 def settings_of(a, protocol) -> dict:

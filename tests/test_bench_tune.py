@@ -142,3 +142,20 @@ def test_render_rewrites_the_markdown_with_the_joint_decision(tune, tmp_path, on
     assert f"**temperature={joint['best']}**" in md and rec["command"] in md
     assert tune.joint_decision([r for r in rec["rows"] if r["sparsity"] == 0.3], "temperature") is None
 
+
+
+def test_a_fixed_input_refit_knob_is_left_out_of_rows_that_refit_no_inputs(load_benchmark):
+    """``--sweep value_iterations=0,4 --fixed input_damp=1.0``: the reference row (no input refit)
+    would refuse ``input_damp``; it is built without it, the refitting row with it."""
+    from structprune.errors import StructPruneError
+    mod = load_benchmark("tune_structprune")
+
+    class A:
+        nsamples, seqlen = 4, 32
+
+    fixed = {"input_damp": 1.0}
+    assert mod.sweep_config(A, fixed, "value_iterations", 0.5, 0).input_damp is None
+    assert mod.sweep_config(A, fixed, "value_iterations", 0.5, 4).input_damp == 1.0
+    assert mod.sweep_config(A, fixed, "inner_iterations", 0.5, 2).input_damp == 1.0
+    with pytest.raises(StructPruneError, match="input-row refits"):  # swept itself, it is not dropped
+        mod.sweep_config(A, {}, "input_damp", 0.5, 1.0)
