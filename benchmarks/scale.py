@@ -320,6 +320,31 @@ def plan_text(plan: dict | None) -> str:
     return f"{limit} ({where}), need {plan['need_bytes'] / gib:.2f} GiB"
 
 
+OPERATIONS = ("forward", "statistics", "factor", "inverse", "path", "refit", "value refit", "input refit", "objective",
+              "layer io", "other")
+
+
+def operations_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: minutes per operation in each streamed pass of each row (the report's
+    ``timings[pass]["operations"]``, engine/clock.py: exclusive of nested operations; ``other`` is
+    the rest of the pass)."""
+    if not rows:
+        return []
+    lines = ["", "Where each pass's time goes (minutes per operation, exclusive of nested ones: a forward "
+             "excludes the statistics its hooks gather; factor and inverse are the removal path's, the refit "
+             "includes its own factorisation; 'other': the rest of the pass):", "",
+             "| model | method | pass | " + " | ".join(OPERATIONS) + " | pass |",
+             "|---|---|---|" + "---:|" * (len(OPERATIONS) + 1)]
+    for r in rows:
+        for desc, t in r["timings"].items():
+            if not isinstance(t, dict) or "operations" not in t:
+                continue
+            ops = t["operations"]
+            cells = " | ".join(f"{ops[o] / 60:.1f}" if o in ops else "" for o in OPERATIONS)
+            lines.append(f"| {r['shape']} | {r['method']} | {desc} | {cells} | {t['seconds'] / 60:.1f} |")
+    return lines
+
+
 def write_outputs(res: dict, out: Path) -> None:
     rows, base = res["rows"], res["baseline_rss_bytes"]
     full = sorted((r for r in rows if not is_projection(r)), key=lambda r: (r["params"], r["method"]))
@@ -383,6 +408,8 @@ def write_outputs(res: dict, out: Path) -> None:
                          f"{ph.get('sensitivity bwd', 0) / 60:.1f} | {ph.get('structprune profile', 0) / 60:.1f} | "
                          f"{passes / 60:.1f} | {rest / 60:.1f} | {r['prune_seconds'] / 60:.1f} | "
                          f"{layer_seconds(r) / r['layers_run']:.0f} s |")
+    lines += operations_table([r for r in timed if any("operations" in t for t in (r.get("timings") or {}).values()
+                                                       if isinstance(t, dict))])
     mem = [r for r in full if r.get("finished") and r.get("memory") and r["method"] == "structprune"]
     if mem:
         lines += ["", "One resident layer's memory by kind (the report's breakdown: weights, Grams and solver "

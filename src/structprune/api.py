@@ -24,6 +24,7 @@ from .engine import LayerStream, distributed
 from .engine.stream import check_finite_weights
 from .engine.activations import activation_budget, current_budget, explicit_budget
 from .engine.budget import MemoryPlan, layer_sizes, parse_memory, plan_memory
+from .engine.clock import breakdown, measuring, timed
 from .engine.homes import MemoryHome
 from .errors import CalibrationError, StructPruneError
 from .memory import default_ram_budget, peak_gpu, peak_rss, reset_peak_gpu, reset_peak_rss
@@ -110,6 +111,7 @@ class PruneRun:
     cache: dict | None = None  # dense-model computations reusable across runs (see prune())
     home: object = None  # MemoryHome or DiskHome; None: MemoryHome(config.swap_layers)
     timings: dict = field(default_factory=dict)  # pass -> seconds per layer, for the report
+    operations: dict = field(default_factory=dict)  # pass -> operation -> seconds (engine/clock.py)
     _inputs: object = None  # first-layer inputs, captured once and shared by every pass
     # Content hashes of the dense model and the calibration (provenance.py), for the report and
     # the reuse cache's keys; computed here unless given (the disk path hashes the checkpoint).
@@ -153,10 +155,13 @@ class PruneRun:
             try:
                 for i in tqdm(range(start, len(store)), initial=start, total=len(store), desc=desc,
                               disable=not self.progress):
-                    layer = store.fetch(i)
-                    check_finite_weights(layer, f"layer {i}")
-                    yield i, layer
-                    store.release(i)
+                    with measuring(self.operations.setdefault(desc, {})):
+                        with timed("layer io"):
+                            layer = store.fetch(i)
+                        check_finite_weights(layer, f"layer {i}")
+                        yield i, layer
+                        with timed("layer io"):
+                            store.release(i)
             finally:
                 store.finish()
 
@@ -173,15 +178,18 @@ class PruneRun:
                         track_dense=track_dense, progress=self.progress, desc=desc, inputs=self._inputs,
                         store_factory=self.home, start=start, start_inputs=start_inputs, start_dense=start_dense)
         self._inputs = s.first_inputs()
-        return _Pass(s, self.home if cuts else None, final, self.timings.setdefault(desc, []), name)
+        return _Pass(s, self.home if cuts else None, final, self.timings.setdefault(desc, []), name,
+                     self.operations.setdefault(desc, {}))
 
 
 class _Pass:
-    """A :class:`LayerStream` timed per layer (into ``times``) and, for a cutting pass, run
-    inside ``home.cutting(final)``."""
+    """A :class:`LayerStream` timed per layer (into ``times``) and per operation (into
+    ``operations``: engine/clock.py), and, for a cutting pass, run inside ``home.cutting(final)``."""
 
-    def __init__(self, stream: LayerStream, home, final: bool, times: list, name: str | None = None):
+    def __init__(self, stream: LayerStream, home, final: bool, times: list, name: str | None = None,
+                 operations: dict | None = None):
         self.stream, self.home, self.final, self.times, self.name = stream, home, final, times, name
+        self.operations = {} if operations is None else operations
 
     def first_inputs(self):
         return self.stream.first_inputs()
@@ -189,11 +197,12 @@ class _Pass:
     def __iter__(self):
         with self.home.cutting(self.final, self.name) if self.home is not None else contextlib.nullcontext():
             t = time.perf_counter()
-            for ctx in self.stream:
-                yield ctx
-                now = time.perf_counter()
-                self.times.append(now - t)  # the layer's work in this pass, its forward included
-                t = now
+            with measuring(self.operations):
+                for ctx in self.stream:
+                    yield ctx
+                    now = time.perf_counter()
+                    self.times.append(now - t)  # the layer's work in this pass, its forward included
+                    t = now
 
 
 @dataclass
@@ -352,7 +361,11 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         "world_size": distributed.world_size(),
         "ranks": per_rank if distributed.is_distributed() else None,
         "memory": _memory_breakdown(run, budget, widths_before),
-        "timings": {desc: {"seconds": sum(t), "per_layer": t} for desc, t in run.timings.items()},
+        # per pass: seconds per layer, and per operation (exclusive of nested ones; the rest of a pass is
+        # what no operation covers: surgery, menus, bookkeeping); engine/clock.py
+        "timings": {desc: {"seconds": sum(t), "per_layer": t,
+                           **({"operations": breakdown(run.operations[desc], sum(t))}
+                              if run.operations.get(desc) else {})} for desc, t in run.timings.items()},
         # a streamed run's layer reads from disk (every pass), inside the passes' times: on a shared node
         # each rank reads its own copy, so this says what reading once and broadcasting could save
         "layer_reads": reads,

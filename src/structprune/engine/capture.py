@@ -14,6 +14,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from .activations import ActivationStore
+from .clock import timed
 
 
 class _Stop(Exception):
@@ -222,7 +223,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device, dtype: torch.dtype 
     the dtype they were produced in."""
     out = ActivationStore(dtype=dtype or inputs.hidden.dtype)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), timed("forward"):
             for h, kw in zip(inputs.hidden, inputs.kwargs):
                 y = layer(h.to(device, inputs.hidden.source_dtype or h.dtype),
                           **to_device(layer_kwargs(layer, kw), device))

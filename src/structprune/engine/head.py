@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .clock import timed_call
 from .residency import moved_to
 
 # Logits of one slice of positions at most this large (a 128k vocabulary at 2048 positions is
@@ -23,6 +24,7 @@ SLICE_BYTES = 64 * 2**20
 
 
 @torch.no_grad()
+@timed_call("objective")
 def calibration_loss(adapter, pruned, dense, ids: torch.Tensor, device, resident=None) -> dict:
     """``{"kl", "nll", "dense_nll", "tokens"}`` per predicted token over the windows ``ids``
     (``[windows, seqlen]``: this rank's, in a distributed run), from the final hidden states

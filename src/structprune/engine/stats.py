@@ -26,6 +26,7 @@ from ..adapters import Adapter
 from ..errors import CalibrationError
 from . import distributed
 from .capture import LayerInputs, run_layer
+from .clock import timed_call
 
 MODULES = ("attn", "mlp")
 
@@ -102,6 +103,7 @@ class StatsAccumulator:
                 zsum=torch.zeros(n, **f), zsq=torch.zeros(n, **f), xsq=torch.zeros(d, **f))
         return self.stats[name]
 
+    @timed_call("statistics")
     def add_z(self, name: str, z: torch.Tensor, d: int, count: int | None = None,
               target: torch.Tensor | None = None) -> None:
         """Add inner activations ``z``; ``count`` tokens (default: ``z``'s rows; more when the rows
@@ -128,6 +130,7 @@ class StatsAccumulator:
             s.C[:, -1] += t.sum(0)
             self.yy_parts.setdefault(name, []).append(float((t * t).sum()))
 
+    @timed_call("statistics")
     def finish(self) -> dict[str, ModuleStats]:
         """The totals over every chunk this pass saw (the Gram made whole from its upper blocks), on
         every rank of a distributed run: each module's Gram in one collective and its other sums in
@@ -147,6 +150,7 @@ class StatsAccumulator:
                 s.yy = distributed.fsum_parts(self.yy_parts.get(name, []))
         return self.stats
 
+    @timed_call("statistics")
     def add_x(self, name: str, x: torch.Tensor, n: int) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         s = self._get(name, n, x.shape[1], x.device)

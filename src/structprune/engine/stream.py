@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter
 from . import distributed
 from .capture import LayerInputs, capture_first_layer_inputs, run_layer
+from .clock import timed
 from .residency import LayerStore, SwapLayerStore
 from .stats import MODULES, collect_stats
 
@@ -98,7 +99,8 @@ class LayerStream:
         try:
             for i in tqdm(range(self.start, len(layers)), initial=self.start, total=len(layers), desc=self.desc,
                           disable=not self.progress):
-                layer = store.fetch(i)
+                with timed("layer io"):
+                    layer = store.fetch(i)
                 check_finite_weights(layer, f"layer {i}")
                 ctx = LayerContext(i, layer, inputs, self.device, self.adapter, dense_inputs=dense)
                 if self.track_dense:
@@ -106,6 +108,7 @@ class LayerStream:
                 yield ctx
                 inputs = ctx.outputs if ctx.outputs is not None else run_layer(layer, inputs, self.device)
                 dense = ctx.dense_outputs
-                store.release(i)
+                with timed("layer io"):
+                    store.release(i)
         finally:
             store.finish()

@@ -48,6 +48,7 @@ import torch
 
 from ..engine import distributed
 from ..engine.activations import ActivationStore
+from ..engine.clock import timed_call
 from ..engine.stats import StatsAccumulator
 from .obs import refit
 
@@ -98,6 +99,7 @@ class _Rows:
             self.bias.copy_(M[:, d].to(self.bias.dtype))
 
 
+@timed_call("input refit")
 def refit_mlp_inputs(adapter, layer, xs: ActivationStore, ts: ActivationStore, device, iterations: int,
                      fit_bias: bool, damp: float, row_damp: float | None = None) -> dict:
     """Refit the kept rows of a one-part MLP's input projections with its output projection

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.clock import timed_call
 from ..adapters.base import LayerPlan
 from ..surgery import apply_layer_plan, head_rows, set_output_projection
 from .obs import ModuleProblem, Path, channel_path, refit
@@ -40,6 +41,7 @@ def module_problem(stats, weight: torch.Tensor, bias: torch.Tensor | None, fit_b
                                fit_bias=fit_bias, damp=damp, yy=stats.yy if external else None, dtype=dtype)
 
 
+@timed_call("path")
 def attention_path(adapter, layer, stats, cfg, target: tuple[int, int] = (1, 1), dtype=torch.float64,
                    stop=None) -> Path:
     """The attention's greedy removal path down to the GQA state ``target = (kv_heads, per_group)``
@@ -49,6 +51,7 @@ def attention_path(adapter, layer, stats, cfg, target: tuple[int, int] = (1, 1),
     return _obs_attention_path(prob, adapter.attention_shape(layer), target, stop)
 
 
+@timed_call("path")
 def mlp_path(adapter, layer, stats, cfg, floor: list[int], blocks: list[int], dtype=torch.float64,
              stop=None) -> Path:
     """The MLP's greedy removal path down to ``floor`` channels per part, ``blocks`` channels per
@@ -64,6 +67,7 @@ def mlp_path(adapter, layer, stats, cfg, floor: list[int], blocks: list[int], dt
     return parts_path(problems(parts, stats, cfg.refit_bias, cfg.damp, dtype=dtype), mshape, floor, blocks, stop)
 
 
+@timed_call("refit")
 def cut_attention(adapter, layer, stats, heads: list[int], kv_heads: list[int], cfg) -> None:
     """Keep query ``heads`` in KV groups ``kv_heads`` (MLP untouched) and refit the output projection
     (least squares on ``stats``, against ``stats.C`` when given, else the module's own output)."""
@@ -76,6 +80,7 @@ def cut_attention(adapter, layer, stats, heads: list[int], kv_heads: list[int], 
     set_output_projection(adapter.attn_linears(layer)[1], W, b)
 
 
+@timed_call("refit")
 def cut_mlp(adapter, layer, stats, channels: list[int], cfg) -> None:
     """Keep MLP ``channels`` (layer indices over every part; attention untouched) and refit each
     part's output projection on ``stats`` (against ``stats.C`` for a one-part MLP when given)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.base import AttentionShape
+from ..engine.clock import timed
 from ..surgery import head_rows
 
 # Workspace of one module solve: at most two float64 [n+1, n+1] buffers (the Gram, damped and
@@ -152,19 +153,21 @@ def _damped_inverse(H: torch.Tensor, zsum: torch.Tensor, count: int, fit_bias: b
     n x n buffers at the peak instead of 2 (a 7B MLP: 1.45 GB instead of 1.94 GB).
     ``factor``: the factor's dtype (default :func:`factor_dtype`: float32 only off the CPU)."""
     factor = factor or factor_dtype(H.device, dtype)
-    A = _gram(H, zsum, count, fit_bias, factor)
-    delta = damp_(A, damp)
-    U = _cholesky_(A)
-    if dtype != factor:
-        U = U.to(dtype)
-        del A  # U was a view of it: the float64 factor goes now
-    if dtype == torch.float32:
-        # LAPACK potri (the factor's triangular inverse times its transpose): a third of the two
-        # solves' flops; at the 7B MLP shape 14.4 s against 29.7 s (2 idle threads) at the same
-        # accuracy against float64 (5.0e-7 against 5.7e-7; benchmarks/results/profile_solver_7b_mlp.md)
-        Hinv = torch.cholesky_inverse(U, upper=True)  # column-major and exactly symmetric:
-        return (Hinv.mT if Hinv.mT.is_contiguous() else Hinv.contiguous()), delta  # its transpose is row-major
-    return _cholesky_solve_(U, torch.eye(U.shape[0], dtype=dtype, device=U.device)), delta
+    with timed("factor"):
+        A = _gram(H, zsum, count, fit_bias, factor)
+        delta = damp_(A, damp)
+        U = _cholesky_(A)
+        if dtype != factor:
+            U = U.to(dtype)
+            del A  # U was a view of it: the float64 factor goes now
+    with timed("inverse"):
+        if dtype == torch.float32:
+            # LAPACK potri (the factor's triangular inverse times its transpose): a third of the two
+            # solves' flops; at the 7B MLP shape 14.4 s against 29.7 s (2 idle threads) at the same
+            # accuracy against float64 (5.0e-7 against 5.7e-7; benchmarks/results/profile_solver_7b_mlp.md)
+            Hinv = torch.cholesky_inverse(U, upper=True)  # column-major and exactly symmetric:
+            return (Hinv.mT if Hinv.mT.is_contiguous() else Hinv.contiguous()), delta  # its transpose is row-major
+        return _cholesky_solve_(U, torch.eye(U.shape[0], dtype=dtype, device=U.device)), delta
 
 
 def _augmented_weights(W: torch.Tensor, bias: torch.Tensor | None, fit_bias: bool, device=None) -> torch.Tensor:

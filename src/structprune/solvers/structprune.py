@@ -46,6 +46,7 @@ from ..engine import LayerInputs
 from ..engine import distributed
 from ..engine.activations import ActivationStore
 from ..engine.capture import layer_kwargs, run_layer, to_device
+from ..engine.clock import timed_call
 from ..engine.head import calibration_loss
 from ..engine.sensitivity import module_sensitivities
 from ..engine.stats import StatsAccumulator
@@ -198,6 +199,7 @@ class _StopForward(Exception):
     forward is not needed."""
 
 
+@timed_call("forward")
 def _hooked_forward(layer, inputs: LayerInputs, device, hooks, stop_after=None) -> None:
     """Run ``layer`` over every chunk of ``inputs`` with forward ``hooks`` ``[(module, fn(c, args, out))]``,
     ``c`` the chunk index; outputs are dropped (the hooks keep what they need). With ``stop_after``

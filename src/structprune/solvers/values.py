@@ -61,6 +61,7 @@ from ..engine import distributed
 from ..engine.activations import ActivationStore
 from ..engine.budget import value_batches, value_refit_bytes
 from ..engine.capture import layer_kwargs, to_device
+from ..engine.clock import timed_call
 from ..engine.stats import StatsAccumulator
 from ..surgery import set_output_projection
 from .inner import as_tokens
@@ -235,6 +236,7 @@ def _skipped(reason: str, t0: float) -> dict:
     return {"skipped": reason, "adopted": False, "seconds": time.perf_counter() - t0}
 
 
+@timed_call("value refit")
 def refit_values(adapter, layer, inputs, target, device, iterations: int, fit_bias: bool, damp: float,
                  batch_bytes: int | None = None, row_damp: float | None = None) -> dict:
     """Refit the kept value rows of ``layer``'s attention with its output projection (the module
