@@ -95,8 +95,9 @@ def test_dampening_shrinks_an_external_target_refit_toward_the_current_weights()
 
 
 def test_own_output_refit_equals_the_external_target_it_stands_for():
-    """``refit(W=...)`` builds ``C = [W b] (G + delta I)`` in row chunks of ``H``; it must equal the
-    refit against the external target ``C = [W b] G`` with ``W`` as the ridge prior."""
+    """``refit(W=...)`` solves for the correction ``W_R G_RK A^-1`` of the kept weights; it must equal
+    the refit against the external target ``C = [W b] G`` with ``W`` as the ridge prior; with nothing
+    removed it returns the weights bit for bit."""
     Z, W, b = _data(7)
     Z = Z.double()
     H, s = Z.T @ Z, Z.sum(0)
@@ -108,6 +109,8 @@ def test_own_output_refit_equals_the_external_target_it_stands_for():
         Wc, bc = refit(H, s, 500, keep, C=C, W=W, bias=b, fit_bias=fit_bias, damp=0.05)
         assert (Wo - Wc).abs().max() < 1e-9 * Wc.abs().max()
         assert (bo is None) == (not fit_bias) and (bo is None or (bo - bc).abs().max() < 1e-9 * bc.abs().max())
+        Wa, ba = refit(H, s, 500, torch.arange(H.shape[0]), W=W, bias=b, fit_bias=fit_bias, damp=0.05)
+        assert torch.equal(Wa, W.double()) and (ba is None or torch.equal(ba, b.double()))
 
 
 def test_problem_owns_its_weights_and_refuses_an_indefinite_gram():

@@ -311,3 +311,48 @@ def test_last_pass_stops_its_paths_at_the_cut_and_cuts_the_same(factory, monkeyp
     n = len(get_adapter(base).layers())  # the profile's paths (first n) run to the floor in both
     assert steps["stopped"][:n] == steps["full"][:n]
     assert sum(steps["stopped"][n:]) < sum(steps["full"][n:]), steps
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2_moe], ids=["llama", "qwen2-moe"])
+def test_dense_cut_paths_cut_the_profiles_paths_without_solving_them_again(factory, monkeypatch):
+    """``cut_paths="dense"``: the cutting pass cuts every module at the allocated prefix of the dense
+    profile's path (no path is solved in the pass) and refits on the pruned inputs. The first layer's
+    inputs are the same in both modes, so its plan and weights are bit for bit those of the default."""
+    from structprune.solvers import structprune as sp
+
+    base = factory(layers=3)
+    ids = calib_ids(4, 24)
+    n = len(get_adapter(base).layers())
+    calls, out, menus = {}, {}, {}
+    real_mlp, real_attn, real_plans = sp.mlp_path, sp.attention_path, sp.dense_path_plans
+    for mode in ("pruned", "dense"):
+        calls[mode] = 0
+
+        def counting(real, *a, **k):
+            calls[mode] += 1
+            return real(*a, **k)
+        monkeypatch.setattr(sp, "mlp_path", lambda *a, **k: counting(real_mlp, *a, **k))
+        monkeypatch.setattr(sp, "attention_path", lambda *a, **k: counting(real_attn, *a, **k))
+        monkeypatch.setattr(sp, "dense_path_plans", lambda ad, m, p: menus.setdefault("plans", real_plans(ad, m, p)))
+        m = copy.deepcopy(base)
+        r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.4, seqlen=24,
+                      cut_paths=mode)
+        out[mode] = ([p.to_dict() for p in r.plans], m.state_dict())
+        assert abs(r.report["sparsity_achieved"] - 0.4) < 0.05
+    assert calls == {"pruned": 4 * n, "dense": 2 * n}  # the profile's two paths per layer, then the pass's
+    assert [{k: sorted(v) for k, v in p.items()} for p in menus["plans"]] == out["dense"][0]
+    assert out["dense"][0][0] == out["pruned"][0][0]
+    layer0 = [k for k in out["dense"][1] if ".layers.0." in k]
+    assert layer0 and all(torch.equal(out["dense"][1][k], out["pruned"][1][k]) for k in layer0)
+
+
+def test_dense_cut_paths_are_the_one_shot_passes():
+    from structprune import PruneConfig
+    from structprune.errors import StructPruneError
+
+    with pytest.raises(StructPruneError, match="one-shot"):
+        PruneConfig(method="structprune", cut_paths="dense", iterations=2)
+    with pytest.raises(StructPruneError, match="unknown cut_paths"):
+        PruneConfig(method="structprune", cut_paths="fast")
+    with pytest.raises(StructPruneError, match="ignored"):  # uniform widths have no profile paths
+        PruneConfig(method="structprune", allocation="uniform", cut_paths="dense")

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="StructPrune: ridge of the --inner-iterations/--value-iterations input-row refits toward "
                         "the current rows, relative to the Gram's mean diagonal (default: the refits' dampening, 0.01)")
     p.add_argument("--target", default=None, choices=("own", "dense"), help="StructPrune refit anchor")
+    p.add_argument("--cut-paths", dest="cut_paths", default=None, choices=("pruned", "dense"),
+                   help="StructPrune's cutting pass: re-solve each module's removal path on the pruned model's "
+                        "inputs (pruned, default) or cut the dense profile's paths (dense: faster; refit on the "
+                        "pruned inputs either way)")
     p.add_argument("--output", required=True, help="folder for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true",
@@ -309,7 +313,8 @@ def cmd_prune(args) -> dict:
     device, dtype, defaults = resolve_runtime(args)
     device = _join_ranks(args, device)
     nsamples, seqlen, limit = _counts(args, defaults)
-    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "input_damp", "target")
+    solver_opts = ("temperature", "energy_scale", "inner_iterations", "value_iterations", "input_damp", "target",
+                   "cut_paths")
     overrides = {k: getattr(args, k) for k in solver_opts if getattr(args, k) is not None}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation, calib=args.calib,
                          nsamples=nsamples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size,

@@ -19,6 +19,8 @@ TARGETS = ("dense", "own")
 SELECTS = ("best", "last")
 # How StructPrune's softmax allocation standardises step energies (allocation/softmax.py ENERGY_SCALES).
 ENERGY_SCALES = ("std-split", "std", "robust")
+# Which removal paths StructPrune's cutting pass cuts along (docs/structprune.md, "Cost").
+CUT_PATHS = ("pruned", "dense")
 
 # What each method reads (solvers/): the allocations it runs and the knobs it uses. A knob
 # set away from its default on a method that ignores it is refused, not silently dropped.
@@ -31,11 +33,12 @@ METHOD_OPTIONS = {
     "structprune": {"allocations": ("softmax", "threshold", "uniform"),
                     "knobs": ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps",
                               "damp", "refit_bias", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations",
-                              "value_iterations", "input_damp")},
+                              "value_iterations", "input_damp", "cut_paths")},
 }
 # Knobs read only under some allocations (StructPrune's uniform limit needs no menus or sensitivities).
 ALLOCATION_KNOBS = {"owl_lambda": ("owl",), "owl_m": ("owl",), "temperature": ("softmax",), "energy_scale": ("softmax",),
-                    "r_min": ("softmax", "threshold"), "sens_nsamples": ("softmax", "threshold")}
+                    "r_min": ("softmax", "threshold"), "sens_nsamples": ("softmax", "threshold"),
+                    "cut_paths": ("softmax", "threshold")}
 def reads(method: str, allocation: str, knob: str) -> bool:
     """Whether ``method`` with ``allocation`` uses ``knob``."""
     if knob in ("owl_lambda", "owl_m"):
@@ -48,7 +51,7 @@ ADMM_KNOBS = ("rho", "tol_abs", "tol_rel", "select")
 # Knobs added after results were stored, with the value that reproduces what those results ran:
 # a stored config without them reads as having that value.
 LATER_KNOBS = {"select": "best", "energy_scale": "std-split", "inner_iterations": 0, "value_iterations": 0,
-               "input_damp": None}
+               "input_damp": None, "cut_paths": "pruned"}
 # Knobs StructPrune reads only when it refits input projections (inner or value iterations > 0).
 INPUT_REFIT_KNOBS = ("input_damp",)
 
@@ -105,7 +108,7 @@ def effective_fields(config_dict: dict) -> dict:
 
 KNOBS = ("temperature", "r_min", "sens_nsamples", "rho", "target", "iterations", "path_steps", "damp", "refit_bias",
          "global_score", "owl_lambda", "owl_m", "tol_abs", "tol_rel", "select", "energy_scale", "inner_iterations",
-         "value_iterations", "input_damp")
+         "value_iterations", "input_damp", "cut_paths")
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,10 @@ class PruneConfig:
     # StructPrune: the ridge of those input-row refits, toward the current rows, as a fraction of the
     # Gram's mean diagonal (the output projections' refits keep ``damp``); None: ``damp``
     input_damp: float | None = None
+    # StructPrune's cutting pass: each module's removal path re-solved on the pruned model's inputs
+    # ("pruned"), or the dense profile's path cut at the allocated prefix ("dense": no second
+    # factorisation or path per module; the refit is on the pruned inputs either way)
+    cut_paths: str = "pruned"
     select: str = "best"  # StructPrune's result: the ADMM iterate with the lowest calibration objective, or the last
     target: str = "own"  # StructPrune refit anchor: own output on the pruned inputs, or the dense module's
     damp: float = 0.01
@@ -192,6 +199,11 @@ class PruneConfig:
             raise StructPruneError(f"unknown global_score {self.global_score!r}: choose one of {', '.join(GLOBAL_SCORES)}")
         if self.energy_scale not in ENERGY_SCALES:
             raise StructPruneError(f"unknown energy_scale {self.energy_scale!r}: choose one of {', '.join(ENERGY_SCALES)}")
+        if self.cut_paths not in CUT_PATHS:
+            raise StructPruneError(f"unknown cut_paths {self.cut_paths!r}: choose one of {', '.join(CUT_PATHS)}")
+        if self.cut_paths == "dense" and self.iterations > 1:  # ADMM's later W-steps re-solve against u - y
+            raise StructPruneError("cut_paths='dense' is the one-shot pass's (iterations=1): ADMM iterations "
+                                   "re-solve every path against their consensus targets")
         if self.select not in SELECTS:
             raise StructPruneError(f"unknown select {self.select!r}: choose one of {', '.join(SELECTS)}")
         if self.target not in TARGETS:

@@ -126,8 +126,10 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict], Acti
 
 def profile_step(run, sens: list[dict]):
     """Pass step of phase 2: the dense layer's statistics, each module's removal path against its
-    own output, as sensitivity-weighted menus (dicts); the last layer's result also keeps the
-    dense model's final hidden states (``final``)."""
+    own output, as sensitivity-weighted menus (dicts, each with its path's structures: ``"path"``,
+    for the attention the kept ``[heads, kv_heads]`` after every prefix, for the MLP the channels
+    each step removes); the last layer's result also keeps the dense model's final hidden states
+    (``final``)."""
     cfg, adapter = run.config, run.adapter
     last = len(adapter.layers()) - 1
 
@@ -138,10 +140,25 @@ def profile_step(run, sens: list[dict]):
         path_m = mlp_path(adapter, ctx.layer, stats["mlp"], cfg, floor, blocks, dtype=torch.float32)
         ca, cm = module_costs(adapter, ctx.layer)
         i = ctx.index
-        return {"menus": [Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict(),
-                          Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()],
-                "final": ctx.outputs.hidden.clone() if i == last else None}, carry
+        attn = Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict()
+        mlp = Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()
+        attn["path"] = [list(heads_of_path(path_a, k)) for k in range(len(path_a.steps) + 1)]
+        mlp["path"] = [list(s) for s in path_m.steps]
+        return {"menus": [attn, mlp], "final": ctx.outputs.hidden.clone() if i == last else None}, carry
     return step
+
+
+def dense_path_plans(adapter, menus: list[dict], prefixes: list[int]) -> list[dict]:
+    """Per layer the kept structures at the allocated ``prefixes`` of the dense profile's paths
+    (``cut_paths="dense"``): what the cutting pass cuts at instead of re-solving each path."""
+    plans = []
+    for i, layer in enumerate(adapter.layers()):
+        attn, mlp = menus[2 * i], menus[2 * i + 1]
+        heads, groups = attn["path"][prefixes[2 * i]]
+        removed = {c for step in mlp["path"][:prefixes[2 * i + 1]] for c in step}
+        channels = [c for c in range(adapter.mlp_shape(layer).channels) if c not in removed]
+        plans.append({"heads": list(heads), "kv_heads": list(groups), "channels": channels})
+    return plans
 
 
 # -- phase 4: ADMM ---------------------------------------------------------------------------------
@@ -535,14 +552,16 @@ def admm_passes(run, sens: list[dict], menus: list[dict], budget: float, T: floa
         else:
             prefixes, lam = allocate_prefixes([Menu.from_dict(m) for m in menus], budget, T, cfg.energy_scale)
             kept, widths = [Menu.from_dict(m).kept[p] for m, p in zip(menus, prefixes)], None
+        # cut_paths="dense" (one-shot only): cut at the dense paths' allocated prefixes, refit on the pruned inputs
+        frozen = dense_path_plans(adapter, menus, prefixes) if cfg.cut_paths == "dense" and kept is not None else None
         step = admm_step(run, sens, kept, widths, state, rho, keep_state=k < K, final_dense=final_dense,
-                         weight_residuals=K > 1)
+                         frozen=frozen, weight_residuals=K > 1)
         results, _ = run_pass(run, f"structprune iter {k}", step, {"dense": first, "owned": False, "rounding": 0.0},
                               cuts=True, final=K == 1)
         if state is not None:  # each step closed its layer's; a resumed pass skipped the layers done before
             _close(state)
         state = [r["state"] for r in results] if k < K else None
-        menus = [m for r in results for m in r["menus"]]
+        menus = None if frozen is not None else [m for r in results for m in r["menus"]]
         tot: dict = {}
         for r in results:
             _add(tot, {key: r["residuals"].get(key, 0) for key in RESIDUAL_KEYS + ("s2", "w2", "p")})
@@ -633,5 +652,5 @@ def prune_structprune(run):
     return [LayerPlan.from_dict(p) for p in best["plans"]]
 
 
-__all__ = ["admm_passes", "admm_step", "consensus_update", "profile_step", "prune_structprune", "select_iterate",
-           "sensitivities_and_paths", "temperature_of"]
+__all__ = ["admm_passes", "admm_step", "consensus_update", "dense_path_plans", "profile_step", "prune_structprune",
+           "select_iterate", "sensitivities_and_paths", "temperature_of"]
