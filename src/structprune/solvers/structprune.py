@@ -290,7 +290,6 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
     trajectory = cfg.target == "dense"
     follow_dense = trajectory or final_dense is None
     last = len(adapter.layers()) - 1
-    input_damp = cfg.damp if cfg.input_damp is None else cfg.input_damp  # the input rows' ridge
 
     def step(ctx, carry):
         layer, i, pruned = ctx.layer, ctx.index, ctx.inputs
@@ -366,7 +365,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         if cfg.value_iterations > 0:  # coordination inside the attention: the kept value rows with o_proj
             values_log = refit_values(adapter, layer, pruned,
                                       lambda c: w_step_target("attn", c, t_attn[c].to(device)), device,
-                                      cfg.value_iterations, cfg.refit_bias, cfg.damp, row_damp=input_damp)
+                                      cfg.value_iterations, cfg.refit_bias, cfg.damp, row_damp=cfg.input_damp)
 
         # Attention u/y-steps and the MLP's statistics, in one forward of the cut attention.
         o = adapter.attn_linears(layer)[1]
@@ -432,7 +431,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
         del st
         if inner:  # coordination inside the MLP: its kept input rows refitted with the output projection
             inner_log = refit_mlp_inputs(adapter, layer, x_mlp, t_fit, device, cfg.inner_iterations,
-                                         cfg.refit_bias, cfg.damp, row_damp=input_damp)
+                                         cfg.refit_bias, cfg.damp, row_damp=cfg.input_damp)
             x_mlp.close()
             t_fit.close()
 
