@@ -16,7 +16,7 @@ from structprune.adapters import get_adapter
 from structprune.config import PruneConfig
 from structprune.engine import LayerInputs, LayerStream, capture_first_layer_inputs, run_layer
 from structprune.engine.activations import ActivationStore, activation_budget, current_budget, parse_size
-from structprune.engine.sensitivity import checkpoint_interval, module_sensitivities
+from structprune.engine.sensitivity import boundaries_alive, checkpoint_interval, fitting_interval, module_sensitivities
 
 
 @pytest.fixture(autouse=True)
@@ -205,19 +205,33 @@ def test_sensitivities_spilled_and_checkpointed_equal_all_in_ram(tmp_path):
     ids = calib_ids(4, 16)
     dev = torch.device("cpu")
     runs = {}
-    for name, limit, every in (("all boundaries", float("inf"), 1), ("checkpoints", float("inf"), None),
-                               ("checkpoints, spilled", 0, None)):
+    k = checkpoint_interval(num)
+    for name, limit, every in (("all boundaries", float("inf"), 1), ("checkpoints", float("inf"), k),
+                               ("checkpoints, spilled", 0, None), ("default, room for all", float("inf"), None)):
         with activation_budget(limit, tmp_path) as budget:
             inputs = capture_first_layer_inputs(model, adapter, ids, dev, batch_size=2)
             runs[name] = (module_sensitivities(model, adapter, inputs, ids, dev, progress=False,
                                                checkpoint_every=every), budget.peak_stores)
             del inputs
         assert budget.stores == 0  # every boundary released
-    assert runs["checkpoints"][0] == runs["all boundaries"][0] == runs["checkpoints, spilled"][0]
-    k = checkpoint_interval(num)
+    assert (runs["checkpoints"][0] == runs["all boundaries"][0] == runs["checkpoints, spilled"][0]
+            == runs["default, room for all"][0])
     # Stores alive at once: checkpoints (inputs included) + one segment + the one being built + gradients.
     assert runs["checkpoints"][1] <= -(-num // k) + k + 2 < runs["all boundaries"][1]
     assert runs["all boundaries"][1] >= num + 1
+    # The default keeps what the budget holds: every boundary with room for all, checkpoints with none.
+    assert runs["default, room for all"][1] == runs["all boundaries"][1]
+    assert runs["checkpoints, spilled"][1] == runs["checkpoints"][1]
+
+
+def test_the_checkpoint_interval_is_the_smallest_that_fits():
+    """Fewer recomputed forwards (smaller k) while the boundaries fit; the square root, which holds
+    fewest, when nothing smaller does."""
+    assert [boundaries_alive(16, k) for k in (1, 2, 3, 4)] == [18, 11, 10, 9]
+    assert fitting_interval(16, 100, float("inf")) == 1
+    assert fitting_interval(16, 100, 18 * 100) == 1 and fitting_interval(16, 100, 18 * 100 - 1) == 2
+    assert fitting_interval(16, 100, 10 * 100) == 3
+    assert fitting_interval(16, 100, 9 * 100) == 4 == fitting_interval(16, 100, 0) == checkpoint_interval(16)
 
 
 def test_prune_identical_with_everything_spilled(tmp_path):

@@ -22,7 +22,11 @@ once, ``O(sqrt(L))`` (14 instead of 35 for 32 layers), for one more forward of e
 layer outside the last segment. The boundaries are activation stores, so the activation
 budget still decides what of those stays in RAM and what goes to disk. Recomputation runs
 the same layer on the same stored bits, so the sensitivities are exactly those obtained
-with every boundary kept (``checkpoint_every=1``).
+with every boundary kept (``checkpoint_every=1``). Recomputing is not free (with ``k = sqrt(L)``
+about three quarters of a float32 forward pass), so by default the interval is the smallest
+whose boundaries fit the activation budget's free RAM (:func:`fitting_interval`): every
+boundary when they fit, the square root when they do not (the memory bound is the budget's
+either way, and the bits are the same).
 
 **Float32 whatever the model's dtype.** Every layer and the head run on float32 copies of
 their weights (one layer's worth, made while the layer is resident; nothing for a float32
@@ -50,6 +54,7 @@ not depend on how many windows share a chunk.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -61,10 +66,12 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter
 from ..errors import StructPruneError
 from . import distributed
-from .activations import ActivationStore
+from .activations import ActivationStore, current_budget
 from .capture import LayerInputs, layer_kwargs, run_layer, to_device
 from .stream import check_finite_weights
 from .residency import LayerStore, SwapLayerStore, moved_to
+
+log = logging.getLogger(__name__)
 
 # Chosen by benchmarks/sensitivity_agreement.py on SmolLM2-135M (docs/experiments.md, issue 11): with
 # two disjoint 8x512 C4 subsets the largest module ratio (common scale removed) fell from 31.2 (old
@@ -142,6 +149,25 @@ def checkpoint_interval(num_layers: int) -> int:
     return math.isqrt(max(num_layers, 1) - 1) + 1
 
 
+def boundaries_alive(num_layers: int, k: int) -> int:
+    """Stores :func:`gradient_energy` holds at once besides its inputs with checkpoints every ``k``
+    layers: the other checkpoints, one segment's boundaries, the last boundary, and two gradients."""
+    return math.ceil(num_layers / k) - 1 + (k - 1) + 1 + 2
+
+
+def fitting_interval(num_layers: int, boundary_bytes: int, free_bytes: float) -> int:
+    """The checkpoint interval that recomputes least while its boundaries fit ``free_bytes`` of the
+    activation budget: the smallest ``k`` up to ``ceil(sqrt(L))`` (which holds fewest) whose
+    :func:`boundaries_alive` fit; ``ceil(sqrt(L))`` when none does (the boundaries then spill to disk
+    as any store). Every boundary kept (``k = 1``) recomputes no forward: at 32 layers the square
+    root interval recomputes 25 of them, three quarters of a forward pass in float32."""
+    top = checkpoint_interval(num_layers)
+    for k in range(1, top):
+        if boundaries_alive(num_layers, k) * boundary_bytes <= free_bytes:
+            return k
+    return top
+
+
 def effective_skip(skip_positions: int, seqlen: int) -> int:
     """Positions actually left out of windows of ``seqlen``: ``skip_positions``, at most a
     quarter of the window."""
@@ -182,8 +208,10 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
     reduced by :func:`reduce_energy` (``skip_positions``, ``trim``). Raises
     :class:`StructPruneError` naming the layer and module when one is not finite and positive.
 
-    ``checkpoint_every``: layers between kept boundaries (default ``ceil(sqrt(L))``; 1 keeps
-    every boundary and recomputes nothing); ``timings``: filled as in :func:`gradient_energy`.
+    ``checkpoint_every``: layers between kept boundaries (default :func:`fitting_interval`: every
+    boundary when they fit the activation budget's free RAM, else fewer, at least
+    ``ceil(sqrt(L))``; 1 keeps every boundary and recomputes nothing; the same bits either way);
+    ``timings``: filled as in :func:`gradient_energy`.
 
     ``windows``: in a distributed run, ``(global indices of this rank's windows, total windows)``:
     each rank back-propagates its own windows (a window's energy does not depend on the others),
@@ -228,7 +256,14 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     device = torch.device(device)
     layers = adapter.layers()
     num = len(layers)
-    k = checkpoint_every or checkpoint_interval(num)
+    if checkpoint_every is None:  # what the budget's free RAM holds: recomputation costs forwards
+        budget = current_budget()
+        boundary = 4 * sum(h.numel() for h in inputs.hidden)  # float32, whatever the inputs' dtype
+        k = fitting_interval(num, boundary, budget.limit - budget.resident)
+        log.info("sensitivities: a checkpoint every %d layers (%d boundaries of %.1f MiB alive at most)",
+                 k, boundaries_alive(num, k), boundary / 2**20)
+    else:
+        k = checkpoint_every
     if k < 1:
         raise ValueError(f"checkpoint_every must be a positive number of layers, got {k}")
     # store_factory(layers, device) and its resident(modules, device): a model on disk (engine/homes.py).
