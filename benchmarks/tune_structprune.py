@@ -69,11 +69,18 @@ def domain_rows(r: dict) -> dict:
     return {"c4": r["heldout"], **r.get("heldout_domains", {})}
 
 
-def compare(rows: list[dict], name: str, reference) -> list[dict]:
+#: ``--rule equivalent`` (a change made for speed, issue 30): adopted where the paired interval lies
+#: within these bounds in every domain, i.e. where it measurably changes nothing.
+EQUIVALENT = (0.99, 1.01)
+
+
+def compare(rows: list[dict], name: str, reference, rule: str = "better") -> list[dict]:
     """Per sparsity: each row's paired ratio to the reference row in every held-out domain, and
-    the decision: among the values whose paired interval's upper end is below 1 in *every*
-    domain, the one with the lowest geometric mean of its domain ratios (docs/protocol.md: a
-    change is adopted only where it is better out of domain too); else the reference."""
+    the decision. ``rule="better"``: among the values whose paired interval's upper end is below 1
+    in *every* domain, the one with the lowest geometric mean of its domain ratios (docs/protocol.md:
+    a change is adopted only where it is better out of domain too); else the reference.
+    ``rule="equivalent"``: the values whose interval lies within :data:`EQUIVALENT` in every domain
+    are equivalent to the reference (a faster computation may replace it)."""
     out = []
     for s in sorted({r["sparsity"] for r in rows}):
         at = [r for r in rows if r["sparsity"] == s]
@@ -91,6 +98,17 @@ def compare(rows: list[dict], name: str, reference) -> list[dict]:
                                                                   "at this sparsity"})
             continue
         gm = lambda r: math.exp(sum(math.log(q["value"]) for q in r["ratios"].values()) / len(r["ratios"]))  # noqa: E731
+        qtext = lambda r: "; ".join(f"{d} {q['value']:.4f} [{q['low']:.4f}, {q['high']:.4f}]"  # noqa: E731
+                                    for d, q in r["ratios"].items())
+        if rule == "equivalent":
+            lo, hi = EQUIVALENT
+            same = [r for r in at if r is not ref and all(lo <= q["low"] and q["high"] <= hi
+                                                          for q in r["ratios"].values())]
+            others = [r for r in at if r is not ref and r not in same]
+            decision = "; ".join([f"{name}={r[name]} equivalent (within [{lo}, {hi}] in every domain: {qtext(r)})"
+                                  for r in same] + [f"{name}={r[name]} not equivalent ({qtext(r)})" for r in others])
+            out.append({"sparsity": s, "best": [r[name] for r in same], "decision": decision})
+            continue
         wins = [r for r in at if r is not ref and all(q["high"] < 1.0 for q in r["ratios"].values())]
         doms = ", ".join(ref["ratios"])
         if wins:
@@ -145,6 +163,8 @@ def settings_of(a, protocol) -> dict:
            "heldout": a.heldout, "sweep": a.sweep.split("=")[0], "fixed": a.fixed, "reference": a.reference}
     if a.heldout_domains != "c4":  # tables made before the second domain keep resuming
         out["heldout_domains"] = a.heldout_domains
+    if a.rule != "better":  # likewise for tables made before the rule was an option
+        out["rule"] = a.rule
     return out
 
 
@@ -197,10 +217,14 @@ def write(record: dict, out: Path) -> None:
         lines.append(f"| {r['sparsity']:.2f} | {r[name]} | {h['ppl']:.3f} [{h['ppl_interval'][0]:.3f}, "
                      f"{h['ppl_interval'][1]:.3f}] | {rat} | {more}{r['achieved']:.4f} | {obj} | {res} | "
                      f"{r.get('chosen_iteration', '')} | {r['seconds']:.0f} |")
-    lines += ["", "Decision per sparsity (a value replaces the reference only where the upper end of its paired "
-              "interval is below 1 in every held-out domain):", ""]
+    if record["settings"].get("rule", "better") == "equivalent":
+        lines += ["", f"Decision per sparsity (a faster computation may replace the reference where its paired "
+                  f"interval lies within [{EQUIVALENT[0]}, {EQUIVALENT[1]}] in every held-out domain):", ""]
+    else:
+        lines += ["", "Decision per sparsity (a value replaces the reference only where the upper end of its paired "
+                  "interval is below 1 in every held-out domain):", ""]
     lines += [f"* {c['sparsity']:.2f}: {c['decision']}" for c in record["decisions"]]
-    joint = joint_decision(record["rows"], name)
+    joint = joint_decision(record["rows"], name) if record["settings"].get("rule", "better") == "better" else None
     if joint:
         ranked = ", ".join(f"{v} {g:.2f}" for v, g in joint["geomean"].items())
         lines += ["", f"One default for all sparsities (the rule of docs/structprune.md: the lowest geometric mean "
@@ -230,6 +254,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--out", required=True, help="output path prefix (.md and .json are added)")
     p.add_argument("--resume", action="store_true", help="keep the finished rows of --out's JSON")
+    p.add_argument("--rule", choices=("better", "equivalent"), default="better",
+                   help="better: adopt a value only where it is lower than the reference in every domain; "
+                        "equivalent: where it is within [0.99, 1.01] of it (a change made for speed)")
     p.add_argument("--render", action="store_true",
                    help="only rewrite --out's Markdown (decisions included) from its JSON; measures nothing")
     a = p.parse_args(argv)
@@ -237,7 +264,8 @@ def main(argv=None) -> int:
     if a.render:
         record = json.loads(out.with_suffix(".json").read_text())
         name = record["settings"]["sweep"]
-        record["decisions"] = compare(record["rows"], name, field_value(str(record["settings"]["reference"])))
+        record["decisions"] = compare(record["rows"], name, field_value(str(record["settings"]["reference"])),
+                                      record["settings"].get("rule", "better"))
         write(record, out)
         return 0
     if not a.sweep:
@@ -322,12 +350,12 @@ def main(argv=None) -> int:
                                    "hardware": machine(a.device),
                                    "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
             del m
-            record["decisions"] = compare(record["rows"], name, reference)
+            record["decisions"] = compare(record["rows"], name, reference, a.rule)
             write(record, out)
             row = record["rows"][-1]
             print(json.dumps({"sparsity": s, name: row[name], "heldout_ppl": row["heldout"]["ppl"],
                               "seconds": round(seconds)}), flush=True)
-    record["decisions"] = compare(record["rows"], name, reference)
+    record["decisions"] = compare(record["rows"], name, reference, a.rule)
     write(record, out)
     print(out.with_suffix(".md").read_text())
     return 0

@@ -15,7 +15,7 @@ from structprune import api
 from structprune.adapters import get_adapter
 from structprune.config import PruneConfig
 from structprune.engine import LayerInputs, LayerStream, capture_first_layer_inputs, run_layer
-from structprune.engine.activations import ActivationStore, activation_budget, current_budget, parse_size
+from structprune.engine.activations import ActivationBudget, ActivationStore, activation_budget, current_budget, parse_size
 from structprune.engine.sensitivity import boundaries_alive, checkpoint_interval, fitting_interval, module_sensitivities
 
 
@@ -198,7 +198,7 @@ def test_streaming_spilled_equals_in_ram(family, tmp_path):
     assert all(torch.equal(a, b) for r, g in zip(ref, got) for a, b in zip(r, g))
 
 
-def test_sensitivities_spilled_and_checkpointed_equal_all_in_ram(tmp_path):
+def test_sensitivities_spilled_and_checkpointed_equal_all_in_ram(tmp_path, monkeypatch):
     num = 16
     model = tiny_llama(layers=num)
     adapter = get_adapter(model)
@@ -206,22 +206,27 @@ def test_sensitivities_spilled_and_checkpointed_equal_all_in_ram(tmp_path):
     dev = torch.device("cpu")
     runs = {}
     k = checkpoint_interval(num)
-    for name, limit, every in (("all boundaries", float("inf"), 1), ("checkpoints", float("inf"), k),
-                               ("checkpoints, spilled", 0, None), ("default, room for all", float("inf"), None)):
-        with activation_budget(limit, tmp_path) as budget:
-            inputs = capture_first_layer_inputs(model, adapter, ids, dev, batch_size=2)
-            runs[name] = (module_sensitivities(model, adapter, inputs, ids, dev, progress=False,
-                                               checkpoint_every=every), budget.peak_stores)
-            del inputs
+    for name, limit, every, room in (("all boundaries", float("inf"), 1, None), ("checkpoints", float("inf"), k, None),
+                                     ("default, no room", 0, None, 0.0), ("default, on disk", 0, None, None),
+                                     ("default, in RAM", float("inf"), None, None)):
+        with monkeypatch.context() as m:
+            if room is not None:  # neither RAM nor disk to spare
+                m.setattr(ActivationBudget, "room", lambda self: room)
+            with activation_budget(limit, tmp_path) as budget:
+                inputs = capture_first_layer_inputs(model, adapter, ids, dev, batch_size=2)
+                runs[name] = (module_sensitivities(model, adapter, inputs, ids, dev, progress=False,
+                                                   checkpoint_every=every), budget.peak_stores, budget.peak_spilled)
+                del inputs
         assert budget.stores == 0  # every boundary released
-    assert (runs["checkpoints"][0] == runs["all boundaries"][0] == runs["checkpoints, spilled"][0]
-            == runs["default, room for all"][0])
+    assert len({str(r[0]) for r in runs.values()}) == 1  # the same sensitivities, bit for bit
     # Stores alive at once: checkpoints (inputs included) + one segment + the one being built + gradients.
     assert runs["checkpoints"][1] <= -(-num // k) + k + 2 < runs["all boundaries"][1]
     assert runs["all boundaries"][1] >= num + 1
-    # The default keeps what the budget holds: every boundary with room for all, checkpoints with none.
-    assert runs["default, room for all"][1] == runs["all boundaries"][1]
-    assert runs["checkpoints, spilled"][1] == runs["checkpoints"][1]
+    # The default keeps what the budget's RAM and scratch disk hold: every boundary (on disk beyond a
+    # zero RAM budget), or the square-root checkpoints when there is no room at all.
+    assert runs["default, in RAM"][1] == runs["default, on disk"][1] == runs["all boundaries"][1]
+    assert runs["default, in RAM"][2] == 0 < runs["default, on disk"][2]
+    assert runs["default, no room"][1] == runs["checkpoints"][1]
 
 
 def test_the_checkpoint_interval_is_the_smallest_that_fits():
@@ -246,3 +251,12 @@ def test_prune_identical_with_everything_spilled(tmp_path):
     a, b = ref.state_dict(), model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert os.listdir(tmp_path) == []
+
+
+def test_room_is_the_ram_left_plus_half_the_scratch_disk(tmp_path):
+    import shutil
+    with activation_budget(1000, tmp_path / "not-yet") as budget:
+        store = ActivationStore([torch.zeros(100)])  # 400 bytes in RAM
+        disk = shutil.disk_usage(tmp_path).free / 2
+        assert abs(budget.room() - (600 + disk)) <= 0.01 * disk + 1  # the disk's free space moves a little
+        store.close()

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -159,3 +160,22 @@ def test_a_fixed_input_refit_knob_is_left_out_of_rows_that_refit_no_inputs(load_
     assert mod.sweep_config(A, fixed, "inner_iterations", 0.5, 2).input_damp == 1.0
     with pytest.raises(StructPruneError, match="input-row refits"):  # swept itself, it is not dropped
         mod.sweep_config(A, {}, "input_damp", 0.5, 1.0)
+
+
+def test_equivalence_rule_adopts_only_a_value_within_one_percent_everywhere(load_benchmark):
+    """``--rule equivalent`` (a change made for speed): a value whose paired interval lies within
+    [0.99, 1.01] in every domain is equivalent; one that is 5% worse in one domain is not."""
+    mod = load_benchmark("tune_structprune")
+    g = torch.Generator().manual_seed(0)
+    base = {d: (4.0 + torch.rand(8, generator=g)).tolist() for d in ("c4", "wikitext2")}
+
+    def row(value, shift):
+        dom = {d: {"window_nlls": [x + shift.get(d, 0.0) for x in v], "ppl": 1.0} for d, v in base.items()}
+        return {"sparsity": 0.3, "cut_paths": value, "heldout": dom["c4"], "heldout_domains": {"wikitext2": dom["wikitext2"]}}
+
+    rows = [row("pruned", {}), row("dense", {"c4": 0.001, "wikitext2": -0.002}), row("other", {"wikitext2": 0.05})]
+    (d,) = mod.compare(rows, "cut_paths", "pruned", rule="equivalent")
+    assert d["best"] == ["dense"]
+    assert "cut_paths=dense equivalent" in d["decision"] and "cut_paths=other not equivalent" in d["decision"]
+    (b,) = mod.compare(rows, "cut_paths", "pruned")  # the default rule: nothing is lower everywhere
+    assert b["decision"].startswith("keep cut_paths=pruned")

@@ -102,10 +102,25 @@ class ActivationBudget:
         """The scratch folder of this budget's spilled chunks (created on the first spill)."""
         return self._folder
 
+    def _base(self) -> str:
+        return self.scratch_dir or os.environ.get(ENV_DIR) or tempfile.gettempdir()
+
+    def room(self) -> float:
+        """Bytes new chunks may still take: what the RAM limit leaves, plus half the free space of
+        the disk spilled chunks go to (the other half is left to everything else on it)."""
+        base = self._base()
+        while not os.path.isdir(base) and os.path.dirname(base) != base:  # the folder may not exist yet
+            base = os.path.dirname(base)
+        try:
+            disk = shutil.disk_usage(base).free / 2
+        except OSError:
+            disk = 0.0
+        return max(self.limit - self.resident, 0) + disk
+
     def _make_folder(self) -> str:
         with self._lock:
             if self._folder is None:
-                base = self.scratch_dir or os.environ.get(ENV_DIR) or tempfile.gettempdir()
+                base = self._base()
                 os.makedirs(base, exist_ok=True)
                 self._folder = tempfile.mkdtemp(prefix="structprune-act-", dir=base)
                 _FOLDERS.add(self._folder)

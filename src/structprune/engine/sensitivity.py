@@ -24,9 +24,10 @@ budget still decides what of those stays in RAM and what goes to disk. Recomputa
 the same layer on the same stored bits, so the sensitivities are exactly those obtained
 with every boundary kept (``checkpoint_every=1``). Recomputing is not free (with ``k = sqrt(L)``
 about three quarters of a float32 forward pass), so by default the interval is the smallest
-whose boundaries fit the activation budget's free RAM (:func:`fitting_interval`): every
-boundary when they fit, the square root when they do not (the memory bound is the budget's
-either way, and the bits are the same).
+whose boundaries fit the activation budget's free RAM plus half the scratch disk's free space
+(:func:`fitting_interval`): every boundary when they fit (those beyond the RAM budget spill to
+disk like any store), the square root when they do not. RAM stays within the budget either
+way, and the bits are the same.
 
 **Float32 whatever the model's dtype.** Every layer and the head run on float32 copies of
 their weights (one layer's worth, made while the layer is resident; nothing for a float32
@@ -156,11 +157,13 @@ def boundaries_alive(num_layers: int, k: int) -> int:
 
 
 def fitting_interval(num_layers: int, boundary_bytes: int, free_bytes: float) -> int:
-    """The checkpoint interval that recomputes least while its boundaries fit ``free_bytes`` of the
-    activation budget: the smallest ``k`` up to ``ceil(sqrt(L))`` (which holds fewest) whose
-    :func:`boundaries_alive` fit; ``ceil(sqrt(L))`` when none does (the boundaries then spill to disk
-    as any store). Every boundary kept (``k = 1``) recomputes no forward: at 32 layers the square
-    root interval recomputes 25 of them, three quarters of a forward pass in float32."""
+    """The checkpoint interval that recomputes least while its boundaries fit ``free_bytes`` (the
+    activation budget's :meth:`~structprune.engine.activations.ActivationBudget.room`: free RAM
+    within the budget, then half the scratch disk's free space): the smallest ``k`` up to
+    ``ceil(sqrt(L))`` (which holds fewest) whose :func:`boundaries_alive` fit; ``ceil(sqrt(L))`` when
+    none does. Every boundary kept (``k = 1``) recomputes no forward: at 32 layers the square root
+    interval recomputes 25 of them, three quarters of a forward pass in float32, while writing and
+    reading the boundaries beyond the RAM budget is a sequential pass over a few GB of disk."""
     top = checkpoint_interval(num_layers)
     for k in range(1, top):
         if boundaries_alive(num_layers, k) * boundary_bytes <= free_bytes:
@@ -256,10 +259,9 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     device = torch.device(device)
     layers = adapter.layers()
     num = len(layers)
-    if checkpoint_every is None:  # what the budget's free RAM holds: recomputation costs forwards
-        budget = current_budget()
+    if checkpoint_every is None:  # what the budget's RAM and scratch disk hold: recomputation costs forwards
         boundary = 4 * sum(h.numel() for h in inputs.hidden)  # float32, whatever the inputs' dtype
-        k = fitting_interval(num, boundary, budget.limit - budget.resident)
+        k = fitting_interval(num, boundary, current_budget().room())
         log.info("sensitivities: a checkpoint every %d layers (%d boundaries of %.1f MiB alive at most)",
                  k, boundaries_alive(num, k), boundary / 2**20)
     else:
