@@ -196,6 +196,10 @@ def make_row(shape: str, method: str, out: Path, log_path: Path, returncode: int
                    process_peak_rss_bytes=r["process_peak_rss_bytes"], peak_gpu_mem_bytes=r["peak_gpu_mem_bytes"],
                    sparsity_achieved=r["sparsity_achieved"], residency=r.get("residency"),
                    memory=r.get("memory"), timings=r.get("timings"))
+        # how the sensitivity backward kept its boundaries (every one, or sqrt(L) checkpoints): the projection's
+        # recomputed forwards follow it
+        row["sensitivity_checkpoint_every"] = next((e["sensitivity_checkpoint_every"] for e in r.get("solver_log", [])
+                                                    if "sensitivity_checkpoint_every" in e), None)
         row["resumed"] = bool((r.get("timings") or {}).get("resumed"))
         # A resumed run's report times its last attempt only; the log's bars may be an earlier one's.
         row["phase_seconds"] = phase_seconds(row, "" if row["resumed"] else log_text)
@@ -288,14 +292,13 @@ def layer_seconds(r: dict) -> float:
     return sum((r.get("phase_seconds") or {}).values())
 
 
-def recomputed_forwards(num_layers: int) -> int:
-    """Layer forwards the sensitivity backward sweep recomputes: every segment of
-    ``checkpoint_interval`` layers but the last (whose boundaries are still held) again, less its
-    checkpointed first layer (engine/sensitivity.py)."""
-    from structprune.engine.sensitivity import checkpoint_interval
+def recomputed_forwards(num_layers: int, every_boundary: bool = False) -> int:
+    """Layer forwards the sensitivity backward sweep recomputes (engine/sensitivity.py): none when
+    it kept every boundary, else every segment of ``checkpoint_interval`` layers but the last
+    (whose boundaries are still held) again, less its checkpointed first layer."""
+    from structprune.engine.sensitivity import checkpoint_interval, recomputed_layers
 
-    k = checkpoint_interval(num_layers)
-    return (math.ceil(num_layers / k) - 1) * (k - 1)
+    return 0 if every_boundary else recomputed_layers(num_layers, checkpoint_interval(num_layers))
 
 
 def projected_seconds(r: dict) -> float:
@@ -306,8 +309,10 @@ def projected_seconds(r: dict) -> float:
     lr, lf = r["layers_run"], r["layers_full"]
     ph = r.get("phase_seconds") or {}
     fwd = ph.get("sensitivity fwd", 0.0) / lr
-    per_layer = layer_seconds(r) / lr - recomputed_forwards(lr) / lr * fwd
-    return r["prune_seconds"] + (lf - lr) * per_layer + (recomputed_forwards(lf) - recomputed_forwards(lr)) * fwd
+    every = r.get("sensitivity_checkpoint_every") == 1  # then assumed to fit at the full depth too
+    per_layer = layer_seconds(r) / lr - recomputed_forwards(lr, every) / lr * fwd
+    return (r["prune_seconds"] + (lf - lr) * per_layer
+            + (recomputed_forwards(lf, every) - recomputed_forwards(lr, every)) * fwd)
 
 
 def plan_text(plan: dict | None) -> str:

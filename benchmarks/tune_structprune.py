@@ -102,8 +102,8 @@ def compare(rows: list[dict], name: str, reference, rule: str = "better") -> lis
                                     for d, q in r["ratios"].items())
         if rule == "equivalent":
             lo, hi = EQUIVALENT
-            same = [r for r in at if r is not ref and all(lo <= q["low"] and q["high"] <= hi
-                                                          for q in r["ratios"].values())]
+            same = [r for r in at if r is not ref and r["ratios"] and all(lo <= q["low"] and q["high"] <= hi
+                                                                          for q in r["ratios"].values())]
             others = [r for r in at if r is not ref and r not in same]
             decision = "; ".join([f"{name}={r[name]} equivalent (within [{lo}, {hi}] in every domain: {qtext(r)})"
                                   for r in same] + [f"{name}={r[name]} not equivalent ({qtext(r)})" for r in others])

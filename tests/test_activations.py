@@ -15,6 +15,7 @@ from structprune import api
 from structprune.adapters import get_adapter
 from structprune.config import PruneConfig
 from structprune.engine import LayerInputs, LayerStream, capture_first_layer_inputs, run_layer
+from structprune.engine import activations
 from structprune.engine.activations import ActivationBudget, ActivationStore, activation_budget, current_budget, parse_size
 from structprune.engine.sensitivity import boundaries_alive, checkpoint_interval, fitting_interval, module_sensitivities
 
@@ -206,12 +207,13 @@ def test_sensitivities_spilled_and_checkpointed_equal_all_in_ram(tmp_path, monke
     dev = torch.device("cpu")
     runs = {}
     k = checkpoint_interval(num)
+    monkeypatch.setattr(activations, "_in_memory_filesystem", lambda path: False)  # tmp_path on a real disk
     for name, limit, every, room in (("all boundaries", float("inf"), 1, None), ("checkpoints", float("inf"), k, None),
                                      ("default, no room", 0, None, 0.0), ("default, on disk", 0, None, None),
                                      ("default, in RAM", float("inf"), None, None)):
         with monkeypatch.context() as m:
             if room is not None:  # neither RAM nor disk to spare
-                m.setattr(ActivationBudget, "room", lambda self: room)
+                m.setattr(ActivationBudget, "room", lambda self, ranks=1: room)
             with activation_budget(limit, tmp_path) as budget:
                 inputs = capture_first_layer_inputs(model, adapter, ids, dev, batch_size=2)
                 runs[name] = (module_sensitivities(model, adapter, inputs, ids, dev, progress=False,
@@ -253,10 +255,17 @@ def test_prune_identical_with_everything_spilled(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_room_is_the_ram_left_plus_half_the_scratch_disk(tmp_path):
+def test_room_is_the_ram_left_plus_half_the_scratch_disk(tmp_path, monkeypatch):
     import shutil
+    monkeypatch.setattr(activations, "_in_memory_filesystem", lambda path: False)
     with activation_budget(1000, tmp_path / "not-yet") as budget:
         store = ActivationStore([torch.zeros(100)])  # 400 bytes in RAM
         disk = shutil.disk_usage(tmp_path).free / 2
         assert abs(budget.room() - (600 + disk)) <= 0.01 * disk + 1  # the disk's free space moves a little
+        assert abs(budget.room(ranks=4) - (600 + disk / 4)) <= 0.01 * disk + 1  # ranks share the disk
+        monkeypatch.setattr(activations, "_in_memory_filesystem", lambda path: True)  # tmpfs: its space is RAM
+        assert budget.room() == 600
         store.close()
+    with activation_budget(float("inf"), tmp_path) as budget:  # no limit: at most the default RAM budget
+        from structprune.memory import default_ram_budget
+        assert budget.room() <= default_ram_budget()

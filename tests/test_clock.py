@@ -61,3 +61,25 @@ def test_scale_table_shows_each_pass_operations(load_benchmark):
     body = [line for line in lines if line.startswith("| llama-2-7b")]
     assert body == ["| llama-2-7b | structprune | structprune iter 1 | 2.0 |  |  | 5.0 |  |  |  |  |  |  | 3.0 | 10.0 |"]
     assert scale.operations_table([]) == []
+
+
+def test_a_pass_closed_late_cannot_break_a_newer_measurement():
+    """A failed run's pass generator may be closed long after (when its traceback goes), in the middle
+    of another pass's operation: that operation still lands in its own table, and afterwards nothing
+    is being measured."""
+    from structprune.engine import clock
+
+    def old_pass(table):
+        with measuring(table):
+            yield
+
+    stale = old_pass({})
+    next(stale)  # paused inside its measuring block, as a pass whose step raised
+    new = {}
+    with measuring(new):
+        with timed("outer"):
+            stale.close()  # the late close: must not pop this block's frame or swap the table
+            with timed("inner"):
+                pass
+    assert set(new) == {"outer", "inner"}
+    assert clock._active == []

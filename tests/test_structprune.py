@@ -317,7 +317,8 @@ def test_last_pass_stops_its_paths_at_the_cut_and_cuts_the_same(factory, monkeyp
 def test_dense_cut_paths_cut_the_profiles_paths_without_solving_them_again(factory, monkeypatch):
     """``cut_paths="dense"``: the cutting pass cuts every module at the allocated prefix of the dense
     profile's path (no path is solved in the pass) and refits on the pruned inputs. The first layer's
-    inputs are the same in both modes, so its plan and weights are bit for bit those of the default."""
+    attention sees the same inputs in both modes, so its heads and weights are bit for bit the default's
+    (its MLP's statistics already follow the cut attention in the pass)."""
     from structprune.solvers import structprune as sp
 
     base = factory(layers=3)
@@ -341,8 +342,9 @@ def test_dense_cut_paths_cut_the_profiles_paths_without_solving_them_again(facto
         assert abs(r.report["sparsity_achieved"] - 0.4) < 0.05
     assert calls == {"pruned": 4 * n, "dense": 2 * n}  # the profile's two paths per layer, then the pass's
     assert [{k: sorted(v) for k, v in p.items()} for p in menus["plans"]] == out["dense"][0]
-    assert out["dense"][0][0] == out["pruned"][0][0]
-    layer0 = [k for k in out["dense"][1] if ".layers.0." in k]
+    attn0 = lambda plans: {k: plans[0][k] for k in ("heads", "kv_heads")}  # noqa: E731
+    assert attn0(out["dense"][0]) == attn0(out["pruned"][0])
+    layer0 = [k for k in out["dense"][1] if ".layers.0." in k and "attn" in k]
     assert layer0 and all(torch.equal(out["dense"][1][k], out["pruned"][1][k]) for k in layer0)
 
 
@@ -356,3 +358,5 @@ def test_dense_cut_paths_are_the_one_shot_passes():
         PruneConfig(method="structprune", cut_paths="fast")
     with pytest.raises(StructPruneError, match="ignored"):  # uniform widths have no profile paths
         PruneConfig(method="structprune", allocation="uniform", cut_paths="dense")
+    with pytest.raises(StructPruneError, match="no profile"):  # nor has softmax's uniform limit
+        PruneConfig(method="structprune", temperature=float("inf"), cut_paths="dense")

@@ -153,8 +153,10 @@ class PruneRun:
         with self.home.cutting(final, name) if cuts else contextlib.nullcontext():
             store = self.home(self.adapter.layers(), self.device)
             try:
+                times = self.timings.setdefault(desc, [])
                 for i in tqdm(range(start, len(store)), initial=start, total=len(store), desc=desc,
                               disable=not self.progress):
+                    t = time.perf_counter()
                     with measuring(self.operations.setdefault(desc, {})):
                         with timed("layer io"):
                             layer = store.fetch(i)
@@ -162,6 +164,7 @@ class PruneRun:
                         yield i, layer
                         with timed("layer io"):
                             store.release(i)
+                    times.append(time.perf_counter() - t)
             finally:
                 store.finish()
 
@@ -203,6 +206,8 @@ class _Pass:
                     now = time.perf_counter()
                     self.times.append(now - t)  # the layer's work in this pass, its forward included
                     t = now
+                if self.times:  # the last layer's release (a disk write when streamed) and the stream's end
+                    self.times[-1] += time.perf_counter() - t
 
 
 @dataclass

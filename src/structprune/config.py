@@ -201,6 +201,9 @@ class PruneConfig:
             raise StructPruneError(f"unknown energy_scale {self.energy_scale!r}: choose one of {', '.join(ENERGY_SCALES)}")
         if self.cut_paths not in CUT_PATHS:
             raise StructPruneError(f"unknown cut_paths {self.cut_paths!r}: choose one of {', '.join(CUT_PATHS)}")
+        if self.cut_paths == "dense" and math.isinf(self.temperature) and self.allocation == "softmax":
+            raise StructPruneError("cut_paths='dense' cuts the profile's paths; temperature=inf is the uniform "
+                                   "allocation, which has no profile")
         if self.cut_paths == "dense" and self.iterations > 1:  # ADMM's later W-steps re-solve against u - y
             raise StructPruneError("cut_paths='dense' is the one-shot pass's (iterations=1): ADMM iterations "
                                    "re-solve every path against their consensus targets")

@@ -105,17 +105,22 @@ class ActivationBudget:
     def _base(self) -> str:
         return self.scratch_dir or os.environ.get(ENV_DIR) or tempfile.gettempdir()
 
-    def room(self) -> float:
-        """Bytes new chunks may still take: what the RAM limit leaves, plus half the free space of
-        the disk spilled chunks go to (the other half is left to everything else on it)."""
+    def room(self, ranks: int = 1) -> float:
+        """Bytes new chunks may still take: what the RAM limit leaves (without a limit, what
+        :func:`~structprune.memory.default_ram_budget` would), plus half the free space of the disk
+        spilled chunks go to (the other half is left to everything else on it; none when that
+        "disk" is memory, tmpfs), shared by ``ranks`` processes spilling to the same disk."""
+        from ..memory import default_ram_budget
+
+        limit = self.limit if math.isfinite(self.limit) else default_ram_budget()
         base = self._base()
         while not os.path.isdir(base) and os.path.dirname(base) != base:  # the folder may not exist yet
             base = os.path.dirname(base)
         try:
-            disk = shutil.disk_usage(base).free / 2
+            disk = 0.0 if _in_memory_filesystem(base) else shutil.disk_usage(base).free / 2 / max(1, ranks)
         except OSError:
             disk = 0.0
-        return max(self.limit - self.resident, 0) + disk
+        return max(limit - self.resident, 0) + disk
 
     def _make_folder(self) -> str:
         with self._lock:
@@ -158,6 +163,19 @@ class ActivationBudget:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
             _FOLDERS.discard(folder)
+
+
+def _in_memory_filesystem(path: str) -> bool:
+    """Whether ``path`` lies on tmpfs/ramfs (its "disk" space is RAM), from /proc/mounts (Linux;
+    elsewhere False)."""
+    try:
+        mounts = [line.split()[1:3] for line in open("/proc/mounts", encoding="utf-8")]
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    best = max((m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best is not None and best[1] in ("tmpfs", "ramfs")
 
 
 _context: list[ActivationBudget] = []  # innermost activation_budget block last

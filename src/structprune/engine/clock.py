@@ -9,8 +9,10 @@ statistics its hooks gather), so a pass's operations add up to at most its wall 
 remainder is everything not wrapped.
 
 On an accelerator the device is synchronised at each boundary (kernels are asynchronous, so
-without it the seconds would land on whichever operation next waits); outside a measured
-pass :func:`timed` does nothing at all.
+without it the seconds would land on whichever operation next waits; the passes already wait for
+the device at every chunk, when activations come back to the CPU); outside a measured pass
+:func:`timed` does nothing at all. In a distributed run ``statistics`` includes the wait at the
+statistics' all-reduce.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import time
 
 import torch
 
-_table: dict | None = None  # op -> seconds of the pass being measured (None: not measuring)
-_stack: list[list] = []  # open operations: [start, seconds spent in operations nested inside]
+# Open measuring blocks, innermost last: (op -> seconds of that pass, its open operations as
+# [start, seconds spent in operations nested inside]).
+_active: list[tuple[dict, list]] = []
 
 
 def _sync() -> None:
@@ -32,35 +35,38 @@ def _sync() -> None:
 
 @contextlib.contextmanager
 def measuring(table: dict):
-    """Add the seconds of every :func:`timed` operation run inside this block to ``table``."""
-    global _table, _stack
-    outer, outer_stack = _table, _stack
-    _table, _stack = table, []
+    """Add the seconds of every :func:`timed` operation run inside this block to ``table``.
+
+    Passes open this block inside generators, which a failed run may close late (when its
+    traceback is freed): closing removes only this block, so a late close cannot end or swap
+    a newer pass's measurement."""
+    entry = (table, [])
+    _active.append(entry)
     try:
         yield table
-    finally:
-        _table, _stack = outer, outer_stack
+    finally:  # its own entry, wherever it is now: a late close leaves newer blocks as they are
+        del _active[next(j for j in range(len(_active) - 1, -1, -1) if _active[j] is entry)]
 
 
 @contextlib.contextmanager
 def timed(op: str):
     """Time the block as operation ``op`` of the pass being measured (exclusive of nested ones)."""
-    table = _table
-    if table is None:
+    if not _active:
         yield
         return
+    table, stack = _active[-1]  # kept: a measuring block may end while this operation runs
     _sync()
     frame = [time.perf_counter(), 0.0]
-    _stack.append(frame)
+    stack.append(frame)
     try:
         yield
     finally:
         _sync()
         total = time.perf_counter() - frame[0]
-        _stack.pop()
+        del stack[next(j for j in range(len(stack) - 1, -1, -1) if stack[j] is frame)]  # normally the last
         table[op] = table.get(op, 0.0) + total - frame[1]
-        if _stack:
-            _stack[-1][1] += total
+        if stack:
+            stack[-1][1] += total
 
 
 def timed_call(op: str):

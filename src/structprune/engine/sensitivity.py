@@ -156,6 +156,12 @@ def boundaries_alive(num_layers: int, k: int) -> int:
     return math.ceil(num_layers / k) - 1 + (k - 1) + 1 + 2
 
 
+def recomputed_layers(num_layers: int, k: int) -> int:
+    """Layer forwards the backward sweep runs again with checkpoints every ``k`` layers: each segment
+    but the last (whose boundaries are still held), less its checkpointed first layer."""
+    return (math.ceil(num_layers / k) - 1) * (k - 1)
+
+
 def fitting_interval(num_layers: int, boundary_bytes: int, free_bytes: float) -> int:
     """The checkpoint interval that recomputes least while its boundaries fit ``free_bytes`` (the
     activation budget's :meth:`~structprune.engine.activations.ActivationBudget.room`: free RAM
@@ -205,7 +211,8 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
                          swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
                          store_factory=None, skip_positions: int = SKIP_POSITIONS,
                          trim: float = TRIM, timings: dict | None = None,
-                         windows: tuple[list[int], int] | None = None) -> list[dict[str, float]]:
+                         windows: tuple[list[int], int] | None = None, details: dict | None = None
+                         ) -> list[dict[str, float]]:
     """``[{"attn": s, "mlp": s}, ...]`` per layer: the squared gradient norm per token and
     output feature at each module's output for the LM loss on the windows of ``inputs``,
     reduced by :func:`reduce_energy` (``skip_positions``, ``trim``). Raises
@@ -214,14 +221,14 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
     ``checkpoint_every``: layers between kept boundaries (default :func:`fitting_interval`: every
     boundary when they fit the activation budget's free RAM, else fewer, at least
     ``ceil(sqrt(L))``; 1 keeps every boundary and recomputes nothing; the same bits either way);
-    ``timings``: filled as in :func:`gradient_energy`.
+    ``timings``, ``details``: filled as in :func:`gradient_energy`.
 
     ``windows``: in a distributed run, ``(global indices of this rank's windows, total windows)``:
     each rank back-propagates its own windows (a window's energy does not depend on the others),
     then every rank gathers all windows' energies in window order and reduces them alike."""
     energy, widths = gradient_energy(model, adapter, inputs, calib, device, swap=swap, progress=progress,
                                      checkpoint_every=checkpoint_every, store_factory=store_factory,
-                                     timings=timings)
+                                     timings=timings, details=details)
     if windows is not None and distributed.is_distributed():
         index, total = windows
         energy = [{m: distributed.gather_rows(e[m], index, total) for m in MODULES} for e in energy]
@@ -247,7 +254,7 @@ def check_sensitivity(sens: dict[str, float], layer: int) -> None:
 
 def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.Tensor, device,
                     swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
-                    store_factory=None, timings: dict | None = None
+                    store_factory=None, timings: dict | None = None, details: dict | None = None
                     ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, int]]]:
     """``(energy, widths)``: per layer, ``{"attn": E, "mlp": E}`` with ``E[w, t]`` the squared
     norm (float64, summed over output features) of the loss gradient at the module's output
@@ -255,19 +262,22 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     whatever the model's dtype (module docstring). Non-finite gradients raise at once,
     naming the layer. ``timings`` (a report's ``pass -> seconds per layer``) gets the seconds of
     each layer's forward (``"sensitivity fwd"``) and backward, recomputation included
-    (``"sensitivity bwd"``), both in layer order."""
+    (``"sensitivity bwd"``), both in layer order; ``details`` gets ``checkpoint_every`` (the interval
+    used) and ``recomputed_layers`` (layer forwards run again in the backward sweep)."""
     device = torch.device(device)
     layers = adapter.layers()
     num = len(layers)
     if checkpoint_every is None:  # what the budget's RAM and scratch disk hold: recomputation costs forwards
         boundary = 4 * sum(h.numel() for h in inputs.hidden)  # float32, whatever the inputs' dtype
-        k = fitting_interval(num, boundary, current_budget().room())
+        k = fitting_interval(num, boundary, current_budget().room(distributed.local_world_size()))
         log.info("sensitivities: a checkpoint every %d layers (%d boundaries of %.1f MiB alive at most)",
                  k, boundaries_alive(num, k), boundary / 2**20)
     else:
         k = checkpoint_every
     if k < 1:
         raise ValueError(f"checkpoint_every must be a positive number of layers, got {k}")
+    if details is not None:
+        details.update(checkpoint_every=k, recomputed_layers=recomputed_layers(num, k))
     # store_factory(layers, device) and its resident(modules, device): a model on disk (engine/homes.py).
     store = (store_factory or (SwapLayerStore if swap else LayerStore))(layers, device)
     resident = getattr(store_factory, "resident", None)

@@ -20,6 +20,7 @@ themselves plain data saved by the earlier phases.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Callable
@@ -77,18 +78,25 @@ def run_pass(run, desc: str, step: Step, carry: Any = None, *, cuts: bool = Fals
         passes = ((LayerContext(i, layer, None, run.device, run.adapter), None)
                   for i, layer in run.layers(desc=desc, cuts=cuts, final=final, start=start, name=name))
     prev = None
-    for ctx, _ in passes:
-        if ctx.index == start and cuts:
-            for i, s in shapes.items():  # the layers cut before the kill, as the cut left them
-                run.home.replay_cut(i, s)
-        if prev is not None:  # the previous layer is released (and written out) by now
-            checkpoints.after(prev, results[-1], carry, ctx.inputs)
-        result, carry = step(ctx, carry)
-        if distributed.is_distributed():  # same statistics, same solver: the same layer on every rank
-            distributed.check_same(distributed.tensor_digest(sorted(ctx.layer.state_dict().items())),
-                                   f"layer {ctx.index} after {desc}")
-        results.append(result)
-        prev = ctx
+    try:
+        for ctx, _ in passes:
+            if ctx.index == start and cuts:
+                for i, s in shapes.items():  # the layers cut before the kill, as the cut left them
+                    run.home.replay_cut(i, s)
+            if prev is not None:  # the previous layer is released (and written out) by now
+                checkpoints.after(prev, results[-1], carry, ctx.inputs)
+            result, carry = step(ctx, carry)
+            if distributed.is_distributed():  # same statistics, same solver: the same layer on every rank
+                distributed.check_same(distributed.tensor_digest(sorted(ctx.layer.state_dict().items())),
+                                       f"layer {ctx.index} after {desc}")
+            results.append(result)
+            prev = ctx
+    except BaseException:
+        # Close the pass now (its stream's finally blocks: timing, the layers' home), not when the
+        # traceback is freed; the error raised is the step's, whatever the close does.
+        with contextlib.suppress(Exception):
+            passes.close()
+        raise
     if prev is not None:
         checkpoints.after(prev, results[-1], carry, None)
     if journal is not None:

@@ -111,9 +111,18 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict], Acti
         sub = LayerInputs(inputs.hidden[:mine], inputs.kwargs[:mine])
         ncal = sum(h.shape[0] for h in sub.hidden)
         windows = distributed.window_indices(int(run.calib.shape[0]), cfg.batch_size)[:ncal]
-        sens = run.phase("sensitivities", lambda: module_sensitivities(
-            run.model, adapter, sub, run.calib[windows], run.device, progress=run.progress, store_factory=run.home,
-            timings=run.timings, windows=(windows, min(nsens * cfg.batch_size, int(run.calib.shape[0])))))
+        def measure() -> dict:
+            details: dict = {}
+            sens = module_sensitivities(
+                run.model, adapter, sub, run.calib[windows], run.device, progress=run.progress,
+                store_factory=run.home, timings=run.timings,
+                windows=(windows, min(nsens * cfg.batch_size, int(run.calib.shape[0]))), details=details)
+            # how the streamed backward kept its boundaries, journaled with them: a resumed run reports it too
+            return {"sensitivities": sens, "log": {"sensitivity_checkpoint_every": details["checkpoint_every"],
+                                                   "sensitivity_recomputed_layers": details["recomputed_layers"]}}
+        done = run.phase("sensitivities", measure)
+        sens = done["sensitivities"]
+        run.log.append(done["log"])
         if run.cache is not None:
             run.cache[sens_key] = copy.deepcopy(sens)
     results, _ = run_pass(run, "structprune profile", profile_step(run, sens))
