@@ -41,7 +41,7 @@ from structprune import PruneConfig, load_model, prune  # noqa: E402
 from structprune.bench import hardware_name  # noqa: E402
 from structprune.data import get_calibration  # noqa: E402
 from structprune.errors import StructPruneError  # noqa: E402
-from structprune.eval.intervals import paired_difference  # noqa: E402
+from structprune.eval.intervals import paired_difference, stratified_mean_difference  # noqa: E402
 from structprune.eval.protocol import get_protocol  # noqa: E402
 from structprune.eval.zeroshot import (CHANCE, MAJORITY, SHIPPED_TASKS, compare_zero_shot, task_mean,  # noqa: E402
                                        zero_shot)
@@ -142,6 +142,7 @@ def markdown(record: dict) -> str:
             lines.append(f"| {r['label']} | {r['sparsity_target']:.0%} | "
                          + " | ".join(_diff(v["tasks"][t]["difference"]) for t in tasks)
                          + f" | {_diff(v['mean']['difference'])} |")
+    lines += informative_mean(rows, tasks)
     partial = [r for r in record["rows"] if not r.get("complete") and r.get("task_results")]
     dense_tasks = next((r["zero_shot"]["tasks"] for r in rows if r["label"] == "dense"), None)
     if partial and dense_tasks:
@@ -192,6 +193,39 @@ def markdown(record: dict) -> str:
             if t == "boolq":
                 lines[-1] += f"; it answers yes on {100 * yes_rate(e):.1f}% of the documents (62.2% are yes)"
     return "\n".join(lines) + "\n"
+
+
+def above_chance(dense_tasks: dict, tasks: list[str]) -> list[str]:
+    """The tasks whose dense 95% interval lies above chance: the only ones where a pruned model can
+    show a lost ability (at chance there is none to lose, below it the score moves with answer bias)."""
+    return [t for t in tasks if dense_tasks[t]["interval"] is not None and CHANCE.get(t) is not None
+            and dense_tasks[t]["interval"][0] > CHANCE[t]]
+
+
+def informative_mean(rows: list[dict], tasks: list[str]) -> list[str]:
+    """Markdown lines: per row the mean accuracy over the tasks above chance for the dense model and
+    its paired difference to dense (documents resampled within each task), next to the mean over
+    every task, which a task's answer bias can move (BoolQ's +25 points toward "yes")."""
+    dense = next((r for r in rows if r["label"] == "dense"), None)
+    if dense is None:
+        return []
+    keep = above_chance(dense["zero_shot"]["tasks"], tasks)
+    if not keep:
+        return []
+    lines = ["", f"## Mean over the tasks above chance ({', '.join(TITLES.get(t, t) for t in keep)})", "",
+             "The dense model is above chance on these (section Chance); the paired difference to dense resamples "
+             "documents within each task.", "", "| method | sparsity | mean | Δ dense |", "|---|---|---|---|"]
+    base = dense["zero_shot"]["tasks"]
+    for r in rows:
+        z = r["zero_shot"]["tasks"]
+        mean = sum(z[t]["value"] for t in keep) / len(keep)
+        delta = ""
+        if r is not dense and all(z[t]["documents"] == base[t]["documents"] for t in keep):
+            d = stratified_mean_difference([(z[t]["correct"][z[t]["primary"]], base[t]["correct"][z[t]["primary"]])
+                                            for t in keep])
+            delta = _diff({"value": d.value, "low": d.low, "high": d.high})
+        lines.append(f"| {r['label']} | {r['sparsity_target']:.0%} | {100 * mean:.1f} | {delta} |")
+    return lines
 
 
 def yes_rate(entry: dict) -> float:

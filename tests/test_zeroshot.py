@@ -357,3 +357,23 @@ def test_eval_zero_shot_alone(tiny_folder, tmp_path, capsys):
     assert "winogrande      acc" in printed.out and "seeded random sample of 3" in printed.out
     r = json.loads(out.read_text())
     assert r["ppl"] == {} and r["zero_shot"]["tasks"]["winogrande"]["n"] == 3
+
+
+def test_table_means_the_tasks_above_chance_with_a_paired_difference(load_benchmark):
+    """benchmarks/zeroshot.py: the mean over the tasks where the dense model is above chance (a task at
+    or below chance has no ability to lose; BoolQ's answer bias moves every pruned row by +25 points)."""
+    zs = load_benchmark("zeroshot")
+
+    def task(correct, interval):
+        return {"primary": "acc", "value": sum(correct) / len(correct), "interval": interval,
+                "documents": list(range(len(correct))), "correct": {"acc": correct}}
+
+    dense = {"label": "dense", "sparsity_target": 0.0, "zero_shot": {"tasks": {
+        "piqa": task([1.0] * 8 + [0.0] * 2, [0.6, 1.0]), "winogrande": task([1.0] * 5 + [0.0] * 5, [0.2, 0.8])}}}
+    pruned = {"label": "structprune", "sparsity_target": 0.3, "zero_shot": {"tasks": {
+        "piqa": task([1.0] * 6 + [0.0] * 4, [0.3, 0.9]), "winogrande": task([1.0] * 9 + [0.0], [0.7, 1.0])}}}
+    assert zs.above_chance(dense["zero_shot"]["tasks"], ["piqa", "winogrande"]) == ["piqa"]
+    lines = zs.informative_mean([dense, pruned], ["piqa", "winogrande"])
+    assert lines[1] == "## Mean over the tasks above chance (PIQA)"
+    assert lines[-2] == "| dense | 0% | 80.0 |  |"
+    assert lines[-1].startswith("| structprune | 30% | 60.0 | -20.0 [")  # WinoGrande's +40 left out
