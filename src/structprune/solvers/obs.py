@@ -436,7 +436,7 @@ def refit(H: torch.Tensor, zsum: torch.Tensor, count: int, keep: torch.Tensor, *
     with the bias column when ``fit_bias``, else [d, n]); with both, ``W``/``bias`` are the
     ridge prior (dampening shrinks toward them).
 
-    Works on ``H[K, K]`` alone: one float64 ``[|K|+1, |K|+1]`` buffer, factored in place.
+    Works on ``H[K, K]`` alone: one ``[|K|+1, |K|+1]`` buffer in the solve's dtype, factored in place.
 
     Against the module's own output the refit is written as a correction of the kept weights,
     ``W_K + W_R G_RK A^-1`` (``R`` the removed columns, ``G`` the augmented Gram, ``A = G_KK + delta I``):
