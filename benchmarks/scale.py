@@ -325,6 +325,13 @@ def plan_text(plan: dict | None) -> str:
     return f"{limit} ({where}), need {plan['need_bytes'] / gib:.2f} GiB"
 
 
+def forward_multiple(r: dict) -> str:
+    """The pruning time in forward passes over the calibration (issue 30's yardstick): the sensitivity
+    pass's forward (float32, every layer once, nothing else) is the measured forward pass."""
+    fwd = (r.get("phase_seconds") or {}).get("sensitivity fwd")
+    return f"{r['prune_seconds'] / fwd:.1f}×" if fwd else ""
+
+
 OPERATIONS = ("forward", "statistics", "factor", "inverse", "path", "refit", "value refit", "input refit", "objective",
               "layer io", "other")
 
@@ -403,8 +410,8 @@ def write_outputs(res: dict, out: Path) -> None:
                   "gradient, allocation; loading and saving are outside 'prune', inside 'wall'; "
                   "resumed runs time their last attempt only):", "",
                   "| model | method | sensitivity fwd | sensitivity bwd | profile (statistics + removal paths) | "
-                  "passes (statistics + cut + refit) | rest | prune | per layer |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "passes (statistics + cut + refit) | rest | prune | per layer | prune / forward |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in timed:
             ph = r["phase_seconds"]
             passes = sum(v for k, v in ph.items() if k not in LAYER_PHASES and k != "structprune profile")
@@ -412,7 +419,7 @@ def write_outputs(res: dict, out: Path) -> None:
             lines.append(f"| {r['shape']} | {r['method']} | {ph.get('sensitivity fwd', 0) / 60:.1f} | "
                          f"{ph.get('sensitivity bwd', 0) / 60:.1f} | {ph.get('structprune profile', 0) / 60:.1f} | "
                          f"{passes / 60:.1f} | {rest / 60:.1f} | {r['prune_seconds'] / 60:.1f} | "
-                         f"{layer_seconds(r) / r['layers_run']:.0f} s |")
+                         f"{layer_seconds(r) / r['layers_run']:.0f} s | {forward_multiple(r)} |")
     lines += operations_table([r for r in timed if any("operations" in t for t in (r.get("timings") or {}).values()
                                                        if isinstance(t, dict))])
     mem = [r for r in full if r.get("finished") and r.get("memory") and r["method"] == "structprune"]
