@@ -219,8 +219,9 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
     :class:`StructPruneError` naming the layer and module when one is not finite and positive.
 
     ``checkpoint_every``: layers between kept boundaries (default :func:`fitting_interval`: every
-    boundary when they fit the activation budget's free RAM, else fewer, at least
-    ``ceil(sqrt(L))``; 1 keeps every boundary and recomputes nothing; the same bits either way);
+    boundary when they fit the activation budget's room, its free RAM then half the scratch disk,
+    else fewer, at most ``ceil(sqrt(L))`` layers apart; 1 keeps every boundary and recomputes
+    nothing; the same bits either way);
     ``timings``, ``details``: filled as in :func:`gradient_energy`.
 
     ``windows``: in a distributed run, ``(global indices of this rank's windows, total windows)``:
