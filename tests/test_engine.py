@@ -71,3 +71,37 @@ def test_statistics_match_batch_computation():
     assert torch.allclose(s.gram.double(), zz.T @ zz, rtol=1e-4, atol=1e-4)
     assert torch.allclose(s.zsum.double(), zz.sum(0), atol=1e-4)
     assert torch.allclose(s.variance.double(), zz.var(0), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+def test_replayed_attention_gives_the_same_layer_outputs(family):
+    """The cutting pass's last forward replays the attention's recorded outputs (ModuleReplay):
+    the layer's outputs are bit for bit those of running it, and the attention does not run."""
+    from structprune.engine.capture import ModuleReplay, run_layer
+
+    model = FACTORIES[family]()
+    adapter = get_adapter(model)
+    ctx = next(iter(LayerStream(model, adapter, calib_ids(5, 16), "cpu", batch_size=2, progress=False)))
+    layer = ctx.layer
+    replay = ModuleReplay(adapter.attention_module(layer))
+    with replay.recording():
+        want = run_layer(layer, ctx.inputs, "cpu")
+    assert len(replay.store) == len(ctx.inputs.hidden) == 3
+    calls = []
+    (q, _, _), _ = adapter.attn_linears(layer)
+    h = q.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with replay.replaying():
+            got = run_layer(layer, ctx.inputs, "cpu")
+    finally:
+        h.remove()
+    assert not calls, "the attention ran although its outputs were replayed"
+    assert replay.store.closed and "forward" not in vars(adapter.attention_module(layer))  # its own forward is back
+    for a, b in zip(want.hidden, got.hidden):
+        assert torch.equal(a, b)
+    h = q.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        run_layer(layer, ctx.inputs, "cpu")  # and it runs again afterwards
+    finally:
+        h.remove()
+    assert calls == [1, 1, 1]

@@ -7,6 +7,7 @@ decoder layer is ever loaded here.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -233,3 +234,59 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device, dtype: torch.dtype 
         out.close()  # its files go now, not when the traceback is freed
         raise
     return LayerInputs(out, inputs.kwargs)
+
+
+class ModuleReplay:
+    """A module's outputs recorded over one pass of a layer's chunks and returned, in the same
+    order, in a later pass instead of running the module again.
+
+    The cutting pass runs its layer twice after the attention is cut: once for the MLP's
+    statistics, once for the layer's outputs after the MLP's cut. The attention is the same in
+    both (same weights, same inputs), so the second forward replays its outputs: bit for bit the
+    same layer outputs, without a third of that forward's work. Only the first element of a tuple
+    output is kept (the attention's output; the others are attention weights, which decoder
+    layers drop) and the rest are replayed as None."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.store = ActivationStore()
+        self.tail = 0
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record the module's outputs while the context is open (one per forward call)."""
+        def hook(mod, args, y):
+            if isinstance(y, (tuple, list)):
+                self.tail = len(y) - 1
+                y = y[0]
+            self.store.append(y)
+        h = self.module.register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            h.remove()
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """The module returns the recorded outputs in order instead of computing them; the store
+        is released when the context closes."""
+        chunks = iter(range(len(self.store)))
+        mod = self.module
+        saved = mod.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hook) comes back after
+
+        def forward(*args, **kwargs):
+            y = self.store[next(chunks)].to(args[0].device if args and torch.is_tensor(args[0]) else
+                                            kwargs["hidden_states"].device)
+            return (y, *([None] * self.tail)) if self.tail else y
+        mod.forward = forward
+        try:
+            yield self
+        finally:
+            if saved is None:
+                del mod.forward
+            else:
+                mod.forward = saved
+            self.store.close()
+
+    def close(self) -> None:
+        self.store.close()

@@ -45,7 +45,7 @@ from ..allocation.widths import uniform_widths
 from ..engine import LayerInputs
 from ..engine import distributed
 from ..engine.activations import ActivationStore
-from ..engine.capture import layer_kwargs, run_layer, to_device
+from ..engine.capture import ModuleReplay, layer_kwargs, run_layer, to_device
 from ..engine.clock import timed_call
 from ..engine.head import calibration_loss
 from ..engine.sensitivity import module_sensitivities
@@ -292,7 +292,8 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
     Per layer: the dense layer's module outputs on the dense trajectory; the attention's W-step
     (statistics against ``u - y`` on the pruned inputs, path, cut, refit); one forward doing the
     attention's u/y-steps and the MLP's statistics; the MLP's W-step; the final forward doing the
-    MLP's u/y-steps. A multi-part MLP (experts) is refitted to each part's own output
+    MLP's u/y-steps (it replays the cut attention's outputs from the forward before: same weights,
+    same inputs). A multi-part MLP (experts) is refitted to each part's own output
     (solvers/parts.py) and has no consensus variables (its parts see other tokens than the
     dense model's)."""
     cfg, adapter, device = run.config, run.adapter, run.device
@@ -386,6 +387,8 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             u_step("attn", c, t_attn[c].to(device), y, a[0])
 
         floor, blocks = _floor_and_blocks(adapter, layer, cfg, w)
+        # The attention is final from here on: the outputs' forward below replays what this one computes.
+        attention = ModuleReplay(adapter.attention_module(layer))
         inner = admm_mlp and cfg.inner_iterations > 0
         inner_log = None
         # The MLP's inputs and W-step targets per chunk, for the refit of its input projections.
@@ -409,7 +412,8 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             hooks = [(o, attn_update), (parts[0].out, mlp_stats)]
             if inner:  # the MLP's input: what its first input projection reads
                 hooks.insert(1, (adapter.mlp_linears(layer)[0][0], lambda c, a, y: x_mlp.append(a[0].detach().cpu())))
-            _hooked_forward(layer, pruned, device, hooks)
+            with attention.recording():
+                _hooked_forward(layer, pruned, device, hooks)
             st = acc.finish().pop("mlp")  # the accumulator keeps no reference: `del st` frees the Gram
             st.check_finite(f"layer {i} mlp")
         else:  # experts: each part against its own output (statistics per part, routing-weighted)
@@ -420,7 +424,8 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
                 seen.append(1)
             h = o.register_forward_hook(attn_update_counted)
             try:
-                st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
+                with attention.recording():
+                    st = ctx.collect(modules=("mlp",), gram=True)["mlp"]
             finally:
                 h.remove()
         t_attn.close()
@@ -455,10 +460,12 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
                 u_step("mlp", c, t_mlp[c].to(device), y, a[0])
             hs.append(adapter.mlp_output_module(layer).register_forward_hook(mlp_update))
         try:
-            ctx.outputs = run_layer(layer, pruned, device)
+            with attention.replaying():
+                ctx.outputs = run_layer(layer, pruned, device)
         finally:
             for h in hs:
                 h.remove()
+            attention.close()
         t_mlp.close()
         if prev is not None:  # the previous u/w of this layer are used up: one iteration's state at a time
             for v in prev.values():
