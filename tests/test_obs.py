@@ -132,7 +132,7 @@ def test_a_float32_factor_orders_removals_as_the_float64_one():
     """What lets an accelerator skip float64 in the removal paths (solvers/obs.py factor_dtype): on
     a correlated heavy-tailed Gram (SiLU-gated, 1% outlier channels x30, 1% dampening), a path from a
     float32 Cholesky factor removes the same channels as one from the float64 factor, with every
-    step's error within 1e-5; the CPU keeps float64, an accelerator's float32 path goes float32."""
+    step's error within 1e-5: so a float32 path factors in float32 on every device."""
     from structprune.solvers.obs import factor_dtype
 
     g = torch.Generator().manual_seed(0)
@@ -145,8 +145,26 @@ def test_a_float32_factor_orders_removals_as_the_float64_one():
     a, b = paths[torch.float64], paths[torch.float32]
     assert a.steps == b.steps
     assert max(abs(x - y) / x for x, y in zip(a.errors, b.errors)) < 1e-5
-    assert factor_dtype("cpu", torch.float32) == torch.float64 and factor_dtype("cuda", torch.float64) == torch.float64
-    assert factor_dtype("cuda", torch.float32) == torch.float32
+    assert factor_dtype("cpu", torch.float32) == torch.float32 == factor_dtype("cuda", torch.float32)
+    assert factor_dtype("cpu", torch.float64) == torch.float64 == factor_dtype("cuda", torch.float64)
+
+
+def test_a_float32_factor_that_fails_is_redone_in_float64(caplog):
+    """A Gram positive definite in float64 whose float32 rounding is not (rank 8 plus 1e-9 I, no
+    dampening): the module's factor falls back to float64, with a warning, instead of failing the run;
+    a Gram that is not positive definite in float64 either still raises."""
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    V = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    H = V @ V.T + 1e-9 * torch.eye(n, dtype=torch.float64)
+    assert int(torch.linalg.cholesky_ex(H.float()).info) != 0  # the premise: float32 fails here
+    with caplog.at_level("WARNING", logger="structprune.solvers.obs"):
+        p = ModuleProblem.build(H, torch.zeros(n, dtype=torch.float64), 100, W=torch.randn(5, n), fit_bias=False,
+                                damp=0.0, dtype=torch.float32)
+    assert p.Hinv.dtype == torch.float32 and "factored in float64" in caplog.text
+    with pytest.raises(torch.linalg.LinAlgError):
+        ModuleProblem.build(-H, torch.zeros(n, dtype=torch.float64), 100, W=torch.randn(5, n), fit_bias=False,
+                            damp=0.0, dtype=torch.float32)
 
 
 def test_float32_inverse_is_row_major_and_matches_float64():

@@ -18,6 +18,7 @@ Pure tensor functions: tensors in, tensors out; no model, no hooks.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,8 @@ import torch
 from ..adapters.base import AttentionShape
 from ..engine.clock import timed
 from ..surgery import head_rows
+
+log = logging.getLogger(__name__)
 
 # Workspace of one module solve: at most two float64 [n+1, n+1] buffers (the Gram, damped and
 # factored in place, and the inverse solved into an identity), one after the factor is dropped,
@@ -54,15 +57,15 @@ def _drop_(M: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
     return flat[:out_rows * out_cols].view(out_rows, out_cols)
 
 def factor_dtype(device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the Cholesky factor a removal path in ``dtype`` starts from, on ``device``.
+    """The dtype of the Cholesky factor a removal path in ``dtype`` starts from: the path's own,
+    on every device (``device`` is kept for the report's :func:`precision`).
 
-    float64 on the CPU, where it costs twice float32 and is a small share of a solve (the
-    ill-conditioned step, so it stays exact); float32 on an accelerator for a float32 path, where
-    float64 runs at 1/2 to 1/64 of the float32 rate. The path only orders removals (refits are
-    float64 solves): on a heavy-tailed Gram a float32 factor takes the same channels with step
-    errors within 1e-5 (``tests/test_obs.py``; ``benchmarks/profile_solver.py`` at real shapes)."""
-    if dtype == torch.float64 or torch.device(device).type == "cpu":
-        return torch.float64
+    The path only orders removals (refits are separate solves): on a heavy-tailed Gram a float32
+    factor takes the same channels as a float64 one with step errors within 1e-5
+    (``tests/test_obs.py``), and on SmolLM2 (8x512, 30% and 50%) the plans and every saved weight
+    are bit for bit those of the float64 factor (docs/experiments.md, session 15). A float64
+    factor costs twice float32 on the CPU (at the 7B MLP shape factor + inverse 11.5 s against
+    20.2 s, ``benchmarks/results/profile_solver_7b_mlp.md``) and 2 to 64 times on a GPU."""
     return dtype
 
 
@@ -153,22 +156,29 @@ def _damped_inverse(H: torch.Tensor, zsum: torch.Tensor, count: int, fit_bias: b
                     dtype: torch.dtype = torch.float64, factor: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
     """``(A^-1 in dtype, delta)`` for the (augmented) Gram ``A`` of ``H``, damped by ``delta``.
 
-    ``A`` lives only here, so it is freed as soon as it is not needed. Two n x n buffers at
-    the peak in float64: the factor and the identity the inverse is solved into.
-    ``cholesky_inverse`` (LAPACK potri) needs no identity, but measured 7.6 s against 0.9 s at
-    n = 2048 on 2 busy CPU threads (0.6 s on 1), so the triangular solves are used.
-    For ``dtype=float32`` the factor is still computed in float64 (the ill-conditioned step) and
-    only the triangular solves run in float32, at twice the speed: on a correlated heavy-tailed
-    Gram (n = 1536, 1% dampening) the inverse agreed with the float64 one to 5e-7 (relative
-    Frobenius) and a 31-step removal path to 3e-7 in every error (experiments.md). The float64
-    factor is dropped once its float32 copy exists, before the identity is made: 1.5 float64
-    n x n buffers at the peak instead of 2 (a 7B MLP: 1.45 GB instead of 1.94 GB).
-    ``factor``: the factor's dtype (default :func:`factor_dtype`: float32 only off the CPU)."""
+    ``A`` lives only here, so it is freed as soon as it is not needed. The factor is in ``factor``
+    (default :func:`factor_dtype`: ``dtype``); a float32 inverse comes from it by LAPACK potri,
+    a float64 one by two triangular solves into an identity (potri measured slower than the solves
+    in float64 beside other jobs, experiments.md). Where the factor is float64 and the path float32
+    (``factor=torch.float64``, kept for the accuracy tests) the factor is cast down and dropped
+    before the inverse is formed."""
     factor = factor or factor_dtype(H.device, dtype)
     with timed("factor"):
         A = _gram(H, zsum, count, fit_bias, factor)
         delta = damp_(A, damp)
-        U = _cholesky_(A)
+        try:
+            U = _cholesky_(A)
+        except torch.linalg.LinAlgError:
+            if factor == torch.float64:
+                raise
+            # float32 rounding broke positive definiteness (the damped condition number is at most
+            # about 100 n, so this is rare): this module's factor in float64 instead
+            log.warning("float32 Cholesky factor failed (n = %d): factored in float64", H.shape[0])
+            del A
+            factor = torch.float64
+            A = _gram(H, zsum, count, fit_bias, factor)
+            delta = damp_(A, damp)
+            U = _cholesky_(A)
         if dtype != factor:
             U = U.to(dtype)
             del A  # U was a view of it: the float64 factor goes now
@@ -255,10 +265,9 @@ class ModuleProblem:
         or ``C = sum y [z;1]^T`` (external target; then ``yy = sum |y|^2`` gives ``base_error``,
         and ``W``/``bias``, if also given, are the ridge prior of the dampening).
 
-        The Gram is always factored in float64; ``dtype=torch.float32`` then forms the inverse
-        from that factor and runs the greedy path (which only orders removals; refits are
-        separate float64 solves) in float32, twice as fast. ``factor``: the factor's dtype
-        (default :func:`factor_dtype`: float64 on the CPU, the path's dtype on an accelerator)."""
+        ``dtype=torch.float32`` factors the Gram, forms the inverse and runs the greedy path
+        (which only orders removals; refits are separate solves) in float32, twice as fast as
+        float64. ``factor``: the factor's dtype (default :func:`factor_dtype`: the path's)."""
         n = H.shape[0]
         Hinv, delta = _damped_inverse(H, zsum, count, fit_bias, damp, dtype, factor)
         if C is None:
