@@ -336,13 +336,14 @@ OPERATIONS = ("forward", "statistics", "factor", "inverse", "path", "refit", "va
               "layer io", "other")
 
 
-def operations_table(rows: list[dict]) -> list[str]:
-    """Markdown lines: minutes per operation in each streamed pass of each row (the report's
+def operations_table(rows: list[dict], unit: str = "minutes") -> list[str]:
+    """Markdown lines: minutes (or seconds) per operation in each streamed pass of each row (the report's
     ``timings[pass]["operations"]``, engine/clock.py: exclusive of nested operations; ``other`` is
     the rest of the pass)."""
     if not rows:
         return []
-    lines = ["", "Where each pass's time goes (minutes per operation, exclusive of nested ones: a forward "
+    div, fmt = (60, "{:.1f}") if unit == "minutes" else (1, "{:.0f}")
+    lines = ["", f"Where each pass's time goes ({unit} per operation, exclusive of nested ones: a forward "
              "excludes the statistics its hooks gather; factor and inverse are the removal path's, the refit "
              "includes its own factorisation; 'other': the rest of the pass):", "",
              "| model | method | pass | " + " | ".join(OPERATIONS) + " | pass |",
@@ -352,8 +353,8 @@ def operations_table(rows: list[dict]) -> list[str]:
             if not isinstance(t, dict) or "operations" not in t:
                 continue
             ops = t["operations"]
-            cells = " | ".join(f"{ops[o] / 60:.1f}" if o in ops else "" for o in OPERATIONS)
-            lines.append(f"| {r['shape']} | {r['method']} | {desc} | {cells} | {t['seconds'] / 60:.1f} |")
+            cells = " | ".join(fmt.format(ops[o] / div) if o in ops else "" for o in OPERATIONS)
+            lines.append(f"| {r['shape']} | {r['method']} | {desc} | {cells} | {fmt.format(t['seconds'] / div)} |")
     return lines
 
 
@@ -403,12 +404,15 @@ def write_outputs(res: dict, out: Path) -> None:
     for m in sorted({r["method"] for r in full}):
         sl = slope([r for r in full if r["method"] == m], base)
         lines.append(f"* {m}: " + (f"{sl:.3f}" if sl is not None else "fewer than two finished sizes"))
-    timed = [r for r in full if r.get("finished") and r.get("phase_seconds")]
+    # full runs, then projections (their first layers: the per-layer profile of a shape too slow to run whole)
+    timed = [r for r in full + sorted((r for r in rows if is_projection(r)), key=lambda r: (r["params"], r["method"]))
+             if r.get("finished") and r.get("phase_seconds")]
     if timed:
         lines += ["", "Where the time goes (minutes per phase; 'per layer' = all per-layer work / layers; "
                   "'rest' = the rest of the pruning time: first-layer inputs, the LM head's loss and "
                   "gradient, allocation; loading and saving are outside 'prune', inside 'wall'; "
-                  "resumed runs time their last attempt only):", "",
+                  "resumed runs time their last attempt only; a model@Nl row is a projection's run over the "
+                  "first N layers, as measured):", "",
                   "| model | method | sensitivity fwd | sensitivity bwd | profile (statistics + removal paths) | "
                   "passes (statistics + cut + refit) | rest | prune | per layer | prune / forward |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -420,8 +424,10 @@ def write_outputs(res: dict, out: Path) -> None:
                          f"{ph.get('sensitivity bwd', 0) / 60:.1f} | {ph.get('structprune profile', 0) / 60:.1f} | "
                          f"{passes / 60:.1f} | {rest / 60:.1f} | {r['prune_seconds'] / 60:.1f} | "
                          f"{layer_seconds(r) / r['layers_run']:.0f} s | {forward_multiple(r)} |")
-    lines += operations_table([r for r in timed if any("operations" in t for t in (r.get("timings") or {}).values()
-                                                       if isinstance(t, dict))])
+    def has_ops(r):
+        return any("operations" in t for t in (r.get("timings") or {}).values() if isinstance(t, dict))
+    lines += operations_table([r for r in timed if has_ops(r) and not is_projection(r)])
+    lines += operations_table([r for r in timed if has_ops(r) and is_projection(r)], unit="seconds")
     mem = [r for r in full if r.get("finished") and r.get("memory") and r["method"] == "structprune"]
     if mem:
         lines += ["", "One resident layer's memory by kind (the report's breakdown: weights, Grams and solver "
