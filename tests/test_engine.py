@@ -77,7 +77,7 @@ def test_statistics_match_batch_computation():
 def test_replayed_attention_gives_the_same_layer_outputs(family):
     """The cutting pass's last forward replays the attention's recorded outputs (ModuleReplay):
     the layer's outputs are bit for bit those of running it, and the attention does not run."""
-    from structprune.engine.capture import ModuleReplay, run_layer
+    from structprune.engine.capture import LayerInputs, ModuleReplay, run_layer
 
     model = FACTORIES[family]()
     adapter = get_adapter(model)
@@ -105,3 +105,8 @@ def test_replayed_attention_gives_the_same_layer_outputs(family):
     finally:
         h.remove()
     assert calls == [1, 1, 1]
+    extra = ModuleReplay(adapter.attention_module(layer))
+    with extra.recording():
+        run_layer(layer, LayerInputs(ctx.inputs.hidden[:1], ctx.inputs.kwargs[:1]), "cpu")
+    with pytest.raises(RuntimeError, match="1 outputs recorded"), extra.replaying():
+        run_layer(layer, ctx.inputs, "cpu")  # three chunks against one recorded output

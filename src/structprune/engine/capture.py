@@ -275,8 +275,11 @@ class ModuleReplay:
         saved = mod.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hook) comes back after
 
         def forward(*args, **kwargs):
-            y = self.store[next(chunks)].to(args[0].device if args and torch.is_tensor(args[0]) else
-                                            kwargs["hidden_states"].device)
+            c = next(chunks, None)
+            if c is None:  # a layer calling the module more often than when it was recorded
+                raise RuntimeError(f"ModuleReplay: {len(self.store)} outputs recorded, a call beyond them")
+            y = self.store[c].to(args[0].device if args and torch.is_tensor(args[0]) else
+                                 kwargs["hidden_states"].device)
             return (y, *([None] * self.tail)) if self.tail else y
         mod.forward = forward
         try:
