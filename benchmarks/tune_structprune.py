@@ -233,6 +233,30 @@ def write(record: dict, out: Path) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def compare_code(specs: list[str], rule: str, command: str) -> dict:
+    """A record comparing two results files measured with the same settings by two code versions
+    (``path:label`` each, the first the reference): their rows, the swept field replaced by ``code``
+    = the label, paired as a sweep of ``code``; the commands that made both files are kept."""
+    (ref_path, ref_label), (cand_path, cand_label) = (spec.rsplit(":", 1) for spec in specs)
+    ref, cand = json.loads(Path(ref_path).read_text()), json.loads(Path(cand_path).read_text())
+    same = ("model", "dtype", "protocol", "nsamples", "seqlen", "heldout", "sweep", "fixed", "heldout_domains")
+    diff = [k for k in same if ref["settings"].get(k) != cand["settings"].get(k)]
+    if diff:
+        raise SystemExit(f"--compare-code: the two files were measured with other settings ({', '.join(diff)})")
+    swept = ref["settings"]["sweep"]
+    rows = []
+    for label, rec in ((ref_label, ref), (cand_label, cand)):
+        for r in rec["rows"]:
+            rows.append({**{k: v for k, v in r.items() if k not in ("ratios", "ratio_to_reference")},
+                         "code": label, "swept": {swept: r[swept]}})
+    settings = {**ref["settings"], "sweep": "code", "reference": ref_label, "rule": rule}
+    record = {"command": f"{command} (reference: {ref['command']}; candidate: {cand['command']})",
+              "settings": settings, "device": ref["device"], "rows": rows, "dense": ref["dense"],
+              "dense_domains": ref.get("dense_domains", {})}
+    record["decisions"] = compare(rows, "code", ref_label, rule)
+    return record
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -259,8 +283,16 @@ def main(argv=None) -> int:
                         "equivalent: where it is within [0.99, 1.01] of it (a change made for speed)")
     p.add_argument("--render", action="store_true",
                    help="only rewrite --out's Markdown (decisions included) from its JSON; measures nothing")
+    p.add_argument("--compare-code", nargs=2, metavar="JSON:LABEL",
+                   help="measures nothing: compare the rows of two results files of this script made with the "
+                        "same settings by two code versions (a change with no config knob), the first the "
+                        "reference, into --out (a sweep of `code`)")
     a = p.parse_args(argv)
     out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
+    if a.compare_code:
+        write(compare_code(a.compare_code, a.rule, shlex.join(["python", "benchmarks/tune_structprune.py",
+                                                                 *(argv or sys.argv[1:])])), out)
+        return 0
     if a.render:
         record = json.loads(out.with_suffix(".json").read_text())
         name = record["settings"]["sweep"]

@@ -179,3 +179,33 @@ def test_equivalence_rule_adopts_only_a_value_within_one_percent_everywhere(load
     assert "cut_paths=dense equivalent" in d["decision"] and "cut_paths=other not equivalent" in d["decision"]
     (b,) = mod.compare(rows, "cut_paths", "pruned")  # the default rule: nothing is lower everywhere
     assert b["decision"].startswith("keep cut_paths=pruned")
+
+
+def test_compare_code_pairs_two_files_of_the_same_settings(tune, tmp_path, one_torch_thread):
+    """--compare-code (a change with no config knob, measured by two code versions): the rows of two
+    results files become a sweep of `code`, paired against the first file's; the reference pairs with
+    itself exactly; files of other settings are refused; nothing is pruned."""
+    a, b = tmp_path / "base", tmp_path / "cand"
+    args = ["--model", "tiny", "--sparsity", "0.3", "--sweep", "temperature=1", "--reference", "1", "--nsamples", "4",
+            "--seqlen", "32", "--heldout", "3", "--threads", "1"]
+    assert tune.main([*args, "--out", str(a)]) == 0
+    assert tune.main([*args, "--out", str(b), "--fixed", "damp=0.05"]) == 0  # another "version": other weights
+    cand = json.loads(b.with_suffix(".json").read_text())
+    cand["settings"]["fixed"] = ""  # as if the same command had run on other code
+    b.with_suffix(".json").write_text(json.dumps(cand))
+    tune.calls.clear()
+    out = tmp_path / "cmp"
+    assert tune.main(["--out", str(out), "--rule", "equivalent", "--compare-code", f"{a}.json:main",
+                      f"{b}.json:candidate"]) == 0 and tune.calls == []
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert [r["code"] for r in rec["rows"]] == ["main", "candidate"] and rec["settings"]["sweep"] == "code"
+    ref, other = rec["rows"]
+    assert (ref["ratios"]["c4"]["value"], ref["ratios"]["c4"]["low"]) == (1.0, 1.0)
+    want = tune.paired_ratio(other["heldout"]["window_nlls"], ref["heldout"]["window_nlls"]).to_dict()
+    assert other["ratios"]["c4"] == want and other["swept"] == {"temperature": 1}
+    assert "code=candidate" in rec["decisions"][0]["decision"]
+    assert "| 0.30 | candidate |" in out.with_suffix(".md").read_text()
+    cand["settings"]["seqlen"] = 64
+    b.with_suffix(".json").write_text(json.dumps(cand))
+    with pytest.raises(SystemExit, match="seqlen"):
+        tune.main(["--out", str(out), "--compare-code", f"{a}.json:main", f"{b}.json:candidate"])
