@@ -214,17 +214,26 @@ def informative_mean(rows: list[dict], tasks: list[str]) -> list[str]:
         return []
     lines = ["", f"## Mean over the tasks above chance ({', '.join(TITLES.get(t, t) for t in keep)})", "",
              "The dense model is above chance on these (section Chance); the paired difference to dense resamples "
-             "documents within each task.", "", "| method | sparsity | mean | Δ dense |", "|---|---|---|---|"]
-    base = dense["zero_shot"]["tasks"]
+             "documents within each task; 'StructPrune − method' is StructPrune's row at the same sparsity "
+             "against this one, paired the same way.", "",
+             "| method | sparsity | mean | Δ dense | StructPrune − method |", "|---|---|---|---|---|"]
+
+    def paired(a: dict, b: dict) -> str:
+        za, zb = a["zero_shot"]["tasks"], b["zero_shot"]["tasks"]
+        if not all(za[t]["documents"] == zb[t]["documents"] for t in keep):
+            return ""
+        d = stratified_mean_difference([(za[t]["correct"][za[t]["primary"]], zb[t]["correct"][za[t]["primary"]])
+                                        for t in keep])
+        return _diff({"value": d.value, "low": d.low, "high": d.high})
+
     for r in rows:
         z = r["zero_shot"]["tasks"]
         mean = sum(z[t]["value"] for t in keep) / len(keep)
-        delta = ""
-        if r is not dense and all(z[t]["documents"] == base[t]["documents"] for t in keep):
-            d = stratified_mean_difference([(z[t]["correct"][z[t]["primary"]], base[t]["correct"][z[t]["primary"]])
-                                            for t in keep])
-            delta = _diff({"value": d.value, "low": d.low, "high": d.high})
-        lines.append(f"| {r['label']} | {r['sparsity_target']:.0%} | {100 * mean:.1f} | {delta} |")
+        ours = next((o for o in rows if o["label"] == "structprune" and o["sparsity_target"] == r["sparsity_target"]),
+                    None)
+        vs_ours = paired(ours, r) if ours is not None and r is not ours and r is not dense else ""
+        lines.append(f"| {r['label']} | {r['sparsity_target']:.0%} | {100 * mean:.1f} | "
+                     f"{paired(r, dense) if r is not dense else ''} | {vs_ours} |")
     return lines
 
 

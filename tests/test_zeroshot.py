@@ -373,7 +373,10 @@ def test_table_means_the_tasks_above_chance_with_a_paired_difference(load_benchm
     pruned = {"label": "structprune", "sparsity_target": 0.3, "zero_shot": {"tasks": {
         "piqa": task([1.0] * 6 + [0.0] * 4, [0.3, 0.9]), "winogrande": task([1.0] * 9 + [0.0], [0.7, 1.0])}}}
     assert zs.above_chance(dense["zero_shot"]["tasks"], ["piqa", "winogrande"]) == ["piqa"]
-    lines = zs.informative_mean([dense, pruned], ["piqa", "winogrande"])
+    other = {"label": "global", "sparsity_target": 0.3, "zero_shot": {"tasks": {
+        "piqa": task([1.0] * 7 + [0.0] * 3, [0.4, 1.0]), "winogrande": task([0.0] * 10, [0.0, 0.1])}}}
+    lines = zs.informative_mean([dense, pruned, other], ["piqa", "winogrande"])
     assert lines[1] == "## Mean over the tasks above chance (PIQA)"
-    assert lines[-2] == "| dense | 0% | 80.0 |  |"
-    assert lines[-1].startswith("| structprune | 30% | 60.0 | -20.0 [")  # WinoGrande's +40 left out
+    assert lines[-3] == "| dense | 0% | 80.0 |  |  |"
+    assert lines[-2].startswith("| structprune | 30% | 60.0 | -20.0 [") and lines[-2].endswith("|  |")  # WinoGrande's +40 left out
+    assert lines[-1].startswith("| global | 30% | 70.0 | -10.0 [") and lines[-1].count("| -10.0 [") == 2  # also StructPrune - global
