@@ -301,6 +301,19 @@ def recomputed_forwards(num_layers: int, every_boundary: bool = False) -> int:
     return 0 if every_boundary else recomputed_layers(num_layers, checkpoint_interval(num_layers))
 
 
+def forward_seconds(r: dict) -> float | None:
+    """Seconds of one dense forward pass over the calibration: the sensitivity sweep's own forward
+    (float32, every layer once, nothing else), or, where the profile pass recorded the sweep's
+    boundaries instead (engine/sensitivity.py: BoundaryRecorder; no "sensitivity fwd" phase), the
+    profile pass's forward operation (its statistics excluded), the same computation over the same
+    windows when the sensitivities use every window (``sens_nsamples`` >= the calibration windows)."""
+    fwd = (r.get("phase_seconds") or {}).get("sensitivity fwd")
+    if fwd:
+        return fwd
+    ops = ((r.get("timings") or {}).get("structprune profile") or {}).get("operations") or {}
+    return ops.get("forward")
+
+
 def projected_seconds(r: dict) -> float:
     """A run over the first layers of a shape, extended to all of them: the run's own time plus
     the remaining layers at its measured seconds per layer. The sensitivity backward's share of
@@ -308,7 +321,7 @@ def projected_seconds(r: dict) -> float:
     measured per-layer time and added back for the full depth at the measured forward time."""
     lr, lf = r["layers_run"], r["layers_full"]
     ph = r.get("phase_seconds") or {}
-    fwd = ph.get("sensitivity fwd", 0.0) / lr
+    fwd = (forward_seconds(r) or 0.0) / lr
     every = r.get("sensitivity_checkpoint_every") == 1  # then assumed to fit at the full depth too
     per_layer = layer_seconds(r) / lr - recomputed_forwards(lr, every) / lr * fwd
     return (r["prune_seconds"] + (lf - lr) * per_layer
@@ -326,9 +339,9 @@ def plan_text(plan: dict | None) -> str:
 
 
 def forward_multiple(r: dict) -> str:
-    """The pruning time in forward passes over the calibration (issue 30's yardstick): the sensitivity
-    pass's forward (float32, every layer once, nothing else) is the measured forward pass."""
-    fwd = (r.get("phase_seconds") or {}).get("sensitivity fwd")
+    """The pruning time in forward passes over the calibration (issue 30's yardstick), the forward
+    pass measured as :func:`forward_seconds` says."""
+    fwd = forward_seconds(r)
     return f"{r['prune_seconds'] / fwd:.1f}×" if fwd else ""
 
 
@@ -412,7 +425,8 @@ def write_outputs(res: dict, out: Path) -> None:
                   "'rest' = the rest of the pruning time: first-layer inputs, the LM head's loss and "
                   "gradient, allocation; loading and saving are outside 'prune', inside 'wall'; "
                   "resumed runs time their last attempt only; a model@Nl row is a projection's run over the "
-                  "first N layers, as measured):", "",
+                  "first N layers, as measured; 'sensitivity fwd' 0.0: the profile pass's forward recorded the "
+                  "sweep's boundaries, and 'prune / forward' divides by that pass's forward operation):", "",
                   "| model | method | sensitivity fwd | sensitivity bwd | profile (statistics + removal paths) | "
                   "passes (statistics + cut + refit) | rest | prune | per layer | prune / forward |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

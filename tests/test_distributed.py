@@ -229,7 +229,7 @@ def _env() -> dict:
 
 def test_torchrun_cli_killed_rank_restarts_to_the_same_bytes(tmp_path, byte_tokenizer, one_torch_thread, monkeypatch):
     """``torchrun --nproc-per-node 2 --max-restarts 1 -m structprune.cli prune``: rank 1 is killed at
-    its 8th layer fetch (in the cutting pass, after the journaled sensitivities and profile), torchrun
+    its 6th layer fetch (the cutting pass's second layer, after the journaled profile and sensitivities), torchrun
     restarts both ranks, the restart resumes from the journals, and the output equals the
     single-process CLI's bytes."""
     import hashlib
@@ -247,7 +247,7 @@ def test_torchrun_cli_killed_rank_restarts_to_the_same_bytes(tmp_path, byte_toke
     out = tmp_path / "ranks"
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--max-restarts", "1", "--no-python", sys.executable, "-c", _KILL_AT_FETCH, "8",
+                          "--max-restarts", "1", "--no-python", sys.executable, "-c", _KILL_AT_FETCH, "6",
                           *args, "--output", str(out)], env=_env(), capture_output=True, text=True, timeout=300)
     print(f"torchrun with one restart: {time.perf_counter() - t0:.1f}s")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FACTORIES, calib_ids, final_state_distortion, tiny_llama, tiny_qwen2_moe
+from tiny import FACTORIES, FAMILIES, calib_ids, final_state_distortion, tiny_llama, tiny_qwen2_moe
 
 from structprune import api
 from structprune.adapters import get_adapter
@@ -360,3 +360,37 @@ def test_dense_cut_paths_are_the_one_shot_passes():
         PruneConfig(method="structprune", allocation="uniform", cut_paths="dense")
     with pytest.raises(StructPruneError, match="no profile"):  # nor has softmax's uniform limit
         PruneConfig(method="structprune", temperature=float("inf"), cut_paths="dense")
+
+
+@pytest.mark.parametrize("family,every", [(f, 2) for f in sorted(FAMILIES)] + [("llama", 1)])
+def test_profile_pass_records_the_sensitivity_sweeps_forward(family, every, monkeypatch):
+    """The profiling pass's dense forward records the boundaries the sensitivities' backward sweep starts
+    from (engine/sensitivity.py: BoundaryRecorder), so the sweep runs no forward of its own: the
+    sensitivities, plans and every weight are bit for bit those of the sweep's own forward, with a
+    checkpoint at every boundary and every second one, on a subset of the windows (sens_nsamples)."""
+    from structprune.engine import sensitivity as sens_mod
+    from structprune.solvers import structprune as sp
+
+    base = FAMILIES[family](layers=3)
+    ids = calib_ids(5, 16)
+    monkeypatch.setattr(sp, "default_interval", lambda num, inputs: every)
+    out = {}
+    real = sens_mod.Float32Module.__call__
+    for mode in ("recorded", "own"):
+        if mode == "own":
+            monkeypatch.setattr(sens_mod.BoundaryRecorder, "same_as_float32", staticmethod(lambda layer, outputs: False))
+        forwards = []
+        monkeypatch.setattr(sens_mod.Float32Module, "__call__",
+                            lambda self, *a, **k: (forwards.append(torch.is_grad_enabled()), real(self, *a, **k))[1])
+        m = copy.deepcopy(base)
+        r = api.prune(m, ids, device="cpu", progress=False, method="structprune", sparsity=0.3, seqlen=16,
+                      batch_size=2, sens_nsamples=2)
+        entry = next(e for e in r.report["solver_log"] if "sensitivity_checkpoint_every" in e)
+        assert entry["sensitivity_checkpoint_every"] == every
+        no_grad = forwards.count(False)  # the forward sweep and the recomputed segments run without autograd
+        out[mode] = ([p.to_dict() for p in r.plans], m.state_dict(), no_grad, r.report["timings"])
+    assert out["recorded"][0] == out["own"][0]
+    assert all(torch.equal(v, out["own"][1][k]) for k, v in out["recorded"][1].items())
+    # one no-grad forward per layer and sensitivity chunk fewer (sens_nsamples counts chunks: 2 of the 3)
+    assert out["own"][2] - out["recorded"][2] == 3 * 2, (out["own"][2], out["recorded"][2])
+    assert "sensitivity fwd" in out["own"][3] and "sensitivity fwd" not in out["recorded"][3]

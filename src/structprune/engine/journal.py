@@ -39,7 +39,7 @@ from .capture import LayerInputs
 #: how a distributed run refuses ranks whose journals stopped at different points (the commit barrier
 #: of :func:`save_value` keeps them together; a resume checks it)
 JOURNALS_APART = "their journals of the interrupted run stopped at different points; start afresh with --overwrite"
-JOURNAL_VERSION = 2  # 2: StructPrune's profile results are {"menus", "final"}
+JOURNAL_VERSION = 3  # 2: StructPrune's profile results are {"menus", "final"}; 3: its menus unweighted, the profile pass before the sensitivities
 _DATACLASSES: dict[str, type] = {}
 
 

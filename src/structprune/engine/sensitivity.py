@@ -211,8 +211,8 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
                          swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
                          store_factory=None, skip_positions: int = SKIP_POSITIONS,
                          trim: float = TRIM, timings: dict | None = None,
-                         windows: tuple[list[int], int] | None = None, details: dict | None = None
-                         ) -> list[dict[str, float]]:
+                         windows: tuple[list[int], int] | None = None, details: dict | None = None,
+                         recorded: BoundaryRecorder | None = None) -> list[dict[str, float]]:
     """``[{"attn": s, "mlp": s}, ...]`` per layer: the squared gradient norm per token and
     output feature at each module's output for the LM loss on the windows of ``inputs``,
     reduced by :func:`reduce_energy` (``skip_positions``, ``trim``). Raises
@@ -222,14 +222,14 @@ def module_sensitivities(model, adapter: Adapter, inputs: LayerInputs, calib: to
     boundary when they fit the activation budget's room, its free RAM then half the scratch disk,
     else fewer, at most ``ceil(sqrt(L))`` layers apart; 1 keeps every boundary and recomputes
     nothing; the same bits either way);
-    ``timings``, ``details``: filled as in :func:`gradient_energy`.
+    ``timings``, ``details``, ``recorded``: as in :func:`gradient_energy`.
 
     ``windows``: in a distributed run, ``(global indices of this rank's windows, total windows)``:
     each rank back-propagates its own windows (a window's energy does not depend on the others),
     then every rank gathers all windows' energies in window order and reduces them alike."""
     energy, widths = gradient_energy(model, adapter, inputs, calib, device, swap=swap, progress=progress,
                                      checkpoint_every=checkpoint_every, store_factory=store_factory,
-                                     timings=timings, details=details)
+                                     timings=timings, details=details, recorded=recorded)
     if windows is not None and distributed.is_distributed():
         index, total = windows
         energy = [{m: distributed.gather_rows(e[m], index, total) for m in MODULES} for e in energy]
@@ -253,9 +253,90 @@ def check_sensitivity(sens: dict[str, float], layer: int) -> None:
                                    "that layer) for NaN/Inf")
 
 
+def default_interval(num_layers: int, inputs: LayerInputs) -> int:
+    """The checkpoint interval :func:`gradient_energy` uses by default for ``inputs`` (the windows it
+    back-propagates): :func:`fitting_interval` of their float32 boundaries in the activation
+    budget's current room."""
+    boundary = 4 * sum(h.numel() for h in inputs.hidden)  # float32, whatever the inputs' dtype
+    k = fitting_interval(num_layers, boundary, current_budget().room(distributed.local_world_size()))
+    log.info("sensitivities: a checkpoint every %d layers (%d boundaries of %.1f MiB alive at most)",
+             k, boundaries_alive(num_layers, k), boundary / 2**20)
+    return k
+
+
+class BoundaryRecorder:
+    """The dense boundaries the backward sweep starts from, recorded by a forward pass that runs
+    anyway (StructPrune's profiling pass, over every calibration window) instead of the sweep's own
+    forward: one forward of every layer fewer (about 8% of a prune at the CPU protocol and at the 7B
+    shape, docs/experiments.md).
+
+    The sweep's forward runs each layer on float32 copies of its weights (:class:`Float32Module`);
+    where the layer's floating tensors and the stored outputs already are float32, those copies are
+    the tensors themselves and the two forwards are the same computation on the same bits. Anything
+    else (a half-precision model, reduced-precision stores) discards the recording, and so does a
+    layer seen out of order (a resumed pass starts late): :func:`gradient_energy` then runs its own
+    forward, so the sensitivities are the same bits either way (tests/test_sensitivity.py).
+
+    ``record(i, layer, outputs)`` after layer ``i``'s forward over all chunks: the first ``chunks``
+    (the windows back-propagated) are copied into the boundary ``i + 1``, kept by the rule of
+    :func:`gradient_energy`'s forward (checkpoints every ``every`` layers, the current segment's other
+    boundaries, the last one)."""
+
+    def __init__(self, num_layers: int, every: int, chunks: int):
+        if every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of layers, got {every}")
+        self.num, self.every, self.chunks = num_layers, every, chunks
+        self.ckpt: dict[int, LayerInputs] = {}
+        self.seg: dict[int, LayerInputs] = {}
+        self.final: LayerInputs | None = None
+        self.next = 0
+        self.valid = True
+
+    @staticmethod
+    def same_as_float32(layer, outputs: LayerInputs) -> bool:
+        """Whether :class:`Float32Module` would run ``layer`` on these very tensors and store alike."""
+        floats = [t for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()]
+        stored = outputs.hidden.dtype or outputs.hidden.source_dtype  # a store without a dtype keeps the chunks'
+        return (all(t.dtype == torch.float32 for t in floats) and stored == torch.float32
+                and outputs.hidden.source_dtype in (None, torch.float32))
+
+    def record(self, i: int, layer, outputs: LayerInputs) -> None:
+        if not self.valid:
+            return
+        if i != self.next or not self.same_as_float32(layer, outputs):
+            self.discard()
+            return
+        b = LayerInputs(outputs.hidden[:self.chunks].clone(), outputs.kwargs[:self.chunks])
+        j = self.next = i + 1
+        if j == self.num:
+            self.final = b
+        elif j % self.every == 0:
+            _close_all(self.seg)  # the sweep recomputes a segment it enters from above
+            self.ckpt[j] = b
+        else:
+            self.seg[j] = b
+
+    @property
+    def complete(self) -> bool:
+        return self.valid and self.next == self.num
+
+    def discard(self) -> None:
+        """Release what was recorded; :func:`gradient_energy` will run its own forward."""
+        self.valid = False
+        self.close()
+
+    def close(self) -> None:
+        _close_all(self.ckpt)
+        _close_all(self.seg)
+        if self.final is not None:
+            self.final.close()
+            self.final = None
+
+
 def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.Tensor, device,
                     swap: bool = False, progress: bool = True, checkpoint_every: int | None = None,
-                    store_factory=None, timings: dict | None = None, details: dict | None = None
+                    store_factory=None, timings: dict | None = None, details: dict | None = None,
+                    recorded: BoundaryRecorder | None = None
                     ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, int]]]:
     """``(energy, widths)``: per layer, ``{"attn": E, "mlp": E}`` with ``E[w, t]`` the squared
     norm (float64, summed over output features) of the loss gradient at the module's output
@@ -264,15 +345,20 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     naming the layer. ``timings`` (a report's ``pass -> seconds per layer``) gets the seconds of
     each layer's forward (``"sensitivity fwd"``) and backward, recomputation included
     (``"sensitivity bwd"``), both in layer order; ``details`` gets ``checkpoint_every`` (the interval
-    used) and ``recomputed_layers`` (layer forwards run again in the backward sweep)."""
+    used) and ``recomputed_layers`` (layer forwards run again in the backward sweep).
+
+    ``recorded``: a complete :class:`BoundaryRecorder` of the same ``inputs`` (its interval is used, its
+    boundaries are taken over and closed here): the forward sweep is skipped and no ``"sensitivity
+    fwd"`` time is reported."""
     device = torch.device(device)
     layers = adapter.layers()
     num = len(layers)
-    if checkpoint_every is None:  # what the budget's RAM and scratch disk hold: recomputation costs forwards
-        boundary = 4 * sum(h.numel() for h in inputs.hidden)  # float32, whatever the inputs' dtype
-        k = fitting_interval(num, boundary, current_budget().room(distributed.local_world_size()))
-        log.info("sensitivities: a checkpoint every %d layers (%d boundaries of %.1f MiB alive at most)",
-                 k, boundaries_alive(num, k), boundary / 2**20)
+    if recorded is not None and not (recorded.complete and recorded.num == num):
+        raise ValueError("recorded boundaries must be complete and of this model's depth")
+    if recorded is not None:
+        k = recorded.every
+    elif checkpoint_every is None:  # what the budget's RAM and scratch disk hold: recomputation costs forwards
+        k = default_interval(num, inputs)
     else:
         k = checkpoint_every
     if k < 1:
@@ -288,9 +374,14 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     ckpt: dict[int, LayerInputs] = {0: inputs}  # boundary j (input of layer j) for j % k == 0
     seg: dict[int, LayerInputs] = {}  # the other boundaries of the segment at hand
     grads, final = None, inputs  # final: the last boundary (the inputs when there are no layers)
+    if recorded is not None:  # taken over: closed by this function from here on
+        ckpt.update(recorded.ckpt)
+        seg.update(recorded.seg)
+        final = recorded.final if recorded.final is not None else inputs
+        recorded.ckpt, recorded.seg, recorded.final = {}, {}, None
     nwindows, seqlen = int(calib.shape[0]), int(calib.shape[1])
     timings = {} if timings is None else timings
-    fwd_times = timings.setdefault("sensitivity fwd", [])
+    fwd_times = timings.setdefault("sensitivity fwd", []) if recorded is None else []
     bwd_times = [0.0] * num  # in layer order, like every other pass (the sweep runs from the top)
 
     def forward(i: int, h: LayerInputs) -> LayerInputs:
@@ -302,9 +393,9 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
             store.release(i)
 
     try:
-        # 1. forward, keeping checkpoints and the current segment's boundaries.
+        # 1. forward, keeping checkpoints and the current segment's boundaries (unless recorded).
         h = inputs
-        for i in tqdm(range(num), desc="sensitivity fwd", disable=not progress):
+        for i in tqdm(range(num if recorded is None else 0), desc="sensitivity fwd", disable=not progress):
             t0 = time.perf_counter()
             h = forward(i, h)
             fwd_times.append(time.perf_counter() - t0)

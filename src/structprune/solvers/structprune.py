@@ -5,7 +5,8 @@ Read top to bottom, :func:`prune_structprune` runs five phases (docs/structprune
 1. **Sensitivities** ``w_m`` of every module (attention, MLP of each layer) from a streamed
    backward pass of the LM loss (engine/sensitivity.py).
 2. **Removal paths** (one streamed pass over the dense model): each module's greedy block-OBS
-   path; its errors weighted by ``w_m`` form the module's menu.
+   path; its errors weighted by ``w_m`` form the module's menu. This pass runs before phase 1's
+   backward sweep: its dense forward is the sweep's forward, whose boundaries it records.
 3. **Allocation**: the budget dual ``lambda`` by bisection, so that the energy-based softmax
    allocation of the menus (temperature ``T``) meets the global budget (allocation/softmax.py).
 4. **ADMM passes** ``k = 1..K`` (each one streamed pass, one layer resident). Every module ``m``
@@ -48,7 +49,7 @@ from ..engine.activations import ActivationStore
 from ..engine.capture import ModuleReplay, layer_kwargs, run_layer, to_device
 from ..engine.clock import timed_call
 from ..engine.head import calibration_loss
-from ..engine.sensitivity import module_sensitivities
+from ..engine.sensitivity import BoundaryRecorder, default_interval, module_sensitivities
 from ..engine.stats import StatsAccumulator
 from .inner import refit_mlp_inputs
 from .values import refit_values
@@ -101,56 +102,74 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict], Acti
     # The sensitivities depend on fewer knobs than the paths (not damp, refit_bias, r_min, path
     # steps): a sweep of those reuses the streamed backward, the most expensive phase.
     sens_key = ("structprune-sensitivities", *key[1:5])
-    if run.cache is not None and sens_key in run.cache:
-        sens = copy.deepcopy(run.cache[sens_key])
-    else:
+    sens = copy.deepcopy(run.cache[sens_key]) if run.cache is not None and sens_key in run.cache else None
+    recorder = sub = None
+    if sens is None:
         inputs = run.stream().first_inputs()  # this rank's chunks (all of them in one process)
         chunks = distributed.chunk_count(int(run.calib.shape[0]), cfg.batch_size)
         nsens = min(cfg.sens_nsamples or chunks, chunks)  # the first nsens chunks of the whole run
         mine = sum(1 for c in distributed.my_chunks(chunks) if c < nsens)
         sub = LayerInputs(inputs.hidden[:mine], inputs.kwargs[:mine])
-        ncal = sum(h.shape[0] for h in sub.hidden)
-        windows = distributed.window_indices(int(run.calib.shape[0]), cfg.batch_size)[:ncal]
-        def measure() -> dict:
-            details: dict = {}
-            sens = module_sensitivities(
-                run.model, adapter, sub, run.calib[windows], run.device, progress=run.progress,
-                store_factory=run.home, timings=run.timings,
-                windows=(windows, min(nsens * cfg.batch_size, int(run.calib.shape[0]))), details=details)
-            # how the streamed backward kept its boundaries, journaled with them: a resumed run reports it too
-            return {"sensitivities": sens, "log": {"sensitivity_checkpoint_every": details["checkpoint_every"],
-                                                   "sensitivity_recomputed_layers": details["recomputed_layers"]}}
-        done = run.phase("sensitivities", measure)
-        sens = done["sensitivities"]
-        run.log.append(done["log"])
-        if run.cache is not None:
-            run.cache[sens_key] = copy.deepcopy(sens)
-    results, _ = run_pass(run, "structprune profile", profile_step(run, sens))
-    menus = [m for r in results for m in r["menus"]]
+        # The profile's dense forward (every window) is the sensitivity sweep's forward (its first
+        # windows) computed once: its boundaries are recorded for the backward sweep.
+        recorder = BoundaryRecorder(len(layers), default_interval(len(layers), sub), mine)
+    try:
+        results, _ = run_pass(run, "structprune profile", profile_step(run, recorder))
+        if sens is None:
+            ncal = sum(h.shape[0] for h in sub.hidden)
+            windows = distributed.window_indices(int(run.calib.shape[0]), cfg.batch_size)[:ncal]
+            # a resumed profile pass (started late or read back) recorded nothing usable; whether the
+            # sweep ran its own forward shows in the report's timings ("sensitivity fwd"), not in its results
+            recorded = recorder if recorder.complete else None
+
+            def measure() -> dict:
+                details: dict = {}
+                sens = module_sensitivities(
+                    run.model, adapter, sub, run.calib[windows], run.device, progress=run.progress,
+                    store_factory=run.home, timings=run.timings, checkpoint_every=recorder.every,
+                    windows=(windows, min(nsens * cfg.batch_size, int(run.calib.shape[0]))), details=details,
+                    recorded=recorded)
+                # how the streamed backward kept its boundaries, journaled with them: a resumed run reports it too
+                return {"sensitivities": sens, "log": {"sensitivity_checkpoint_every": details["checkpoint_every"],
+                                                       "sensitivity_recomputed_layers": details["recomputed_layers"]}}
+            done = run.phase("sensitivities", measure)
+            sens = done["sensitivities"]
+            run.log.append(done["log"])
+            if run.cache is not None:
+                run.cache[sens_key] = copy.deepcopy(sens)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    # the profile's menus carry the paths' own errors; weighted here by each module's sensitivity
+    menus = [Menu.from_path(m["layer"], m["module"], m["full_cost"], m["step_costs"], m["step_errors"],
+                            sens[m["layer"]][m["module"]]).to_dict() | {"path": m["path"]}
+             for r in results for m in r["menus"]]
     final = results[-1]["final"]
     if run.cache is not None:
         run.cache[key] = copy.deepcopy((sens, menus, final))
     return sens, menus, final
 
 
-def profile_step(run, sens: list[dict]):
+def profile_step(run, recorder: BoundaryRecorder | None = None):
     """Pass step of phase 2: the dense layer's statistics, each module's removal path against its
-    own output, as sensitivity-weighted menus (dicts, each with its path's structures: ``"path"``,
-    for the attention the kept ``[heads, kv_heads]`` after every prefix, for the MLP the channels
-    each step removes); the last layer's result also keeps the dense model's final hidden states
-    (``final``)."""
+    own output, as menus of the paths' unweighted errors (dicts, each with its path's structures:
+    ``"path"``, for the attention the kept ``[heads, kv_heads]`` after every prefix, for the MLP the
+    channels each step removes); the last layer's result also keeps the dense model's final hidden
+    states (``final``). ``recorder``: gets each layer's outputs (the sensitivity sweep's boundaries)."""
     cfg, adapter = run.config, run.adapter
     last = len(adapter.layers()) - 1
 
     def step(ctx, carry):
         stats, ctx.outputs = ctx.collect(return_outputs=True)
+        if recorder is not None:
+            recorder.record(ctx.index, ctx.layer, ctx.outputs)
         path_a = attention_path(adapter, ctx.layer, stats["attn"], cfg, dtype=torch.float32)
         floor, blocks = _floor_and_blocks(adapter, ctx.layer, cfg, None)
         path_m = mlp_path(adapter, ctx.layer, stats["mlp"], cfg, floor, blocks, dtype=torch.float32)
         ca, cm = module_costs(adapter, ctx.layer)
         i = ctx.index
-        attn = Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors, sens[i]["attn"]).to_dict()
-        mlp = Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors, sens[i]["mlp"]).to_dict()
+        attn = Menu.from_path(i, "attn", ca, path_a.costs, path_a.errors).to_dict()
+        mlp = Menu.from_path(i, "mlp", cm, path_m.costs, path_m.errors).to_dict()
         attn["path"] = [list(heads_of_path(path_a, k)) for k in range(len(path_a.steps) + 1)]
         mlp["path"] = [list(s) for s in path_m.steps]
         return {"menus": [attn, mlp], "final": ctx.outputs.hidden.clone() if i == last else None}, carry
