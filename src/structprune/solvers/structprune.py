@@ -346,6 +346,13 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
                 return t
             return prev[module]["u"][c].to(device).float() - prev[module]["w"][c].to(device).float() / rho
 
+        def own(module) -> bool:
+            """Whether ``module``'s W-step target is its own output on the inputs it sees (``own``
+            target, no dual yet): then it is solved against its weights, as obs-local's modules are
+            (no cross term accumulated; the refit as a correction of the kept weights), the same
+            problem as the cross term ``C = sum y [z; 1]^T`` with ``y = W z + b`` without ``y``'s rounding."""
+            return not trajectory and (prev is None or module not in prev)
+
         def u_step(module, c, t, z, a):
             u_prev = None if prev is None else prev[module]["u"][c].to(device)
             w_prev = None if prev is None else prev[module]["w"][c].to(device)
@@ -368,7 +375,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             else:
                 t = y.detach().float()  # own: the module's current weights on the inputs it really sees
             t_attn.append(t)
-            acc.add_z("attn", a[0], t.shape[-1], target=w_step_target("attn", c, t))
+            acc.add_z("attn", a[0], t.shape[-1], target=None if own("attn") else w_step_target("attn", c, t))
         _hooked_forward(layer, pruned, device, [(o, attn_stats)], stop_after=o)
         st = acc.finish()["attn"]
         st.check_finite(f"layer {i} attn")
@@ -424,7 +431,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
                     t = y.detach().float()
                 t_mlp.append(t)
                 wt = w_step_target("mlp", c, t)
-                acc.add_z("mlp", a[0], t.shape[-1], target=wt)
+                acc.add_z("mlp", a[0], t.shape[-1], target=None if own("mlp") else wt)
                 if inner:
                     t_fit.append(wt.cpu())
 
