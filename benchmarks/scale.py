@@ -305,8 +305,9 @@ def forward_seconds(r: dict) -> float | None:
     """Seconds of one dense forward pass over the calibration: the sensitivity sweep's own forward
     (float32, every layer once, nothing else), or, where the profile pass recorded the sweep's
     boundaries instead (engine/sensitivity.py: BoundaryRecorder; no "sensitivity fwd" phase), the
-    profile pass's forward operation (its statistics excluded), the same computation over the same
-    windows when the sensitivities use every window (``sens_nsamples`` >= the calibration windows)."""
+    profile pass's forward operation (its statistics and layer reads excluded), the same computation
+    over the same windows when the sensitivities use every chunk (``sens_nsamples``, which counts chunks
+    of ``batch_size`` windows, at least the calibration's chunks: the scale runs' 8 windows)."""
     fwd = (r.get("phase_seconds") or {}).get("sensitivity fwd")
     if fwd:
         return fwd

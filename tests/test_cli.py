@@ -420,7 +420,9 @@ def test_sigkilled_run_resumes_with_the_same_command(tiny_folder, calib_file, tm
 
     ref = tmp_path / "ref"
     assert cli(ref).returncode == 0
-    for point, n in [("fetch", 3), ("fetch", 6), ("save", 1)]:  # 2 layers: profile, sensitivity sweep, pass
+    # 2 layers, fetches 1-2 the profile, 3-4 the sensitivity sweep, 5-6 the pass: a profile resumed part-way
+    # (its sweep then runs its own forward), the sweep, the pass, the save
+    for point, n in [("fetch", 2), ("fetch", 3), ("fetch", 6), ("save", 1)]:
         out = tmp_path / f"out-{point}-{n}"
         partial = tmp_path / f".{out.name}.partial"
         killed = cli(out, kill=(point, str(n)))

@@ -388,7 +388,9 @@ def test_profile_pass_records_the_sensitivity_sweeps_forward(family, every, monk
         entry = next(e for e in r.report["solver_log"] if "sensitivity_checkpoint_every" in e)
         assert entry["sensitivity_checkpoint_every"] == every
         no_grad = forwards.count(False)  # the forward sweep and the recomputed segments run without autograd
-        out[mode] = ([p.to_dict() for p in r.plans], m.state_dict(), no_grad, r.report["timings"])
+        sens = [{k: v for k, v in e.items() if "seconds" not in k} for e in r.report["solver_log"]]
+        out[mode] = ([p.to_dict() for p in r.plans], m.state_dict(), no_grad, r.report["timings"], sens)
+    assert out["recorded"][4] == out["own"][4]  # the sensitivities and menus in the log, exactly
     assert out["recorded"][0] == out["own"][0]
     assert all(torch.equal(v, out["own"][1][k]) for k, v in out["recorded"][1].items())
     # one no-grad forward per layer and sensitivity chunk fewer (sens_nsamples counts chunks: 2 of the 3)

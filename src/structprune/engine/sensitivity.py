@@ -267,15 +267,16 @@ def default_interval(num_layers: int, inputs: LayerInputs) -> int:
 class BoundaryRecorder:
     """The dense boundaries the backward sweep starts from, recorded by a forward pass that runs
     anyway (StructPrune's profiling pass, over every calibration window) instead of the sweep's own
-    forward: one forward of every layer fewer (about 8% of a prune at the CPU protocol and at the 7B
-    shape, docs/experiments.md).
+    forward: one forward of every layer fewer (11% of SmolLM2's prune at 8x512, about 8% of a layer's
+    time at the 7B shape; docs/experiments.md).
 
     The sweep's forward runs each layer on float32 copies of its weights (:class:`Float32Module`);
     where the layer's floating tensors and the stored outputs already are float32, those copies are
     the tensors themselves and the two forwards are the same computation on the same bits. Anything
-    else (a half-precision model, reduced-precision stores) discards the recording, and so does a
-    layer seen out of order (a resumed pass starts late): :func:`gradient_energy` then runs its own
-    forward, so the sensitivities are the same bits either way (tests/test_sensitivity.py).
+    else (a half-precision or mixed model, reduced-precision stores) discards the recording, and so
+    does a layer seen out of order (a resumed pass starts late; one read back whole from the journal
+    records nothing): :func:`gradient_energy` then runs its own forward, so the sensitivities are the
+    same bits either way (tests/test_structprune.py: ``records_the_sensitivity_sweeps_forward``).
 
     ``record(i, layer, outputs)`` after layer ``i``'s forward over all chunks: the first ``chunks``
     (the windows back-propagated) are copied into the boundary ``i + 1``, kept by the rule of
@@ -395,7 +396,8 @@ def gradient_energy(model, adapter: Adapter, inputs: LayerInputs, calib: torch.T
     try:
         # 1. forward, keeping checkpoints and the current segment's boundaries (unless recorded).
         h = inputs
-        for i in tqdm(range(num if recorded is None else 0), desc="sensitivity fwd", disable=not progress):
+        sweep = range(0) if recorded is not None else tqdm(range(num), desc="sensitivity fwd", disable=not progress)
+        for i in sweep:
             t0 = time.perf_counter()
             h = forward(i, h)
             fwd_times.append(time.perf_counter() - t0)
