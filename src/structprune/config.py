@@ -158,7 +158,7 @@ class PruneConfig:
     damp: float = 0.01
     refit_bias: bool = True
     global_score: str = "fisher"  # method global: fisher sum (g*W)^2, or taylor |sum g*W|, per window
-    sens_nsamples: int = 16  # calibration windows used for the streamed-backward sensitivities (0: all)
+    sens_nsamples: int = 16  # calibration chunks (of batch_size windows; windows at the default 1) for the sensitivities (0: all)
     swap_layers: bool = False  # keep released layers' tensors outside the modules (memory tests)
     # Calibration activations kept in RAM at most (bytes, or "4GiB"); beyond it they spill to
     # memory-mapped files under offload_dir. None: $STRUCTPRUNE_ACTIVATION_BUDGET, else a quarter

@@ -101,7 +101,7 @@ def sensitivities_and_paths(run, T: float) -> tuple[list[dict], list[dict], Acti
         return copy.deepcopy(run.cache[key])
     # The sensitivities depend on fewer knobs than the paths (not damp, refit_bias, r_min, path
     # steps): a sweep of those reuses the streamed backward, the most expensive phase.
-    sens_key = ("structprune-sensitivities", *key[1:5])
+    sens_key = ("structprune-sensitivities", *key[1:5], cfg.batch_size)  # sens_nsamples counts chunks
     sens = copy.deepcopy(run.cache[sens_key]) if run.cache is not None and sens_key in run.cache else None
     recorder = sub = None
     if sens is None:
