@@ -396,3 +396,25 @@ def test_profile_pass_records_the_sensitivity_sweeps_forward(family, every, monk
     # one no-grad forward per layer and sensitivity chunk fewer (sens_nsamples counts chunks: 2 of the 3)
     assert out["own"][2] - out["recorded"][2] == 3 * 2, (out["own"][2], out["recorded"][2])
     assert "sensitivity fwd" in out["own"][3] and "sensitivity fwd" not in out["recorded"][3]
+
+
+def test_structprunes_own_output_refits_are_float32_and_obs_locals_stay_float64_on_the_cpu(monkeypatch):
+    """StructPrune refits every module against its own output in float32 on every device (REFIT_DTYPE;
+    solved as a correction of the kept weights, tests/test_obs.py bounds the difference); obs-local keeps
+    refit_dtype's float64 on the CPU; the report says which."""
+    from structprune.solvers import modules, parts
+
+    seen = []
+
+    def spy(real):
+        return lambda *a, **k: (seen.append((k.get("C") is None, k.get("solve_dtype"))), real(*a, **k))[1]
+    monkeypatch.setattr(modules, "refit", spy(modules.refit))
+    monkeypatch.setattr(parts, "refit", spy(parts.refit))
+    ids = calib_ids(4, 16)
+    r = api.prune(tiny_llama(layers=2), ids, device="cpu", progress=False, method="structprune", sparsity=0.3, seqlen=16)
+    assert seen and set(seen) == {(True, torch.float32)}
+    assert r.report["precision"]["refit"].startswith("float32")
+    seen.clear()
+    r = api.prune(tiny_llama(layers=2), ids, device="cpu", progress=False, method="obs-local", sparsity=0.3, seqlen=16)
+    assert seen and set(seen) == {(True, None)}
+    assert r.report["precision"]["refit"].startswith("float64")

@@ -34,6 +34,7 @@ from .provenance import calibration_sha256, library_versions, model_fingerprint
 from .solvers import DATA_FREE_METHODS, METHODS
 from .solvers.obs import precision
 from .solvers.parts import path_block, path_min_keep
+from .solvers.structprune import REFIT_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,8 @@ def _run(run: PruneRun) -> tuple[list[LayerPlan], dict]:
         # each rank reads its own copy, so this says what reading once and broadcasting could save
         "layer_reads": reads,
         # the dtype of each factorisation (StructPrune's removal paths run in float32, obs-local's in float64)
-        "precision": precision(device, torch.float32 if config.method == "structprune" else torch.float64),
+        "precision": precision(device, torch.float32, REFIT_DTYPE) if config.method == "structprune"
+                     else precision(device, torch.float64),
         "config": config.to_dict(),
         "solver_log": run.log,
     }

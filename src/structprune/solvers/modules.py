@@ -68,25 +68,29 @@ def mlp_path(adapter, layer, stats, cfg, floor: list[int], blocks: list[int], dt
 
 
 @timed_call("refit")
-def cut_attention(adapter, layer, stats, heads: list[int], kv_heads: list[int], cfg) -> None:
+def cut_attention(adapter, layer, stats, heads: list[int], kv_heads: list[int], cfg,
+                  solve_dtype: torch.dtype | None = None) -> None:
     """Keep query ``heads`` in KV groups ``kv_heads`` (MLP untouched) and refit the output projection
-    (least squares on ``stats``, against ``stats.C`` when given, else the module's own output)."""
+    (least squares on ``stats``, against ``stats.C`` when given, else the module's own output, solved
+    in ``solve_dtype``: default :func:`~structprune.solvers.obs.refit_dtype`)."""
     o = adapter.attn_linears(layer)[1]
     keep = head_rows(sorted(heads), adapter.attention_shape(layer).head_dim, stats.gram.device)
     W, b = refit(stats.gram, stats.zsum, stats.count, keep, C=stats.C, W=o.weight.detach(), bias=_detached(o.bias),
-                 fit_bias=cfg.refit_bias, damp=cfg.damp)
+                 fit_bias=cfg.refit_bias, damp=cfg.damp, solve_dtype=solve_dtype)
     n = adapter.mlp_shape(layer).channels
     apply_layer_plan(adapter, layer, LayerPlan(sorted(heads), sorted(kv_heads), list(range(n))))
     set_output_projection(adapter.attn_linears(layer)[1], W, b)
 
 
 @timed_call("refit")
-def cut_mlp(adapter, layer, stats, channels: list[int], cfg) -> None:
+def cut_mlp(adapter, layer, stats, channels: list[int], cfg, solve_dtype: torch.dtype | None = None) -> None:
     """Keep MLP ``channels`` (layer indices over every part; attention untouched) and refit each
-    part's output projection on ``stats`` (against ``stats.C`` for a one-part MLP when given)."""
+    part's output projection on ``stats`` (against ``stats.C`` for a one-part MLP when given; else
+    against its own output, solved in ``solve_dtype`` as in :func:`cut_attention`)."""
     parts = adapter.mlp_parts(layer)
     targets = None if stats.C is None else [stats.C]  # an external target: one-part MLPs only
-    fits = refit_parts(parts, stats, sorted(channels), cfg.refit_bias, cfg.damp, targets=targets)
+    fits = refit_parts(parts, stats, sorted(channels), cfg.refit_bias, cfg.damp, targets=targets,
+                       solve_dtype=solve_dtype)
     a = adapter.attention_shape(layer)
     apply_layer_plan(adapter, layer, LayerPlan(list(range(a.num_heads)), list(range(a.num_kv_heads)), sorted(channels)))
     set_part_outputs(adapter, layer, fits)

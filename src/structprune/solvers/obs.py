@@ -79,13 +79,14 @@ def refit_dtype(device) -> torch.dtype:
     return torch.float64 if torch.device(device).type == "cpu" else torch.float32
 
 
-def precision(device, path_dtype: torch.dtype = torch.float32) -> dict:
-    """Which precision each factorisation of a solve uses on ``device`` (for the report)."""
+def precision(device, path_dtype: torch.dtype = torch.float32, refit: torch.dtype | None = None) -> dict:
+    """Which precision each factorisation of a solve uses on ``device`` (for the report); ``refit``:
+    the own-output refit's dtype where the solver sets one (default :func:`refit_dtype`)."""
     name = lambda t: str(t).replace("torch.", "")  # noqa: E731
     return {"statistics": "float64 sums of float32 products", "path_factor": name(factor_dtype(device, path_dtype)),
             "path_inverse_and_steps": name(path_dtype),
-            "refit": f"{name(refit_dtype(device))} against the module's own output (as a correction of the kept "
-                     "weights), float64 against an external target"}
+            "refit": f"{name(refit or refit_dtype(device))} against the module's own output (as a correction of "
+                     "the kept weights), float64 against an external target"}
 
 
 def augmented_gram(H: torch.Tensor, zsum: torch.Tensor, count: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

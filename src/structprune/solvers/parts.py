@@ -103,10 +103,12 @@ def kept_after(path: Path, k: int, total: int) -> list[int]:
     return [c for c in range(total) if c not in removed]
 
 
-def refit_parts(parts, stats, channels: list[int], fit_bias: bool, damp: float, targets=None):
+def refit_parts(parts, stats, channels: list[int], fit_bias: bool, damp: float, targets=None,
+                solve_dtype: torch.dtype | None = None):
     """Least-squares refit of every part's output projection on its kept channels.
 
-    ``targets``: per part an optional cross term ``C`` (default: the part's own output).
+    ``targets``: per part an optional cross term ``C`` (default: the part's own output, solved in
+    ``solve_dtype``: default :func:`~structprune.solvers.obs.refit_dtype`).
     Returns ``[(W_K, bias or None)]`` per part."""
     out = []
     keeps = split_channels(channels, [p.size for p in parts])
@@ -114,7 +116,7 @@ def refit_parts(parts, stats, channels: list[int], fit_bias: bool, damp: float, 
         C = None if targets is None else targets[j]
         W, b = refit(st.gram, st.zsum, st.count, keep.to(st.gram.device), C=C, W=p.out_weight().detach(),
                      bias=None if p.out_bias() is None else p.out_bias().detach(),
-                     fit_bias=fit_bias and p.bias_ok, damp=damp)
+                     fit_bias=fit_bias and p.bias_ok, damp=damp, solve_dtype=solve_dtype)
         out.append((W, b))
     return out
 

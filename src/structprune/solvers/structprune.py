@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 
 #: rho is multiplied by this after every ADMM iteration whose kept structures changed (admm_passes)
 RHO_FACTOR = 2.0
+#: the own-output refits' factor and solve on every device (refits against an external target stay
+#: float64): solved as a correction of the kept weights, float32 rounding touches the correction only
+#: (solvers/obs.py: refit, refit_dtype); obs-local keeps refit_dtype's float64 on the CPU
+REFIT_DTYPE = torch.float32
 
 
 def temperature_of(cfg) -> float:
@@ -395,7 +399,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             else:
                 ka = len(path_a.steps)
             heads, groups = heads_of_path(path_a, ka)
-        cut_attention(adapter, layer, st, heads, groups, cfg)
+        cut_attention(adapter, layer, st, heads, groups, cfg, solve_dtype=REFIT_DTYPE)
         del st, acc
         values_log = None
         if cfg.value_iterations > 0:  # coordination inside the attention: the kept value rows with o_proj
@@ -467,7 +471,7 @@ def admm_step(run, sens: list[dict], kept: list[float] | None, widths: list[dict
             else:
                 km = len(path_m.steps)
             channels = kept_after(path_m, km, adapter.mlp_shape(layer).channels)
-        cut_mlp(adapter, layer, st, channels, cfg)
+        cut_mlp(adapter, layer, st, channels, cfg, solve_dtype=REFIT_DTYPE)
         del st
         if inner:  # coordination inside the MLP: its kept input rows refitted with the output projection
             inner_log = refit_mlp_inputs(adapter, layer, x_mlp, t_fit, device, cfg.inner_iterations,
