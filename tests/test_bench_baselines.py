@@ -130,6 +130,17 @@ def test_kill_resume_nlls_ratios_and_global_selection(bench, tmp_path, monkeypat
     assert "StructPrune / global at 30%" in md and "[" in md
     assert "PTB" not in md and "C4 ppl" in md
 
+    # `global` run again with the score it chose (as the committed table re-checks old rows against
+    # today's code): on the same code the rerun is the same model, so the paired ratio is exactly 1.
+    again = f"global+global_score={g['chosen']}"
+    argv_again = argv[:argv.index("--methods")] + ["--methods", again, "--resume"]
+    bench.calls.clear()
+    assert bench.main(argv_again) == 0
+    assert bench.calls == [("global", 0.3, g["chosen"], 1)]
+    md = out.with_suffix(".md").read_text()
+    section = md[md.index("## `global` measured again"):md.index("## Targets")]
+    assert f"`{again}` at 30%" in section and section.count("1.0000 [1.0000, 1.0000]") == 2  # WikiText-2, C4
+
     # Naming PTB explicitly still refuses, in one line, before any work.
     bench.calls.clear()
     capsys.readouterr()
