@@ -219,3 +219,49 @@ def test_eval_dtype_evaluates_a_bf16_copy_and_checks_it_against_fp32(bench, tmp_
     assert "structprune at 50% " in md
     # A table made with float32 evaluation is not resumed into a bf16 one.
     assert bench.main([*argv[:-1], "float32", "--resume"]) == 2
+
+
+def _fixed_row(label, method, sparsity, nlls, **extra):
+    import math as _m
+    ppl = {"wikitext2": {"ppl": _m.exp(sum(nlls) / len(nlls)), "window_nlls": nlls, "nwindows": len(nlls)}}
+    return {"label": label, "method": method, "sparsity_target": sparsity, "sparsity_achieved": sparsity,
+            "ppl": ppl, "prune_seconds": 0.0, "eval_seconds": 0.0, "config": {}, "params": 1, "prunable_params": 1,
+            **extra}
+
+
+def test_targets_at_every_sparsity_and_what_counts_as_a_global_rerun(bench):
+    """Issue 27's bounds at 20-50% (1.00 against global; 2.1x / 4.0x dense at 30 / 50%), issue 11's
+    next to them; a global row is paired as a re-run only when its spec names exactly the score the
+    `global` row chose."""
+    base = [2.0 + 0.01 * i for i in range(8)]
+    rows = [_fixed_row("dense", "dense", 0.0, [x - 1.0 for x in base])]  # e^1 = 2.72x below every pruned row
+    for s in (0.2, 0.3, 0.4, 0.5):
+        sel = {"chosen": "fisher", "options": {k: {"heldout": {"ppl": 9.0}} for k in ("taylor", "fisher")}}
+        rows += [_fixed_row("global", "global", s, base, global_selection=sel),
+                 _fixed_row("structprune", "structprune", s, [x - 0.05 for x in base])]  # e^-0.05: 0.951 of global
+        rows += [_fixed_row("obs-local", "obs-local", s, [x + 0.5 for x in base])]
+    t = bench.targets(rows, [0.2, 0.3, 0.4, 0.5])
+    got = {(x["issue"], x["what"], x["sparsity"]): (x["bound"], x["status"]) for x in t}
+    for s in (0.2, 0.3, 0.4, 0.5):
+        assert got[(11, "StructPrune / global", s)] == (1.02, "met")
+        assert got[(27, "StructPrune / global", s)] == (1.0, "met")
+    assert got[(27, "StructPrune / dense", 0.3)] == (2.1, "missed")  # 2.58x
+    assert got[(27, "StructPrune / dense", 0.5)] == (4.0, "met")
+    assert {k for k in got if k[1] == "StructPrune / dense"} == {(27, "StructPrune / dense", 0.3),
+                                                                 (27, "StructPrune / dense", 0.5)}
+    assert got[(11, "StructPrune / best local", 0.4)] == (0.8, "met")
+    assert (11, "StructPrune / best local", 0.3) not in got
+
+    # Re-runs: the chosen score named alone is one; another score, or another override, is not.
+    rows += [_fixed_row("global+global_score=fisher", "global", 0.5, base),
+             _fixed_row("global+global_score=taylor", "global", 0.5, base),
+             _fixed_row("global+global_score=fisher+damp=0.1", "global", 0.5, base)]
+    settings = {"model": "m", "dtype": "float32", "protocol": {"name": "cpu", "calibration": {"nsamples": 1, "seqlen": 8,
+                "seed": 0}, "eval_seqlen": 8, "eval_windows": {"wikitext2": 8}}, "datasets": ["wikitext2"],
+                "heldout": 1, "mlp_multiple": 1}
+    record = {"settings": settings, "rows": rows, "num_layers": 1, "commands": [], "targets": t,
+              "versions": {"torch": "t", "transformers": "x"}}
+    md = bench.markdown(record)
+    section = md[md.index("## `global` measured again"):md.index("## Targets")]
+    assert "`global+global_score=fisher` at 50%" in section and section.count("\n- ") == 1
+    assert "Tried for issue 27" not in md  # another model's table: the SmolLM2 sweeps are not its evidence
