@@ -222,8 +222,7 @@ def test_eval_dtype_evaluates_a_bf16_copy_and_checks_it_against_fp32(bench, tmp_
 
 
 def _fixed_row(label, method, sparsity, nlls, **extra):
-    import math as _m
-    ppl = {"wikitext2": {"ppl": _m.exp(sum(nlls) / len(nlls)), "window_nlls": nlls, "nwindows": len(nlls)}}
+    ppl = {"wikitext2": {"ppl": math.exp(sum(nlls) / len(nlls)), "window_nlls": nlls, "nwindows": len(nlls)}}
     return {"label": label, "method": method, "sparsity_target": sparsity, "sparsity_achieved": sparsity,
             "ppl": ppl, "prune_seconds": 0.0, "eval_seconds": 0.0, "config": {}, "params": 1, "prunable_params": 1,
             **extra}
